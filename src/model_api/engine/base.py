@@ -1,0 +1,148 @@
+"""The engine interface: the only contract between the API and a language model.
+
+Routes, services and Celery tasks talk to an :class:`Engine`; only engine
+implementations touch llama.cpp (or an upstream HTTP server).  Keeping the
+surface this small is what lets a serialising engine, a continuous-batching
+scheduler and a remote OpenAI-compatible backend be swapped by configuration.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings (already validated and capped by the API)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate from: chat ``messages`` (chat template applied by the
+    engine) or a raw ``prompt`` string (used verbatim), never both."""
+
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    @classmethod
+    def chat(cls, messages: list[dict[str, str]], params: SamplingParams) -> GenerationRequest:
+        return cls(messages=tuple(dict(m) for m in messages), params=params)
+
+    @classmethod
+    def single_prompt(cls, prompt: str, params: SamplingParams) -> GenerationRequest:
+        """The seed's ``{"prompt": ...}`` is a single user turn of a chat."""
+        return cls.chat([{"role": "user", "content": prompt}], params)
+
+
+@dataclass
+class Completion:
+    """The outcome of one generation."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    # "stop" (EOS or stop string), "length" (max_tokens or context end), "cancelled"
+    finish_reason: str
+    model: str
+    time_to_first_token: float | None = None
+    generation_seconds: float = 0.0
+
+
+class Generation(Iterator[str]):
+    """An in-flight generation: iterate for text deltas as they are produced;
+    after the iterator is exhausted, :attr:`result` holds the :class:`Completion`.
+
+    Closing it (or setting the ``cancel`` event given to :meth:`Engine.stream`)
+    stops the work at the next token; the result then has
+    ``finish_reason == "cancelled"`` and whatever text had been produced.
+    """
+
+    result: Completion | None = None
+
+    def close(self) -> None:  # pragma: no cover - default no-op
+        pass
+
+
+class EngineError(Exception):
+    """The model failed through no fault of the client (a server fault: refund)."""
+
+
+class ContextOverflow(EngineError):
+    """The prompt (plus at least one generated token) does not fit the context."""
+
+    def __init__(self, prompt_tokens: int, context_size: int):
+        super().__init__(
+            f"prompt is {prompt_tokens} tokens; this model's context holds {context_size} "
+            "including at least one generated token"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_size = context_size
+
+
+class EngineBusy(EngineError):
+    """Admission control refused the request: the wait queue is full."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the model is at capacity; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class UpstreamError(EngineError):
+    """A remote backend answered with an error or not at all (502)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """A remote backend did not answer in time (504)."""
+
+
+class Engine(ABC):
+    """A loaded model that can serve concurrent generation requests safely."""
+
+    model_name: str
+    context_size: int
+
+    @abstractmethod
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens the prompt occupies after the chat template is applied."""
+
+    def check(self, request: GenerationRequest) -> int:
+        """Reject before any work (and before quota is charged) a prompt that
+        cannot fit; returns the prompt's token count."""
+        n = self.count_prompt_tokens(request)
+        if n + 1 > self.context_size:
+            raise ContextOverflow(n, self.context_size)
+        return n
+
+    @abstractmethod
+    def stream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Generation:
+        """Start a generation and return it; safe to call from many threads."""
+
+    def generate(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Completion:
+        """Run a generation to the end and return its result."""
+        gen = self.stream(request, cancel)
+        for _ in gen:
+            pass
+        assert gen.result is not None
+        return gen.result
+
+    def info(self) -> dict[str, Any]:
+        """Facts for /ready and the model-info metric."""
+        return {"name": self.model_name, "context_size": self.context_size}
+
+    def close(self) -> None:
+        """Free the model (used by tests and at shutdown)."""
