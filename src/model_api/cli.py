@@ -1,0 +1,180 @@
+"""``model-api``: Flask's CLI for this app plus user and database management.
+
+    model-api users create NAME [--password-stdin | --password PW] [--quota N]
+    model-api users set-quota NAME N | set-password NAME | list | delete NAME
+    model-api db upgrade | current
+    model-api bootstrap            # first user for `make run`
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from flask import current_app
+from flask.cli import FlaskGroup, with_appcontext
+from sqlalchemy import func, select
+
+from .models import Call, User
+from .services import auth as auth_service
+from .services import quota as quota_service
+from .services.auth import UserError
+
+
+def _rt():
+    return current_app.extensions["model_api"]
+
+
+def _read_password(password: str | None, from_stdin: bool, generate: bool = False) -> tuple[str, bool]:
+    if password and from_stdin:
+        raise click.UsageError("give --password or --password-stdin, not both")
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n"), False
+    if password:
+        return password, False
+    if generate:
+        return auth_service.generate_password(), True
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True), False
+
+
+users = click.Group("users", help="Manage API users.")
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--password", help="Password (visible in shell history: prefer --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--quota", type=click.IntRange(min=0), help="Model calls allowed (default: DEFAULT_QUOTA).")
+@with_appcontext
+def users_create(name: str, password: str | None, password_stdin: bool, quota: int | None) -> None:
+    """Create a user."""
+    pw, _ = _read_password(password, password_stdin)
+    try:
+        with _rt().db.session() as s:
+            auth_service.create_user(s, name, pw, quota)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"created user {name}")
+
+
+@users.command("set-quota")
+@click.argument("name")
+@click.argument("quota", type=click.IntRange(min=0))
+@click.option("--reset-usage", is_flag=True, help="Also set the calls used so far back to 0.")
+@with_appcontext
+def users_set_quota(name: str, quota: int, reset_usage: bool) -> None:
+    """Set a user's quota."""
+    try:
+        with _rt().db.session() as s:
+            quota_service.set_quota(s, auth_service.get_user(s, name), quota, reset_usage)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"quota of {name} is now {quota}")
+
+
+@users.command("set-password")
+@click.argument("name")
+@click.option("--password", help="New password.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@with_appcontext
+def users_set_password(name: str, password: str | None, password_stdin: bool) -> None:
+    """Change a user's password (cached credentials stop working at once)."""
+    pw, _ = _read_password(password, password_stdin)
+    try:
+        with _rt().db.session() as s:
+            auth_service.set_password(s, name, pw)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"password of {name} changed")
+
+
+@users.command("list")
+@with_appcontext
+def users_list() -> None:
+    """List users with their quota and usage."""
+    rt = _rt()
+    with rt.db.session() as s:
+        rows = s.execute(
+            select(User, func.count(Call.id)).outerjoin(Call).group_by(User.id).order_by(User.username)
+        ).all()
+        click.echo(f"{'username':<24} {'active':<6} {'quota':>6} {'used':>6} {'left':>6} {'calls':>6}")
+        for user, ncalls in rows:
+            st = quota_service.state(s, user.id, rt.policy.default_quota, rt.policy.window_seconds)
+            click.echo(
+                f"{user.username:<24} {'yes' if user.is_active else 'no':<6} {st.limit:>6} "
+                f"{st.limit - st.remaining:>6} {st.remaining:>6} {ncalls:>6}"
+            )
+
+
+@users.command("delete")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@with_appcontext
+def users_delete(name: str, yes: bool) -> None:
+    """Deactivate a user: they can no longer sign in; their calls are kept."""
+    if not yes:
+        click.confirm(f"deactivate {name}?", abort=True)
+    try:
+        with _rt().db.session() as s:
+            user = auth_service.get_user(s, name)
+            user.is_active = False
+            # free the name for reuse while keeping history attached to the old row
+            user.username = f"{user.username}#deleted-{user.id}"
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"deleted user {name} (calls kept)")
+
+
+db_group = click.Group("db", help="Database schema.")
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@with_appcontext
+def db_upgrade(revision: str) -> None:
+    """Apply migrations."""
+    from .migrate import upgrade
+
+    upgrade(_rt().settings.sqlalchemy_url, revision)
+    click.echo("database is up to date")
+
+
+@db_group.command("current")
+@with_appcontext
+def db_current() -> None:
+    """Show the applied migration."""
+    from .migrate import current
+
+    click.echo(current(_rt().settings.sqlalchemy_url) or "(none)")
+
+
+@click.command("bootstrap")
+@with_appcontext
+def bootstrap() -> None:
+    """Create the first user when there is none, printing its credentials once."""
+    rt = _rt()
+    s_ = rt.settings
+    with rt.db.session() as s:
+        if s.scalar(select(func.count(User.id))):
+            click.echo("users exist; nothing to do")
+            return
+        name = s_.admin_username or "demo"
+        pw, generated = (s_.admin_password, False) if s_.admin_password else (auth_service.generate_password(), True)
+        auth_service.create_user(s, name, pw)
+    click.echo(f"created user {name!r}" + (f" with password {pw!r} (shown once)" if generated else ""))
+
+
+def register_commands(app) -> None:
+    app.cli.add_command(users)
+    app.cli.add_command(db_group)
+    app.cli.add_command(bootstrap)
+
+
+def _cli_app():
+    from .app import create_app
+
+    # the CLI never needs the model loaded
+    return create_app({"model_load_at_start": False, "recover_jobs_at_start": False})
+
+
+main = FlaskGroup(create_app=_cli_app, add_default_commands=True, help=__doc__)

@@ -1,0 +1,91 @@
+"""Database tables. Every model call — sync, async or streamed — is one ``calls`` row."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, Uuid, true
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from .db import Base, utcnow
+
+
+class CallStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (CallStatus.COMPLETED, CallStatus.FAILED, CallStatus.CANCELLED)
+
+    @property
+    def seed_status(self) -> str:
+        """The seed's three-valued ``job_status``; queued and running are both 'processing'."""
+        if self in (CallStatus.QUEUED, CallStatus.RUNNING):
+            return "processing"
+        return self.value
+
+
+class CallKind(enum.StrEnum):
+    SYNC = "sync"
+    ASYNC = "async"
+    STREAM = "stream"
+    CHAT = "chat"
+    COMPLETION = "completion"
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(150), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    # NULL means "the global DEFAULT_QUOTA"
+    quota: Mapped[int | None] = mapped_column(default=None)
+    used: Mapped[int] = mapped_column(default=0, server_default="0")
+    window_started_at: Mapped[datetime | None] = mapped_column(default=None)
+    is_active: Mapped[bool] = mapped_column(default=True, server_default=true())
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    calls: Mapped[list[Call]] = relationship(back_populates="user")
+
+
+class Call(Base):
+    __tablename__ = "calls"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    prompt: Mapped[str] = mapped_column(Text)
+    messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    response: Mapped[str | None] = mapped_column(Text, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), default=None)
+    prompt_tokens: Mapped[int | None] = mapped_column(default=None)
+    completion_tokens: Mapped[int | None] = mapped_column(default=None)
+    model: Mapped[str | None] = mapped_column(String(255), default=None)
+    request_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # "host:pid:nonce" of the process running the call, to tell orphans from live work
+    worker: Mapped[str | None] = mapped_column(String(255), default=None)
+    # True while the call holds a quota unit; flipped once on refund so a unit
+    # can never be given back twice.
+    charged: Mapped[bool] = mapped_column(default=True, server_default=true())
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[User] = relationship(back_populates="calls")
+
+    __table_args__ = (
+        Index("ix_calls_user_id_created_at", "user_id", "created_at"),
+        Index("ix_calls_status_created_at", "status", "created_at"),
+    )

@@ -1,0 +1,131 @@
+"""Users and credentials. No Flask: the CLI, the web app and workers share it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..models import User
+
+# OWASP Password Storage Cheat Sheet minimum for argon2id: m=19 MiB, t=2, p=1.
+_hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16)
+
+USERNAME_MAX = 150
+
+
+class UserError(ValueError):
+    """A user-management request that cannot be carried out (bad name, duplicate...)."""
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+class CredentialCache:
+    """Remembers recently verified credentials so repeat calls skip argon2.
+
+    Verifying argon2id costs tens of milliseconds by design; a paying client
+    calling many times a second should not pay it on every request.  The key is
+    an HMAC (with a per-process or configured secret) over the username, the
+    password *and the stored hash*: a password change alters the stored hash,
+    so old entries can never match again, and nothing reversible is kept.
+    """
+
+    def __init__(self, secret: bytes | None = None, ttl: float = 60.0, max_entries: int = 10_000):
+        self._secret = secret or secrets.token_bytes(32)
+        self._ttl = ttl
+        self._max = max_entries
+        self._entries: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, username: str, password: str, password_hash: str) -> bytes:
+        msg = b"\0".join(s.encode() for s in (username, password, password_hash))
+        return hmac.new(self._secret, msg, hashlib.sha256).digest()
+
+    def hit(self, username: str, password: str, password_hash: str) -> bool:
+        key = self._key(username, password, password_hash)
+        with self._lock:
+            expires = self._entries.get(key)
+            if expires is None:
+                return False
+            if expires < time.monotonic():
+                del self._entries[key]
+                return False
+            return True
+
+    def add(self, username: str, password: str, password_hash: str) -> None:
+        key = self._key(username, password, password_hash)
+        with self._lock:
+            if len(self._entries) >= self._max:
+                self._entries.clear()
+            self._entries[key] = time.monotonic() + self._ttl
+
+
+def authenticate(
+    session: Session, username: str, password: str, cache: CredentialCache | None = None
+) -> User | None:
+    """The active user with these credentials, or None."""
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None or not user.is_active:
+        # Spend comparable time so a missing name is not distinguishable by timing.
+        verify_password(_DUMMY_HASH, password)
+        return None
+    if cache is not None and cache.hit(username, password, user.password_hash):
+        return user
+    if not verify_password(user.password_hash, password):
+        return None
+    if cache is not None:
+        cache.add(username, password, user.password_hash)
+    return user
+
+
+def create_user(session: Session, username: str, password: str, quota: int | None = None) -> User:
+    username = username.strip()
+    if not username or len(username) > USERNAME_MAX or ":" in username:
+        raise UserError(f"username must be 1-{USERNAME_MAX} characters without ':'")
+    if len(password) < 8:
+        raise UserError("password must be at least 8 characters")
+    if quota is not None and quota < 0:
+        raise UserError("quota must be >= 0")
+    existing = session.scalar(select(User).where(User.username == username))
+    if existing is not None:
+        raise UserError(f"user {username!r} already exists")
+    user = User(username=username, password_hash=hash_password(password), quota=quota)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def get_user(session: Session, username: str) -> User:
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise UserError(f"no user {username!r}")
+    return user
+
+
+def set_password(session: Session, username: str, password: str) -> None:
+    if len(password) < 8:
+        raise UserError("password must be at least 8 characters")
+    get_user(session, username).password_hash = hash_password(password)
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))

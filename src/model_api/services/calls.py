@@ -1,0 +1,224 @@
+"""Model calls: admission (quota + row in one transaction), running, recording.
+
+Every call, whatever the route, goes through :func:`admit` and ends in
+:func:`record_completion` or :func:`record_failure`, so quotas, refunds and
+storage behave the same for sync, async, streamed and OpenAI-style calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ..db import Database, utcnow
+from ..engine.base import Completion, Engine, EngineError, GenerationRequest
+from ..models import Call, CallKind, CallStatus, User
+from . import quota
+from .quota import QuotaState
+
+log = logging.getLogger(__name__)
+
+#: identifies this process in ``calls.worker`` so a restart can tell its own
+#: orphans (dead pid on this host) from calls another live process is running
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def worker_id() -> str:
+    # recomputed after fork (gunicorn, Celery prefork) so children differ
+    global WORKER_ID
+    host, pid, nonce = WORKER_ID.split(":")
+    if int(pid) != os.getpid():
+        WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return WORKER_ID
+
+
+@dataclass(frozen=True)
+class QuotaPolicy:
+    default_quota: int
+    window_seconds: int | None
+
+
+def prompt_text(request: GenerationRequest) -> str:
+    """What goes in ``calls.prompt``: the seed's prompt, or the last user turn of a chat."""
+    if request.prompt is not None:
+        return request.prompt
+    assert request.messages is not None
+    users = [m.get("content", "") for m in request.messages if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def admit(
+    session: Session,
+    user: User,
+    request: GenerationRequest,
+    kind: CallKind,
+    policy: QuotaPolicy,
+    *,
+    prompt_tokens: int | None,
+    model: str,
+    request_id: str | None = None,
+) -> tuple[Call, QuotaState]:
+    """Reserve a quota unit and write the call row, in the caller's transaction.
+
+    Raises :class:`quota.QuotaExceeded` (nothing written) when the user is out of quota.
+    """
+    state = quota.reserve(session, user.id, policy.default_quota, policy.window_seconds)
+    queued = kind == CallKind.ASYNC
+    p = request.params
+    call = Call(
+        id=uuid.uuid4(),
+        user_id=user.id,
+        kind=kind.value,
+        status=(CallStatus.QUEUED if queued else CallStatus.RUNNING).value,
+        prompt=prompt_text(request),
+        # the seed's single prompt is rebuilt from `prompt`; whole chats are kept as sent
+        messages=list(request.messages) if kind == CallKind.CHAT and request.messages else None,
+        params={
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "seed": p.seed,
+            "stop": list(p.stop),
+            **({"raw_prompt": True} if request.prompt is not None else {}),
+        },
+        prompt_tokens=prompt_tokens,
+        model=model,
+        request_id=request_id,
+        started_at=None if queued else utcnow(),
+        worker=None if queued else worker_id(),
+        attempts=0 if queued else 1,
+    )
+    session.add(call)
+    session.flush()
+    return call, state
+
+
+def request_of(call: Call) -> GenerationRequest:
+    """Rebuild the engine request stored in a call row (async jobs run from this)."""
+    from ..engine.base import SamplingParams
+
+    p = dict(call.params or {})
+    params = SamplingParams(
+        max_tokens=int(p.get("max_tokens", 128)),
+        temperature=float(p.get("temperature", 0.7)),
+        top_p=float(p.get("top_p", 0.95)),
+        seed=p.get("seed"),
+        stop=tuple(p.get("stop") or ()),
+    )
+    if call.messages is not None:
+        return GenerationRequest.chat(call.messages, params)
+    if p.get("raw_prompt"):
+        return GenerationRequest(prompt=call.prompt, params=params)
+    return GenerationRequest.single_prompt(call.prompt, params)
+
+
+def record_completion(db: Database, call_id: uuid.UUID, result: Completion, attempt: int | None = None) -> bool:
+    """Store the response; only the current holder of a running call may (exactly one response)."""
+    status = CallStatus.CANCELLED if result.finish_reason == "cancelled" else CallStatus.COMPLETED
+    conds = [Call.id == call_id, Call.status == CallStatus.RUNNING.value]
+    if attempt is not None:
+        conds.append(Call.attempts == attempt)
+    with db.session() as s:
+        done = s.execute(
+            update(Call)
+            .where(*conds)
+            .values(
+                status=status.value,
+                response=result.text,
+                finish_reason=result.finish_reason,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                model=result.model,
+                finished_at=utcnow(),
+            )
+        ).rowcount
+    return done == 1
+
+
+def record_failure(
+    db: Database,
+    call_id: uuid.UUID,
+    error: str,
+    *,
+    refund: bool = True,
+    status: CallStatus = CallStatus.FAILED,
+    partial: Completion | None = None,
+) -> bool:
+    """Mark a non-final call failed (or cancelled) and, if asked, give its unit back."""
+    values: dict[str, Any] = {"status": status.value, "error": error, "finished_at": utcnow()}
+    if partial is not None:
+        values.update(
+            response=partial.text,
+            finish_reason=partial.finish_reason,
+            completion_tokens=partial.completion_tokens,
+            prompt_tokens=partial.prompt_tokens,
+        )
+    with db.session() as s:
+        changed = s.execute(
+            update(Call)
+            .where(Call.id == call_id, Call.status.in_([CallStatus.QUEUED.value, CallStatus.RUNNING.value]))
+            .values(**values)
+        ).rowcount
+        if changed and refund:
+            quota.refund(s, call_id)
+    return changed == 1
+
+
+class CallOutcome:
+    """What a route needs to shape its reply."""
+
+    def __init__(self, call_id: uuid.UUID, quota_state: QuotaState, completion: Completion | None = None):
+        self.call_id = call_id
+        self.quota = quota_state
+        self.completion = completion
+
+
+def run_sync(
+    db: Database,
+    engine: Engine,
+    user_id: int,
+    request: GenerationRequest,
+    policy: QuotaPolicy,
+    *,
+    kind: CallKind = CallKind.SYNC,
+    request_id: str | None = None,
+    cancel: threading.Event | None = None,
+) -> CallOutcome:
+    """Admit, generate and record one synchronous call.
+
+    Raises ContextOverflow before charging anything; QuotaExceeded with nothing
+    written; EngineError after recording the failure and refunding the unit.
+    """
+    prompt_tokens = engine.check(request)
+    with db.session() as s:
+        user = s.get(User, user_id)
+        assert user is not None
+        call, state = admit(
+            s, user, request, kind, policy, prompt_tokens=prompt_tokens, model=engine.model_name,
+            request_id=request_id,
+        )
+        call_id = call.id
+    try:
+        result = engine.generate(request, cancel)
+    except EngineError as exc:
+        record_failure(db, call_id, f"model error: {exc}")
+        raise
+    except BaseException as exc:
+        record_failure(db, call_id, f"internal error: {type(exc).__name__}")
+        raise
+    record_completion(db, call_id, result)
+    return CallOutcome(call_id, state, result)
+
+
+def get_call_for_user(session: Session, call_id: uuid.UUID, user_id: int) -> Call | None:
+    """The call if it exists *and* belongs to the user; None otherwise (callers
+    answer both cases with the same 404 so ids cannot be probed)."""
+    return session.scalar(select(Call).where(Call.id == call_id, Call.user_id == user_id))

