@@ -90,8 +90,21 @@ class Settings(BaseSettings):
     admin_username: str | None = Field(None, description="`make run` creates this user when none exists.")
     admin_password: str | None = Field(None, description="Password for ADMIN_USERNAME; random and printed once if unset.")
 
-    # logging
+    # logging and metrics
     log_level: str = Field("INFO", description="Python log level.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`json`: one JSON object per line (see README, \"Operating it\"); `text` for humans."
+    )
+    metrics_token: str | None = Field(
+        None,
+        description="Bearer token that lets non-local clients read `/metrics`; unset = `/metrics` answers "
+        "local (loopback) clients only.",
+    )
+    metrics_local_open: bool = Field(
+        True,
+        description="Serve `/metrics` to loopback clients without a token. Turn off behind a reverse proxy "
+        "on the same host, where every client looks local.",
+    )
 
     @model_validator(mode="after")
     def _production_needs_secrets(self) -> Settings:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from apiflask import Schema
-from apiflask.fields import Dict, Float, Integer, List, String
+from apiflask.fields import Dict, Float, Integer, List, Nested, String
 from apiflask.validators import Length, Range
 from marshmallow import EXCLUDE, ValidationError, validates
 
@@ -37,9 +37,9 @@ class CallModelIn(Schema):
 
 
 class Usage(Schema):
-    prompt_tokens = Integer()
-    completion_tokens = Integer()
-    total_tokens = Integer()
+    prompt_tokens = Integer(metadata={"example": 36})
+    completion_tokens = Integer(metadata={"example": 9})
+    total_tokens = Integer(metadata={"example": 45})
 
 
 class CallModelOut(Schema):
@@ -47,7 +47,7 @@ class CallModelOut(Schema):
     id = String(metadata={"description": "Id of the stored call."})
     model = String()
     finish_reason = String(metadata={"description": "`stop` or `length`."})
-    usage = Dict()
+    usage = Nested(Usage)
 
 
 class AsyncCallOut(Schema):
@@ -67,24 +67,52 @@ class StatusOut(Schema):
     state = String(metadata={"description": "`queued`, `running`, `completed`, `failed` or `cancelled`."})
     response = String(allow_none=True, required=True)
     error = String(allow_none=True)
-    usage = Dict(allow_none=True)
+    usage = Nested(Usage, allow_none=True)
     created_at = String()
     finished_at = String(allow_none=True)
 
 
+_COMPONENT = {
+    "type": "object",
+    "description": "One dependency's state. `status` is `ready` or what is wrong (`error`, `loading`, "
+    "`not loaded`); `latency_ms` is how long its check took; `error` says why it failed. The model "
+    "adds `name`, `quantisation` and `context_size`; the broker check (when configured) adds its own fields.",
+    "required": ["status"],
+    "properties": {
+        "status": {"type": "string", "example": "ready"},
+        "latency_ms": {"type": "number", "example": 0.42},
+        "error": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+
+
 class ReadyOut(Schema):
-    status = String()
-    components = Dict()
+    status = String(required=True, metadata={"description": "`ready` or `not ready`.", "example": "ready"})
+    components = Dict(
+        required=True,
+        metadata={
+            "description": "`database`, `model` and, when a broker is configured, `broker`.",
+            "additionalProperties": _COMPONENT,
+            "example": {
+                "database": {"status": "ready", "latency_ms": 0.8},
+                "model": {"status": "ready", "latency_ms": 0.3, "name": "SmolLM2-135M-Instruct.Q4_1",
+                          "quantisation": "Q4_1", "context_size": 2048},
+            },
+        },
+    )
 
 
 class ErrorBody(Schema):
-    code = String(required=True)
-    message = String(required=True)
-    details = Dict()
+    code = String(required=True, metadata={"description": "Machine-readable error code.", "example": "quota_exceeded"})
+    message = String(required=True, metadata={"description": "What went wrong, for humans."})
+    details = Dict(metadata={"description": "Per-field problems or numbers behind the error, when any."})
 
 
 class ErrorOut(Schema):
-    error = Dict(required=True)
+    """The one error shape of every 4xx/5xx response."""
+
+    error = Nested(ErrorBody, required=True)
 
 
 __all__ = ["AsyncCallOut", "CallModelIn", "CallModelOut", "ErrorOut", "ReadyOut", "StatusOut", "StatusQuery", "List"]

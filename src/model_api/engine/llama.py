@@ -120,3 +120,9 @@ class LlamaEngine(Engine):
 
     def stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
         return _LlamaGeneration(self, request, cancel)
+
+    def info(self) -> dict:
+        """Adds the quantisation, which GGUF file names carry (``...Q4_1.gguf``)."""
+        from ..observability.metrics import quantisation_of
+
+        return {**super().info(), "quantisation": quantisation_of({"path": self.model_path})}
