@@ -121,17 +121,31 @@ def configure_docs(app: APIFlask) -> None:
         def swagger_assets(filename: str):
             return send_from_directory(dist, filename, max_age=86400)
 
+    # APIFlask keeps one spec processor: this one does everything
     @app.spec_processor
-    def _common_headers(spec: dict) -> dict:
+    def _process(spec: dict) -> dict:
         for path_item in spec.get("paths", {}).values():
             for op in path_item.values():
                 if not isinstance(op, dict) or "responses" not in op:
                     continue
                 for resp in op["responses"].values():
                     resp.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID_HEADER
+                if "requestBody" in op:
+                    # every body we take has required fields: a missing body is a 400, so say it is required
+                    op["requestBody"].setdefault("required", True)
                 params = op.setdefault("parameters", [])
                 if not any(p.get("name") == "X-Request-ID" for p in params):
                     params.append({"in": "header", "name": "X-Request-ID", "required": False,
-                                   "description": "Your id for this request (echoed, logged, kept with the job)",
-                                   "schema": {"type": "string", "maxLength": 64}})
+                                   "description": "Your id for this request (echoed, logged, kept with the "
+                                   "job). One that is not printable ASCII of at most 64 characters is "
+                                   "replaced by a generated id, not refused.",
+                                   "schema": {"type": "string"}})
+        _deployment_limits(spec)
         return spec
+
+    def _deployment_limits(spec: dict) -> None:
+        # limits that are settings, so the document states this deployment's (400 above them)
+        settings = app.config["SETTINGS"]
+        props = spec.get("components", {}).get("schemas", {}).get("CallModelIn", {}).get("properties", {})
+        if "max_tokens" in props:
+            props["max_tokens"]["maximum"] = settings.max_tokens_cap

@@ -120,7 +120,10 @@ def call_model(json_data: dict):
 @bp.auth_required(basic_auth)
 @bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
 @bp.output(AsyncCallOut, status_code=200, description="The job was stored and queued",
-           example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+           example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"},
+           # tells clients (and schemathesis's stateful phase) where the job id goes next
+           links={"GetJobStatus": {"operationRef": "#/paths/~1async_call_status/get",
+                                   "parameters": {"job_id": "$response.body#/job_id"}}})
 @bp.doc(summary="Call the model asynchronously", responses={**_ERRORS, 200: {"headers": RATE_HEADERS}})
 def async_call_model(json_data: dict):
     """Queue a generation and return its ``job_id`` at once; poll ``/async_call_status``.

@@ -8,6 +8,17 @@ from apiflask.validators import Length, Range
 from marshmallow import EXCLUDE, ValidationError, validates
 
 
+class WholeNumber(Integer):
+    """A strict integer that also takes ``1.0``: JSON Schema (and so our OpenAPI
+    document) calls 1.0 an integer, and JSON clients may send it; 1.5, "1" and
+    true are still refused."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class CallModelIn(Schema):
     class Meta:
         unknown = EXCLUDE
@@ -17,7 +28,7 @@ class CallModelIn(Schema):
         validate=Length(min=1),
         metadata={"description": "The user's message to the model.", "example": "Hello, world!"},
     )
-    max_tokens = Integer(
+    max_tokens = WholeNumber(
         strict=True,
         validate=Range(min=1),
         metadata={"description": "Most tokens to generate (default DEFAULT_MAX_TOKENS, capped by MAX_TOKENS_CAP)."},
@@ -26,9 +37,11 @@ class CallModelIn(Schema):
         validate=Range(min=0, max=2), metadata={"description": "Sampling temperature; 0 is greedy."}
     )
     top_p = Float(
-        validate=Range(min=0, max=1, min_inclusive=False), metadata={"description": "Nucleus sampling mass."}
+        validate=Range(min=0, max=1, min_inclusive=False),
+        # apispec does not render min_inclusive=False; without this the docs would allow 0
+        metadata={"description": "Nucleus sampling mass, in (0, 1].", "exclusiveMinimum": True},
     )
-    seed = Integer(strict=True, metadata={"description": "Seed for reproducible sampling."})
+    seed = WholeNumber(strict=True, metadata={"description": "Seed for reproducible sampling."})
 
     @validates("prompt")
     def _not_blank(self, value: str, **_kw: object) -> None:
@@ -55,7 +68,8 @@ class AsyncCallOut(Schema):
 
 
 class StatusQuery(Schema):
-    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+    # checked by the route (the seed's 400 message), documented as what it must be
+    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf", "format": "uuid"})
 
 
 class StatusOut(Schema):

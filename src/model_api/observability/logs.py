@@ -59,8 +59,8 @@ class ContextFilter(logging.Filter):
 def json_formatter() -> logging.Formatter:
     """``{"timestamp", "level", "logger", "message", ...extra fields}``."""
     return JsonFormatter(
-        "%(levelname)s %(name)s %(message)s",
-        rename_fields={"levelname": "level", "name": "logger"},
+        "%(levelname)s %(name)s %(process)d %(message)s",
+        rename_fields={"levelname": "level", "name": "logger", "process": "pid"},
         timestamp=True,
     )
 
