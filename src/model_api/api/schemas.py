@@ -39,7 +39,8 @@ class CallModelIn(Schema):
     top_p = Float(
         validate=Range(min=0, max=1, min_inclusive=False),
         # apispec does not render min_inclusive=False; without this the docs would allow 0
-        metadata={"description": "Nucleus sampling mass, in (0, 1].", "exclusiveMinimum": True},
+        # (OpenAPI 3.1, which APIFlask writes, takes a number here)
+        metadata={"description": "Nucleus sampling mass, in (0, 1].", "exclusiveMinimum": 0},
     )
     seed = WholeNumber(strict=True, metadata={"description": "Seed for reproducible sampling."})
 
