@@ -161,6 +161,10 @@ def test_down_lets_in_flight_calls_finish(stack, db_url):
                         auth=(name, pw), timeout=60)
     assert job.status_code == 200, job.text
     job_id = uuid.UUID(job.json()["job_id"])
+    # taken by a job runner (the api's threads, or a Celery worker once one runs):
+    # from then on a graceful stop must let it finish
+    wait_for(lambda: any(r.id == job_id and r.status in ("running", "completed") for r in rows()), timeout=120,
+             what="the async job to start")
 
     told_to_stop = time.time()
     down = stack.sh("down")

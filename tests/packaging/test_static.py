@@ -8,6 +8,7 @@ The same topology runs for real in tests/packaging/test_stack.py.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shlex
 import sys
@@ -153,6 +154,9 @@ def test_stop_grace_period_outlasts_gunicorn_graceful_timeout(monkeypatch):
     conf = _reload_gunicorn_conf()
     for name in ("api", "worker"):
         assert _seconds(SERVICES[name]["stop_grace_period"]) > conf.graceful_timeout, name
+    # a Celery worker's warm shutdown waits for the running job, up to its hard time limit
+    if "celery_task_time_limit" in Settings.model_fields:
+        assert _seconds(SERVICES["worker"]["stop_grace_period"]) > Settings().celery_task_time_limit
 
 
 # --- .env.example ------------------------------------------------------------------
@@ -306,8 +310,6 @@ def test_dockerfile_runs_as_a_non_root_user_with_a_healthcheck():
     health = [a for ins, a in DOCKERFILE if ins == "HEALTHCHECK"]
     assert len(health) == 1 and "/health_check" in health[0] and "CMD" in health[0]
     cmd = [a for ins, a in DOCKERFILE if ins == "CMD"][-1]
-    import json
-
     assert json.loads(cmd) == GUNICORN_CMD
 
 
@@ -352,3 +354,79 @@ def test_github_workflow_matches_ci_run():
     assert "docker build" in build_runs
     ci_run = (ROOT / ".ci/run").read_text()
     assert "make newman" in ci_run and "make test" in ci_run
+
+
+# --- README -------------------------------------------------------------------------
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return " ".join(text[start:end if end != -1 else None].split())  # line breaks do not matter
+
+
+def test_readme_deploy_section_matches_the_files():
+    section = _readme_section("Deploy with Docker Compose")
+    for name in SERVICES:
+        assert f"`{name}`" in section, name
+    # gunicorn's own variables (the app settings it also reads are in "Configuration")
+    for name in gunicorn_conf_env_names() - {f.upper() for f in Settings.model_fields}:
+        assert f"`{name}`" in section, f"gunicorn setting {name} is not documented"
+    for name in ("api", "worker"):
+        assert f"{_seconds(SERVICES[name]['stop_grace_period'])} s for `{name}`" in section, name
+    base = dict(a.split("=", 1) for ins, a in DOCKERFILE if ins == "ARG" and "=" in a)["PYTHON_IMAGE"]
+    assert base.split("@")[0].removeprefix("python:") in section
+    for cmd in ("scripts/stack.sh up", "scripts/stack.sh status", "scripts/stack.sh down"):
+        assert cmd in section
+
+
+def test_readme_postman_section_names_the_files_and_variables():
+    section = _readme_section("Testing with Postman")
+    for path in (COLLECTION_PATH, ENVIRONMENT_PATH):
+        assert f"postman/{path.name}" in section
+    env = json.loads(ENVIRONMENT_PATH.read_text())
+    for var in env["values"]:
+        assert f"`{var['key']}`" in section, var["key"]
+    assert "newman run postman/" in section
+
+
+COLLECTION_PATH = ROOT / "postman" / "model-api.postman_collection.json"
+ENVIRONMENT_PATH = ROOT / "postman" / "model-api.postman_environment.json"
+
+
+# --- Postman collection ----------------------------------------------------------------
+
+
+def _requests(collection: dict) -> list[dict]:
+    out = []
+    for item in collection["item"]:
+        out.extend(_requests(item) if "item" in item else [item])
+    return out
+
+
+def test_postman_collection_covers_every_endpoint_and_error_case_with_tests():
+    collection = json.loads(COLLECTION_PATH.read_text())
+    assert collection["info"]["schema"].endswith("/collection/v2.1.0/collection.json")
+    items = _requests(collection)
+    covered = set()
+    for item in items:
+        req = item["request"]
+        path = "/" + "/".join(req["url"]["path"])
+        tests = " ".join(line for e in item["event"] if e["listen"] == "test" for line in e["script"]["exec"])
+        status = re.search(r"to\.have\.status\((\d+)\)", tests)
+        assert status or "oneOf([201, 429])" in tests, f"{item['name']}: no status code test"
+        if status:
+            covered.add((req["method"], path, int(status.group(1))))
+    for expected in [("GET", "/health_check", 204), ("GET", "/ready", 200), ("POST", "/call_model", 201),
+                     ("POST", "/call_model", 401), ("POST", "/call_model", 400), ("POST", "/call_model", 429),
+                     ("POST", "/async_call_model", 200), ("GET", "/async_call_status", 200),
+                     ("GET", "/async_call_status", 404), ("GET", "/async_call_status", 400)]:
+        assert expected in covered, expected
+    # the 404 for another user's job uses the second user's credentials
+    other = [i for i in items if i["request"].get("auth", {}).get("type") == "basic"
+             and "{{otherUsername}}" in json.dumps(i["request"]["auth"])]
+    assert any("404" in i["name"] for i in other)
+    env_keys = {v["key"] for v in json.loads(ENVIRONMENT_PATH.read_text())["values"]}
+    used = set(re.findall(r"\{\{(\w+)\}\}", COLLECTION_PATH.read_text())) - {"jobId"}
+    assert used <= env_keys, used - env_keys
