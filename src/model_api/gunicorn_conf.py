@@ -16,6 +16,7 @@ wait for the model (and poll job status) at once.
 | `WEB_MIN_TOKENS_PER_SECOND` | `4` | slowest decode speed we plan for |
 | `WEB_TIMEOUT` | longest generation + 60 s | worker silence before the arbiter restarts it |
 | `WEB_GRACEFUL_TIMEOUT` | longest generation + 30 s | how long SIGTERM waits for in-flight calls |
+| `WEB_CONTROL_SOCKET` | (off) | path of gunicorn's control socket, if wanted |
 
 The longest generation is ``MAX_TOKENS_CAP / WEB_MIN_TOKENS_PER_SECOND``
 (1024 / 4 = 256 s by default), so raising the cap raises both timeouts.
@@ -53,6 +54,14 @@ timeout = _int_env("WEB_TIMEOUT", longest_generation_seconds() + 60)
 # finish, then exit. Docker's stop_grace_period must be longer than this.
 graceful_timeout = _int_env("WEB_GRACEFUL_TIMEOUT", longest_generation_seconds() + 30)
 keepalive = 5
+# gunicorn's runtime control socket (for gunicornc) defaults to one path per
+# user ($HOME/.gunicorn/gunicorn.ctl): servers sharing a host or a user would
+# fight over it, and the image's unprivileged user has no writable home. We do
+# not use it, so it is off unless WEB_CONTROL_SOCKET names a path.
+_control_socket = os.environ.get("WEB_CONTROL_SOCKET", "").strip()
+if _control_socket:
+    control_socket = _control_socket
+control_socket_disable = not _control_socket
 accesslog = None  # the app logs one structured line per request itself
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()

@@ -266,6 +266,7 @@ def test_gunicorn_defaults_one_process_with_threads(monkeypatch):
     assert longest == Settings().max_tokens_cap / 4
     assert conf.timeout > longest and conf.graceful_timeout > longest
     assert conf.bind == "0.0.0.0:5000"
+    assert conf.control_socket_disable is True  # no shared $HOME/.gunicorn/gunicorn.ctl
 
 
 def test_gunicorn_reads_counts_from_env_and_scales_timeouts_with_the_token_cap(monkeypatch):
