@@ -66,7 +66,7 @@ api_port() {
 }
 
 # --- processes ----------------------------------------------------------------
-pid_of() { local f="$RUN_DIR/$1.pid"; [[ -f "$f" ]] && cat "$f" || true; }
+pid_of() { local f="$RUN_DIR/$1.pid"; if [[ -f "$f" ]]; then cat "$f"; fi; }
 
 # alive and still ours (a pid file can outlive its process and the pid be reused)
 running() {
@@ -151,7 +151,8 @@ cmd_up() {
   start_bg api "$BIN/gunicorn" -c python:model_api.gunicorn_conf model_api.wsgi:app
   echo "http://127.0.0.1:$(api_port)" >"$RUN_DIR/api.url"
 
-  local url="http://127.0.0.1:$(api_port)/ready" deadline=$((SECONDS + READY_TIMEOUT)) code=0
+  local url deadline=$((SECONDS + READY_TIMEOUT)) code=0
+  url="http://127.0.0.1:$(api_port)/ready"
   while ((SECONDS < deadline)); do
     for name in "${COMPONENTS[@]}"; do
       if [[ -f "$RUN_DIR/$name.pid" ]] && ! running "$name"; then
