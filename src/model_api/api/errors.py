@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from apiflask import APIFlask, HTTPError
-from flask import jsonify
+from flask import jsonify, request
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ def _flatten_validation(detail: Any) -> tuple[str, Any]:
     return ("invalid request: " + "; ".join(parts)) if parts else "invalid request", fields
 
 
+def _parses_as_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
 def register_error_handlers(app: APIFlask) -> None:
     @app.error_processor
     def _render(error: HTTPError):  # every HTTP error, validation error and auth error
@@ -95,6 +104,16 @@ def register_error_handlers(app: APIFlask) -> None:
         for k, v in (error.headers or {}).items():
             resp.headers[k] = v
         return resp
+
+    from werkzeug.exceptions import BadRequest
+
+    @app.errorhandler(BadRequest)
+    def _bad_request(exc: BadRequest):
+        # werkzeug raises this for undecodable JSON; APIFlask's generic handler
+        # would drop the reason, so say it
+        if request.get_data(cache=True) and not _parses_as_json(request.get_data(cache=True)):
+            return _render(api_error(400, "request body is not valid JSON", code="invalid_json"))
+        return _render(api_error(400, exc.description or "bad request"))
 
     @app.errorhandler(Exception)
     def _unhandled(exc: Exception):
