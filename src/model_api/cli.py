@@ -178,3 +178,7 @@ def _cli_app():
 
 
 main = FlaskGroup(create_app=_cli_app, add_default_commands=True, help=__doc__)
+
+
+if __name__ == "__main__":
+    main()
