@@ -78,10 +78,11 @@ def register_request_hooks(app: APIFlask) -> None:
 
 
 def register_blueprints(app: APIFlask) -> None:
-    from .api import health, model_calls
+    from .api import health, model_calls, openai_api
 
     app.register_blueprint(health.bp)
     app.register_blueprint(model_calls.bp)
+    app.register_blueprint(openai_api.bp)
 
 
 def register_errors(app: APIFlask) -> None:

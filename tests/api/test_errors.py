@@ -92,7 +92,9 @@ def test_bad_credentials_are_401_with_a_basic_challenge(client, alice, database,
     r = getattr(client, method)(path, json={"prompt": "Hi"}, headers=headers)
     err = _error(r, 401)
     assert err["code"] == "unauthorized"
-    assert r.headers["WWW-Authenticate"].startswith('Basic realm="')
+    # a rejected API key is challenged for a key (RFC 6750); everything else for Basic
+    scheme = "Bearer" if headers.get("Authorization", "").startswith("Bearer") else "Basic"
+    assert r.headers["WWW-Authenticate"].startswith(f'{scheme} realm="')
     _assert_nothing_spent(database)
 
 
