@@ -16,7 +16,7 @@ from ..models import CallKind, CallStatus
 from ..services import calls, jobs
 from ..services.quota import QuotaExceeded, QuotaState
 from .errors import api_error
-from .schemas import AsyncCallOut, CallModelIn, CallModelOut, ErrorOut, StatusOut, StatusQuery
+from .schemas import AsyncCallOut, CallModelIn, CallModelOut, ErrorOut, HistoryOut, HistoryQuery, StatusOut, StatusQuery
 from .security import auth, current_principal
 
 bp = APIBlueprint("model", __name__, tag="Model")
@@ -210,3 +210,39 @@ def async_call_status(query_data: dict):
 
 
 __all__ = ["bp", "ErrorOut"]
+
+
+def call_view(call) -> dict:
+    view = {
+        "id": str(call.id),
+        "kind": call.kind,
+        "state": call.status,
+        "prompt": call.prompt,
+        "messages": call.messages,
+        "response": call.response,
+        "error": call.error,
+        "finish_reason": call.finish_reason,
+        "model": call.model,
+        "usage": None,
+        "created_at": call.created_at.isoformat(),
+        "finished_at": call.finished_at.isoformat() if call.finished_at else None,
+    }
+    if call.completion_tokens is not None:
+        view["usage"] = {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                         "total_tokens": (call.prompt_tokens or 0) + call.completion_tokens}
+    return view
+
+
+@bp.get("/calls")
+@bp.auth_required(auth)
+@bp.input(HistoryQuery, location="query")
+@bp.output(HistoryOut, status_code=200, description="Your calls, newest first")
+@bp.doc(summary="Your call history", responses={400: "Bad limit or cursor", 401: "Missing or wrong credentials"})
+def call_history(query_data: dict):
+    """Every model call you made (sync, async, streamed, /v1), with prompt and response. Uses no quota."""
+    before = _parse_job_id(query_data["before"]) if query_data.get("before") else None
+    limit = query_data["limit"]
+    with _rt().db.session() as s:
+        rows = calls.history(s, current_principal().id, limit, before)
+        page = [call_view(c) for c in rows]
+    return {"calls": page, "next_before": page[-1]["id"] if len(page) == limit else None}

@@ -176,3 +176,32 @@ class CompletionIn(_OpenAISampling):
 
 
 __all__ = ["ChatCompletionIn", "CompletionIn", "AsyncCallOut", "CallModelIn", "CallModelOut", "ErrorOut", "ReadyOut", "StatusOut", "StatusQuery", "List"]
+
+
+class HistoryQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    limit = Integer(load_default=20, validate=Range(min=1, max=100),
+                    metadata={"description": "Calls per page (1-100)."})
+    before = String(metadata={"description": "Cursor: the `next_before` of the previous page."})
+
+
+class CallOut(Schema):
+    id = String(required=True)
+    kind = String(metadata={"description": "`sync`, `async`, `stream`, `chat` or `completion`."})
+    state = String(metadata={"description": "`queued`, `running`, `completed`, `failed` or `cancelled`."})
+    prompt = String()
+    messages = List(Dict(), allow_none=True)
+    response = String(allow_none=True)
+    error = String(allow_none=True)
+    finish_reason = String(allow_none=True)
+    model = String(allow_none=True)
+    usage = Dict(allow_none=True)
+    created_at = String()
+    finished_at = String(allow_none=True)
+
+
+class HistoryOut(Schema):
+    calls = List(Nested(CallOut), required=True)
+    next_before = String(allow_none=True, metadata={"description": "Pass as `before` for the next page; null at the end."})

@@ -334,3 +334,16 @@ def get_call_for_user(session: Session, call_id: uuid.UUID, user_id: int) -> Cal
     """The call if it exists *and* belongs to the user; None otherwise (callers
     answer both cases with the same 404 so ids cannot be probed)."""
     return session.scalar(select(Call).where(Call.id == call_id, Call.user_id == user_id))
+
+
+def history(session: Session, user_id: int, limit: int, before: uuid.UUID | None = None) -> list[Call]:
+    """The user's calls, newest first; ``before`` is the id of the last call of the previous page."""
+    stmt = select(Call).where(Call.user_id == user_id)
+    if before is not None:
+        anchor = session.scalar(select(Call).where(Call.id == before, Call.user_id == user_id))
+        if anchor is None:
+            return []
+        stmt = stmt.where(
+            (Call.created_at < anchor.created_at) | ((Call.created_at == anchor.created_at) & (Call.id < anchor.id))
+        )
+    return list(session.scalars(stmt.order_by(Call.created_at.desc(), Call.id.desc()).limit(limit)))
