@@ -62,6 +62,15 @@ def register_request_hooks(app: APIFlask) -> None:
         # accept a client's id if it is sane, otherwise make one
         g.request_id = incoming if incoming and len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
 
+    @app.before_request
+    def _body_is_json() -> None:
+        # Every body this API takes is JSON. Read it as JSON whatever the
+        # Content-Type says (curl -d sends form-encoded), so a client gets a
+        # clear "not valid JSON" rather than a puzzling "prompt missing".
+        ctype = request.environ.get("CONTENT_TYPE", "")
+        if request.method in ("POST", "PUT", "PATCH") and "json" not in ctype and request.content_length:
+            request.environ["CONTENT_TYPE"] = "application/json"  # before anything parses it
+
     @app.after_request
     def _echo_request_id(resp):
         resp.headers["X-Request-ID"] = g.get("request_id", "")
@@ -69,10 +78,11 @@ def register_request_hooks(app: APIFlask) -> None:
 
 
 def register_blueprints(app: APIFlask) -> None:
-    from .api import health, model_calls
+    from .api import health, model_calls, openai_api
 
     app.register_blueprint(health.bp)
     app.register_blueprint(model_calls.bp)
+    app.register_blueprint(openai_api.bp)
 
 
 def register_errors(app: APIFlask) -> None:

@@ -54,6 +54,7 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     calls: Mapped[list[Call]] = relationship(back_populates="user")
+    api_keys: Mapped[list[ApiKey]] = relationship(back_populates="user", passive_deletes=True)
 
 
 class Call(Base):
@@ -89,3 +90,27 @@ class Call(Base):
         Index("ix_calls_user_id_created_at", "user_id", "created_at"),
         Index("ix_calls_status_created_at", "status", "created_at"),
     )
+
+
+class ApiKey(Base):
+    """A per-user API key for ``Authorization: Bearer``.
+
+    Only a SHA-256 of the key is stored: keys are 256-bit random strings, so a
+    fast hash is enough (nothing to brute-force) and keeps every request cheap.
+    ``prefix`` (the first characters, not secret on their own) lets users tell
+    their keys apart in listings.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # keys die with their user row (users are normally deactivated, not deleted)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(100), default=None)
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[User] = relationship(back_populates="api_keys")

@@ -37,6 +37,10 @@ def engine_key(settings: Settings) -> tuple[Any, ...]:
         settings.model_n_batch,
         settings.model_n_parallel,
         settings.model_max_queue,
+        settings.model_base_url,
+        settings.model_api_key,
+        settings.model_timeout_seconds,
+        settings.model_connect_timeout_seconds,
     )
 
 
@@ -61,6 +65,18 @@ def _build_engine(settings: Settings) -> Engine:
             n_threads=settings.model_n_threads,
             n_batch=settings.model_n_batch,
             model_name=settings.model_name,
+        )
+    if settings.model_backend == "openai":
+        from .engine.remote import OpenAIEngine
+
+        assert settings.model_base_url  # enforced by Settings
+        return OpenAIEngine(
+            settings.model_base_url,
+            api_key=settings.model_api_key,
+            model_name=settings.model_name,
+            context_size=settings.model_n_ctx,
+            timeout=settings.model_timeout_seconds,
+            connect_timeout=settings.model_connect_timeout_seconds,
         )
     raise ValueError(f"MODEL_BACKEND={settings.model_backend!r} is not available in this build")
 

@@ -69,6 +69,21 @@ class Settings(BaseSettings):
     model_n_batch: int = Field(512, ge=1, description="Prompt tokens processed per llama.cpp step.")
     model_n_parallel: int = Field(8, ge=1, description="Active sequences decoded together (`batching`).")
     model_max_queue: int = Field(64, ge=1, description="Requests that may wait for a sequence slot (`batching`).")
+    model_base_url: str | None = Field(
+        None,
+        description="`openai` backend: the upstream's OpenAI API root, e.g. `http://127.0.0.1:8000/v1` "
+        "(vLLM, llama-server, Ollama, or another instance of this service).",
+    )
+    model_api_key: str | None = Field(
+        None, description="`openai` backend: sent as `Authorization: Bearer` to the upstream, if set."
+    )
+    model_timeout_seconds: float = Field(
+        120.0, gt=0,
+        description="`openai` backend: longest wait for the upstream's next byte (first token included); 504 after.",
+    )
+    model_connect_timeout_seconds: float = Field(
+        5.0, gt=0, description="`openai` backend: longest wait to connect to the upstream; 502 when refused."
+    )
     model_load_at_start: bool = Field(
         True, description="Load the model in the background at start-up rather than on first call."
     )
@@ -100,6 +115,12 @@ class Settings(BaseSettings):
                 raise ValueError("SECRET_KEY must be set when ENV=production")
             if self.database_url.startswith("sqlite"):
                 raise ValueError("DATABASE_URL must name a server database when ENV=production")
+        return self
+
+    @model_validator(mode="after")
+    def _openai_needs_a_url(self) -> Settings:
+        if self.model_backend == "openai" and not self.model_base_url:
+            raise ValueError("MODEL_BASE_URL must be set when MODEL_BACKEND=openai")
         return self
 
     @property

@@ -9,14 +9,15 @@ import uuid
 
 from apiflask import APIBlueprint
 from flask import current_app, g
+from flask import request as http_request
 
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, GenerationRequest, SamplingParams, UpstreamError, UpstreamTimeout
-from ..models import CallStatus
+from ..models import CallKind, CallStatus
 from ..services import calls, jobs
 from ..services.quota import QuotaExceeded, QuotaState
 from .errors import api_error
-from .schemas import AsyncCallOut, CallModelIn, CallModelOut, ErrorOut, StatusOut, StatusQuery
-from .security import basic_auth, current_principal
+from .schemas import AsyncCallOut, CallModelIn, CallModelOut, ErrorOut, HistoryOut, HistoryQuery, StatusOut, StatusQuery
+from .security import auth, current_principal
 
 bp = APIBlueprint("model", __name__, tag="Model")
 
@@ -90,16 +91,20 @@ def _check_prompt_size(prompt: str) -> None:
 
 
 @bp.post("/call_model")
-@bp.auth_required(basic_auth)
+@bp.auth_required(auth)
 @bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
 @bp.output(CallModelOut, status_code=201, headers=None, description="The model's reply (stored)")
-@bp.doc(summary="Call the model", responses={**_ERRORS}, )
+@bp.doc(summary="Call the model", responses={
+    **_ERRORS, 200: "With `stream: true`: Server-Sent Events (`chat.completion.chunk` objects, usage in "
+    "the last one, then `data: [DONE]`)"})
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
     _check_prompt_size(json_data["prompt"])
     rt = _rt()
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
     user = current_principal()
+    if json_data.get("stream"):
+        return _stream(request)
     try:
         outcome = calls.run_sync(rt.db, rt.engine, user.id, request, rt.policy, request_id=g.get("request_id"))
     except (QuotaExceeded, ContextOverflow, EngineError) as exc:
@@ -121,8 +126,22 @@ def call_model(json_data: dict):
     return body, 201, rate_headers(outcome.quota)
 
 
+def _stream(gen_request: GenerationRequest):
+    """``"stream": true``: the same SSE chunks as /v1/chat/completions, usage always in the last one."""
+    from .streaming import stream_response
+
+    rt = _rt()
+    try:
+        call = calls.start_stream(rt.db, rt.engine, current_principal().id, gen_request, rt.policy,
+                                  kind=CallKind.STREAM, request_id=g.get("request_id"))
+    except (QuotaExceeded, ContextOverflow, EngineError) as exc:
+        raise translate_engine_errors(exc) from None
+    return stream_response(call, chat=True, include_usage=True, path=http_request.path,
+                           headers=rate_headers(call.quota))
+
+
 @bp.post("/async_call_model")
-@bp.auth_required(basic_auth)
+@bp.auth_required(auth)
 @bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
 @bp.output(AsyncCallOut, status_code=200, description="The job was stored and queued")
 @bp.doc(summary="Call the model asynchronously", responses={**_ERRORS, 503: "Job queue unavailable (unit refunded)"})
@@ -173,7 +192,7 @@ def job_view(call) -> dict:
 
 
 @bp.get("/async_call_status")
-@bp.auth_required(basic_auth)
+@bp.auth_required(auth)
 @bp.input(StatusQuery, location="query", example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
 @bp.output(StatusOut, status_code=200, description="The job's state and, once completed, its response")
 @bp.doc(summary="Status of an async job", responses={
@@ -191,3 +210,39 @@ def async_call_status(query_data: dict):
 
 
 __all__ = ["bp", "ErrorOut"]
+
+
+def call_view(call) -> dict:
+    view = {
+        "id": str(call.id),
+        "kind": call.kind,
+        "state": call.status,
+        "prompt": call.prompt,
+        "messages": call.messages,
+        "response": call.response,
+        "error": call.error,
+        "finish_reason": call.finish_reason,
+        "model": call.model,
+        "usage": None,
+        "created_at": call.created_at.isoformat(),
+        "finished_at": call.finished_at.isoformat() if call.finished_at else None,
+    }
+    if call.completion_tokens is not None:
+        view["usage"] = {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                         "total_tokens": (call.prompt_tokens or 0) + call.completion_tokens}
+    return view
+
+
+@bp.get("/calls")
+@bp.auth_required(auth)
+@bp.input(HistoryQuery, location="query")
+@bp.output(HistoryOut, status_code=200, description="Your calls, newest first")
+@bp.doc(summary="Your call history", responses={400: "Bad limit or cursor", 401: "Missing or wrong credentials"})
+def call_history(query_data: dict):
+    """Every model call you made (sync, async, streamed, /v1), with prompt and response. Uses no quota."""
+    before = _parse_job_id(query_data["before"]) if query_data.get("before") else None
+    limit = query_data["limit"]
+    with _rt().db.session() as s:
+        rows = calls.history(s, current_principal().id, limit, before)
+        page = [call_view(c) for c in rows]
+    return {"calls": page, "next_before": page[-1]["id"] if len(page) == limit else None}

@@ -1,14 +1,17 @@
-"""HTTP Basic auth glue: Flask-HTTPAuth (via APIFlask, which documents it) in front of
-the auth service."""
+"""Authentication glue: HTTP Basic (username + password) or ``Authorization:
+Bearer <API key>`` on every model route, via Flask-HTTPAuth's MultiAuth (through
+APIFlask, which documents both schemes). Basic is the main scheme, so a request
+without credentials is challenged with ``WWW-Authenticate: Basic``."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from apiflask import HTTPBasicAuth
+from apiflask import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
 from flask import current_app, g
 
+from ..services import api_keys
 from ..services import auth as auth_service
 
 log = logging.getLogger(__name__)
@@ -16,6 +19,12 @@ log = logging.getLogger(__name__)
 REALM = "ML Model API"
 
 basic_auth = HTTPBasicAuth(realm=REALM, description="Your username and password (HTTP Basic).")
+token_auth = HTTPTokenAuth(
+    scheme="Bearer", realm=REALM,
+    description="An API key from `model-api keys create` (`Authorization: Bearer mk-...`).",
+)
+#: what model routes require: either scheme
+auth = MultiAuth(basic_auth, token_auth)
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,24 @@ def _verify(username: str, password: str) -> Principal | None:
     return principal
 
 
+@token_auth.verify_token
+def _verify_token(token: str) -> Principal | None:
+    if not token:
+        g.auth_failure = "missing"
+        return None
+    rt = current_app.extensions["model_api"]
+    with rt.db.session() as s:
+        user = api_keys.authenticate(s, token)
+        principal = Principal(user.id, user.username) if user else None
+    if principal is None:
+        log.warning("auth failed: unknown or revoked API key")
+        g.auth_failure = "invalid"
+    else:
+        g.user = principal.username
+    return principal
+
+
 def current_principal() -> Principal:
-    user = basic_auth.current_user
+    user = auth.current_user
     assert isinstance(user, Principal)
     return user
