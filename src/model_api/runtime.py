@@ -154,10 +154,12 @@ class Runtime:
         if ids or failed:
             log.info("recovered jobs", extra={"requeued": len(ids), "failed": failed})
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Stop the in-process job threads (``wait``: after their current and
+        queued jobs, as gunicorn's graceful shutdown does) and close the pool."""
         q = self._job_queue
         if q is not None and hasattr(q, "shutdown"):
-            q.shutdown(wait=False)  # type: ignore[attr-defined]
+            q.shutdown(wait=wait)  # type: ignore[attr-defined]
         self.db.dispose()
 
 
