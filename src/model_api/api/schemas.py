@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from apiflask import Schema
-from apiflask.fields import Dict, Float, Integer, List, String
+from apiflask.fields import Boolean, Dict, Float, Integer, List, String
 from apiflask.validators import Length, Range
 from marshmallow import EXCLUDE, ValidationError, validates
 
@@ -58,6 +58,13 @@ class StatusQuery(Schema):
     job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
 
 
+class CancelIn(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+
+
 class StatusOut(Schema):
     job_id = String()
     job_status = String(
@@ -68,6 +75,9 @@ class StatusOut(Schema):
     response = String(allow_none=True, required=True)
     error = String(allow_none=True)
     usage = Dict(allow_none=True)
+    cancel_requested = Boolean(
+        metadata={"description": "Present (true) while a running job is asked to stop and has not yet."}
+    )
     created_at = String()
     finished_at = String(allow_none=True)
 
@@ -87,4 +97,4 @@ class ErrorOut(Schema):
     error = Dict(required=True)
 
 
-__all__ = ["AsyncCallOut", "CallModelIn", "CallModelOut", "ErrorOut", "ReadyOut", "StatusOut", "StatusQuery", "List"]
+__all__ = ["AsyncCallOut", "CancelIn", "CallModelIn", "CallModelOut", "ErrorOut", "ReadyOut", "StatusOut", "StatusQuery", "List"]
