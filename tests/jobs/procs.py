@@ -50,8 +50,11 @@ class Proc:
         if self.alive():
             os.killpg(self.p.pid, sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
-        self.send(sig)
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> None:
+        """Signal the main process only, as a service manager does: a Celery worker
+        then shuts its pool down itself (warm shutdown on SIGTERM)."""
+        if self.alive():
+            self.p.send_signal(sig)
         try:
             self.p.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -259,3 +259,21 @@ def test_bad_cancel_requests_are_400(client, make_user):
     assert client.post("/async_call_cancel", json={"job_id": str(uuid.uuid4())}).status_code == 401
     assert client.post("/async_call_cancel", json={"job_id": str(uuid.uuid4())},
                        headers=basic("alice")).status_code == 404
+
+
+def test_sigterm_lets_the_running_job_finish_and_loses_none(stack, make_user, database):
+    st = stack("celery", workers=1)
+    headers = make_user("alice", quota=4)
+    ids = [st.submit(headers, f"Describe the colour number {i}.", max_tokens=24, temperature=0) for i in range(4)]
+    wait_for(lambda: any(c.status == "running" for c in _rows(database)), timeout=300, what="a running job")
+    running = {str(c.id) for c in _rows(database) if c.status == "running"}
+    st.workers[0].stop()  # SIGTERM: Celery's warm shutdown
+    rows = {str(c.id): c for c in _rows(database)}
+    assert all(rows[j].status == "completed" for j in running)  # finished, not abandoned
+    assert not any(c.status == "running" for c in rows.values())
+
+    st.add_worker()
+    replies = wait_all_final(st.server.url, headers, ids)
+    assert {r["state"] for r in replies.values()} == {"completed"}, replies
+    assert all(c.attempts == 1 for c in _rows(database))  # nothing was cut off and re-run
+    assert _used(database, "alice") == 4
