@@ -9,6 +9,7 @@ test on its own queue name; a private redis-server for the restart test.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlparse
@@ -164,6 +165,7 @@ def test_kill_9_worker_mid_run_then_a_new_worker_finishes_every_job_once(stack, 
 def test_redis_restart_mid_run_consumption_resumes_without_restarting_the_worker(
     stack, make_user, database, tmp_path
 ):
+    need(shutil.which("redis-server") is not None, "redis-server is not installed")
     redis_srv = RedisServer(tmp_path / "redis.log")
     try:
         st = stack("celery", workers=1, broker=redis_srv.url, job_requeue_after_seconds=4)
