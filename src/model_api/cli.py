@@ -5,6 +5,7 @@
     model-api keys create NAME [--name LABEL] | list [NAME] | revoke ID_OR_PREFIX
     model-api db upgrade | current
     model-api bootstrap            # first user for `make run`
+    model-api worker [-c N]        # Celery worker for async jobs (CELERY_BROKER_URL)
 """
 
 from __future__ import annotations
@@ -220,11 +221,37 @@ def bootstrap() -> None:
     click.echo(f"created user {name!r}" + (f" with password {pw!r} (shown once)" if generated else ""))
 
 
+@click.command(
+    "worker",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Jobs run at once by this worker (one model copy per process).")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int, loglevel: str) -> None:
+    """Start a Celery worker running async jobs (needs CELERY_BROKER_URL).
+
+    Same as ``celery -A model_api.worker worker -Q $CELERY_QUEUE -c N``; any
+    further options (e.g. ``-n w1@%h``) are passed to Celery. Start one per
+    machine (or more) against the same broker and database to scale out.
+    """
+    from .celery_app import make_celery
+    from .settings import Settings
+
+    settings = Settings()
+    if not settings.celery_broker_url:
+        raise click.UsageError("CELERY_BROKER_URL is not set")
+    app = make_celery(settings)
+    app.worker_main(["worker", "-Q", settings.celery_queue, "-c", str(concurrency), "-l", loglevel, *ctx.args])
+
+
 def register_commands(app) -> None:
     app.cli.add_command(users)
     app.cli.add_command(keys)
     app.cli.add_command(db_group)
     app.cli.add_command(bootstrap)
+    app.cli.add_command(worker)
 
 
 def _cli_app():

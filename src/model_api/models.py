@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, Uuid, true
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, Uuid, false, true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .db import Base, utcnow
@@ -80,6 +80,10 @@ class Call(Base):
     # can never be given back twice.
     charged: Mapped[bool] = mapped_column(default=True, server_default=true())
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    # set by /async_call_cancel on a running job; whichever process runs it polls this
+    cancel_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # last time the job's id was handed to a queue (the reconciler's clock for lost messages)
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -87,7 +87,7 @@ class Runtime:
         self.db = Database(settings.sqlalchemy_url)
         secret = hashlib.sha256(settings.secret_key.encode()).digest() if settings.secret_key else None
         self.credentials = CredentialCache(secret=secret)
-        self.cancels = jobs.CancelRegistry()
+        self.cancels = jobs.CancelRegistry(self.db, settings.cancel_poll_seconds)
         self.policy = QuotaPolicy(settings.default_quota, settings.quota_window_seconds)
         self._engine: Engine | None = None
         self._engine_error: BaseException | None = None
@@ -95,6 +95,8 @@ class Runtime:
         self._job_queue = job_queue
         # name -> callable returning {"status": "ready" | ..., ...}; the broker adds one
         self.extra_readiness_checks: dict[str, Callable[[], dict[str, Any]]] = {}
+        if settings.celery_broker_url:
+            self.extra_readiness_checks["broker"] = lambda: self.job_queue.check()  # type: ignore[attr-defined]
 
     # --- engine -------------------------------------------------------------
     @property
@@ -135,6 +137,11 @@ class Runtime:
 
     @property
     def job_queue(self) -> jobs.JobQueue:
+        """Celery when CELERY_BROKER_URL is set, otherwise the in-process executor."""
+        if self._job_queue is None and self.settings.celery_broker_url:
+            from .celery_app import CeleryQueue, make_celery
+
+            self._job_queue = CeleryQueue(make_celery(self.settings), self.settings)
         if self._job_queue is None:
             from .executor import InProcessExecutor
 
@@ -144,8 +151,15 @@ class Runtime:
         return self._job_queue
 
     def recover_jobs(self) -> None:
-        """Re-queue (or fail, refunded) what a crash left behind."""
-        ids, failed = jobs.recover(self.db, self.settings.job_stale_seconds)
+        """Re-queue (or fail, refunded) what a crash left behind.
+
+        In-process, the queue died with the process, so every queued job is
+        enqueued again; with a broker, only jobs whose message looks lost
+        (queued for JOB_REQUEUE_AFTER_SECONDS since they were last enqueued).
+        Celery workers run this at start-up and every RECONCILE_INTERVAL_SECONDS.
+        """
+        requeue_after = self.settings.job_requeue_after_seconds if self.settings.celery_broker_url else None
+        ids, failed = jobs.recover(self.db, self.settings.job_stale_seconds, requeue_after)
         for job_id in ids:
             try:
                 self.job_queue.enqueue(job_id)

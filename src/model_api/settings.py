@@ -100,6 +100,49 @@ class Settings(BaseSettings):
     recover_jobs_at_start: bool = Field(
         True, description="Re-queue or fail (refunded) jobs a crash left behind when the app starts."
     )
+    job_requeue_after_seconds: int = Field(
+        300,
+        ge=1,
+        description="The reconciler re-enqueues a job still `queued` this long after it was last "
+        "enqueued (its queue message was lost: enqueue failed after the commit, broker restarted).",
+    )
+    cancel_poll_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="How often a process running jobs checks the database for cancel requests "
+        "(a running job stops at most this long plus one token after `/async_call_cancel`).",
+    )
+
+    # Celery + Redis (optional): durable jobs shared by workers on any number of machines
+    celery_broker_url: str | None = Field(
+        None,
+        description="Broker URL (e.g. `redis://127.0.0.1:6379/0`). Set: async jobs go to Celery "
+        "workers (`model-api worker`); unset: the in-process executor runs them.",
+    )
+    celery_queue: str = Field("model_api.jobs", description="Celery queue that carries job ids.")
+    celery_task_time_limit: int = Field(
+        600,
+        ge=10,
+        description="Hard time limit (s) of one job run; the job fails (refunded) 10 s earlier "
+        "through the soft limit. Must stay below CELERY_VISIBILITY_TIMEOUT.",
+    )
+    celery_visibility_timeout: int = Field(
+        3600,
+        ge=20,
+        description="Seconds Redis waits for an acknowledgement before redelivering a message; "
+        "longer than the hard time limit so a slow job is never run twice at once.",
+    )
+    celery_publish_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="Connect and socket timeout (s) towards the broker; a submit tries to publish "
+        "3 times at most within a second, then answers 503 (unit refunded).",
+    )
+    reconcile_interval_seconds: int = Field(
+        60,
+        ge=1,
+        description="How often each Celery worker runs the reconciler (also once at worker start).",
+    )
 
     # bootstrap
     admin_username: str | None = Field(None, description="`make run` creates this user when none exists.")
@@ -121,6 +164,14 @@ class Settings(BaseSettings):
     def _openai_needs_a_url(self) -> Settings:
         if self.model_backend == "openai" and not self.model_base_url:
             raise ValueError("MODEL_BASE_URL must be set when MODEL_BACKEND=openai")
+        return self
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_time_limit(self) -> Settings:
+        # Redis redelivers an unacknowledged message after the visibility timeout:
+        # if a job could still be running then, a second worker would start it too.
+        if self.celery_visibility_timeout <= self.celery_task_time_limit:
+            raise ValueError("CELERY_VISIBILITY_TIMEOUT must be longer than CELERY_TASK_TIME_LIMIT")
         return self
 
     @property

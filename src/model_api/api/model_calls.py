@@ -16,7 +16,17 @@ from ..models import CallKind, CallStatus
 from ..services import calls, jobs
 from ..services.quota import QuotaExceeded, QuotaState
 from .errors import api_error
-from .schemas import AsyncCallOut, CallModelIn, CallModelOut, ErrorOut, HistoryOut, HistoryQuery, StatusOut, StatusQuery
+from .schemas import (
+    AsyncCallOut,
+    CallModelIn,
+    CallModelOut,
+    CancelIn,
+    ErrorOut,
+    HistoryOut,
+    HistoryQuery,
+    StatusOut,
+    StatusQuery,
+)
 from .security import auth, current_principal
 
 bp = APIBlueprint("model", __name__, tag="Model")
@@ -182,6 +192,8 @@ def job_view(call) -> dict:
         out["response"] = call.response
     if status in (CallStatus.FAILED, CallStatus.CANCELLED):
         out["error"] = call.error
+    if status == CallStatus.RUNNING and call.cancel_requested:
+        out["cancel_requested"] = True
     if call.completion_tokens is not None:
         out["usage"] = {
             "prompt_tokens": call.prompt_tokens,
@@ -207,6 +219,32 @@ def async_call_status(query_data: dict):
         if call is None or call.kind != "async":
             raise api_error(404, "no such job", code="job_not_found")
         return job_view(call)
+
+
+@bp.post("/async_call_cancel")
+@bp.auth_required(auth)
+@bp.input(CancelIn, location="json", example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+@bp.output(StatusOut, status_code=200, description="The job was queued and is now cancelled (unit refunded)")
+@bp.doc(summary="Cancel an async job", responses={
+    202: "The job is running; it stops at its next token (state turns `cancelled`; unit kept)",
+    400: "job_id missing or not a UUID", 401: "Missing or wrong credentials",
+    404: "No such job for this user (also for other users' jobs)",
+    409: "The job already finished (completed, failed or cancelled)"})
+def async_call_cancel(json_data: dict):
+    """Cancel a queued job (refunded) or stop a running one, wherever it runs."""
+    job_id = _parse_job_id(json_data["job_id"])
+    rt = _rt()
+    user_id = current_principal().id
+    try:
+        state = jobs.cancel(rt.db, job_id, user_id, rt.cancels)
+    except jobs.JobNotFound:
+        raise api_error(404, "no such job", code="job_not_found") from None
+    except jobs.JobFinished as exc:
+        raise api_error(409, f"job is already {exc.state}; nothing to cancel", code="job_finished",
+                        details={"state": exc.state}) from None
+    with rt.db.session() as s:
+        view = job_view(calls.get_call_for_user(s, job_id, user_id))
+    return view, (200 if state == CallStatus.CANCELLED.value else 202)
 
 
 __all__ = ["bp", "ErrorOut"]

@@ -65,6 +65,13 @@ class StatusQuery(Schema):
     job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
 
 
+class CancelIn(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+
+
 class StatusOut(Schema):
     job_id = String()
     job_status = String(
@@ -75,6 +82,9 @@ class StatusOut(Schema):
     response = String(allow_none=True, required=True)
     error = String(allow_none=True)
     usage = Dict(allow_none=True)
+    cancel_requested = Boolean(
+        metadata={"description": "Present (true) while a running job is asked to stop and has not yet."}
+    )
     created_at = String()
     finished_at = String(allow_none=True)
 
@@ -175,7 +185,7 @@ class CompletionIn(_OpenAISampling):
                     metadata={"description": "Raw text the model continues (no chat template)."})
 
 
-__all__ = ["ChatCompletionIn", "CompletionIn", "AsyncCallOut", "CallModelIn", "CallModelOut", "ErrorOut", "ReadyOut", "StatusOut", "StatusQuery", "List"]
+__all__ = ["ChatCompletionIn", "CompletionIn", "CancelIn", "AsyncCallOut", "CallModelIn", "CallModelOut", "ErrorOut", "ReadyOut", "StatusOut", "StatusQuery", "List"]
 
 
 class HistoryQuery(Schema):

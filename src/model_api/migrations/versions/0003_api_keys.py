@@ -1,7 +1,7 @@
 """api keys (per-user Bearer keys, stored as SHA-256)
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 
 """
 from typing import Sequence, Union
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 
 revision: str = '0003'
-down_revision: Union[str, Sequence[str], None] = '0001'
+down_revision: Union[str, Sequence[str], None] = '0002'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
