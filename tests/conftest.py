@@ -153,3 +153,17 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: flo
 
 
 __all__ = ["basic", "free_port", "need", "port_open", "wait_for"]
+
+
+@pytest.fixture
+def live_server(db_url, tmp_path):
+    """Factory: ``with live_server(workers=2, DEFAULT_QUOTA="3") as srv: srv.url``."""
+    from .server import LiveServer
+
+    def _make(workers: int = 1, threads: int = 8, **env: str) -> LiveServer:
+        base = {"DATABASE_URL": db_url, "RECOVER_JOBS_AT_START": "false", "ENV": "test"}
+        base.update({k.upper(): str(v) for k, v in env.items()})
+        return LiveServer(free_port(), base, workers=workers, threads=threads,
+                          log_path=tmp_path / f"server-{len(list(tmp_path.iterdir()))}.log")
+
+    return _make

@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 from apiflask import APIFlask
+from flask import request
 
 from .observability.logs import configure_logging
 from .runtime import Runtime
@@ -62,12 +63,22 @@ def register_request_hooks(app: APIFlask) -> None:
 
     _hooks(app)
 
+    @app.before_request
+    def _body_is_json() -> None:
+        # Every body this API takes is JSON. Read it as JSON whatever the
+        # Content-Type says (curl -d sends form-encoded), so a client gets a
+        # clear "not valid JSON" rather than a puzzling "prompt missing".
+        ctype = request.environ.get("CONTENT_TYPE", "")
+        if request.method in ("POST", "PUT", "PATCH") and "json" not in ctype and request.content_length:
+            request.environ["CONTENT_TYPE"] = "application/json"  # before anything parses it
+
 
 def register_blueprints(app: APIFlask) -> None:
-    from .api import health, model_calls, observability
+    from .api import health, model_calls, observability, openai_api
 
     app.register_blueprint(health.bp)
     app.register_blueprint(model_calls.bp)
+    app.register_blueprint(openai_api.bp)
     app.register_blueprint(observability.bp)
 
 

@@ -2,8 +2,10 @@
 
     model-api users create NAME [--password-stdin | --password PW] [--quota N]
     model-api users set-quota NAME N | set-password NAME | list | delete NAME
+    model-api keys create NAME [--name LABEL] | list [NAME] | revoke ID_OR_PREFIX
     model-api db upgrade | current
     model-api bootstrap            # first user for `make run`
+    model-api worker [-c N]        # Celery worker for async jobs (CELERY_BROKER_URL)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import func, select
 
 from .models import Call, User
+from .services import api_keys
 from .services import auth as auth_service
 from .services import quota as quota_service
 from .services.auth import UserError
@@ -125,6 +128,60 @@ def users_delete(name: str, yes: bool) -> None:
     click.echo(f"deleted user {name} (calls kept)")
 
 
+keys = click.Group("keys", help="Manage API keys (Authorization: Bearer).")
+
+
+@keys.command("create")
+@click.argument("username")
+@click.option("--name", "label", help="A label to tell keys apart (e.g. the app using it).")
+@with_appcontext
+def keys_create(username: str, label: str | None) -> None:
+    """Create an API key for a user and print it (this is the only time it is shown)."""
+    try:
+        with _rt().db.session() as s:
+            new = api_keys.create_key(s, auth_service.get_user(s, username), label)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(new.key)
+    click.echo(f"created key {new.id} ({new.prefix}...) for {username}; store it now, it is not shown again",
+               err=True)
+
+
+@keys.command("list")
+@click.argument("username", required=False)
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
+@with_appcontext
+def keys_list(username: str | None, include_revoked: bool) -> None:
+    """List keys (of one user or everyone's): id, prefix, owner, label, dates."""
+    try:
+        with _rt().db.session() as s:
+            user = auth_service.get_user(s, username) if username else None
+            rows = api_keys.list_keys(s, user, include_revoked)
+            click.echo(f"{'id':>5} {'prefix':<12} {'user':<20} {'name':<20} {'created':<20} "
+                       f"{'last used':<20} revoked")
+            for k in rows:
+                def fmt(d):
+                    return d.strftime("%Y-%m-%d %H:%M") if d else "-"
+
+                click.echo(f"{k.id:>5} {k.prefix:<12} {k.user.username:<20} {(k.name or '-'):<20} "
+                           f"{fmt(k.created_at):<20} {fmt(k.last_used_at):<20} {fmt(k.revoked_at)}")
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@keys.command("revoke")
+@click.argument("key")
+@with_appcontext
+def keys_revoke(key: str) -> None:
+    """Revoke a key by its id or listed prefix; it stops working at once."""
+    try:
+        with _rt().db.session() as s:
+            row = api_keys.revoke_key(s, key)
+            click.echo(f"revoked key {row.id} ({row.prefix}...) of {row.user.username}")
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 db_group = click.Group("db", help="Database schema.")
 
 
@@ -164,10 +221,37 @@ def bootstrap() -> None:
     click.echo(f"created user {name!r}" + (f" with password {pw!r} (shown once)" if generated else ""))
 
 
+@click.command(
+    "worker",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Jobs run at once by this worker (one model copy per process).")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int, loglevel: str) -> None:
+    """Start a Celery worker running async jobs (needs CELERY_BROKER_URL).
+
+    Same as ``celery -A model_api.worker worker -Q $CELERY_QUEUE -c N``; any
+    further options (e.g. ``-n w1@%h``) are passed to Celery. Start one per
+    machine (or more) against the same broker and database to scale out.
+    """
+    from .celery_app import make_celery
+    from .settings import Settings
+
+    settings = Settings()
+    if not settings.celery_broker_url:
+        raise click.UsageError("CELERY_BROKER_URL is not set")
+    app = make_celery(settings)
+    app.worker_main(["worker", "-Q", settings.celery_queue, "-c", str(concurrency), "-l", loglevel, *ctx.args])
+
+
 def register_commands(app) -> None:
     app.cli.add_command(users)
+    app.cli.add_command(keys)
     app.cli.add_command(db_group)
     app.cli.add_command(bootstrap)
+    app.cli.add_command(worker)
 
 
 def _cli_app():
@@ -178,3 +262,7 @@ def _cli_app():
 
 
 main = FlaskGroup(create_app=_cli_app, add_default_commands=True, help=__doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,24 +1,83 @@
 """gunicorn settings, read from the same environment as the app.
 
+    gunicorn -c python:model_api.gunicorn_conf model_api.wsgi:app
+
 One process with threads is the default on purpose: every process loads its
 own copy of the model and llama.cpp already uses all cores for one decode,
-so more processes only add memory and contention (see README, "Serving topology").
+so more processes only add memory and contention. Threads let many clients
+wait for the model (and poll job status) at once.
+
+| Env var | Default | Meaning |
+|---|---|---|
+| `BIND` | `0.0.0.0:$PORT` | listen address |
+| `PORT` | `5000` | port when BIND is unset |
+| `WEB_WORKERS` | `1` | processes (each loads the model) |
+| `WEB_THREADS` | `16` | request threads per process |
+| `WEB_MIN_TOKENS_PER_SECOND` | `4` | slowest decode speed we plan for |
+| `WEB_TIMEOUT` | longest generation + 60 s | worker silence before the arbiter restarts it |
+| `WEB_GRACEFUL_TIMEOUT` | longest generation + 30 s | how long SIGTERM waits for in-flight calls |
+| `WEB_CONTROL_SOCKET` | (off) | path of gunicorn's control socket, if wanted |
+| `PROMETHEUS_MULTIPROC_DIR` | a temp dir when `WEB_WORKERS` > 1 | where worker processes share metrics (emptied at start) |
+| `LOG_FORMAT` | `json` | `json` puts gunicorn's own lines in the app's JSON shape |
+
+The longest generation is ``MAX_TOKENS_CAP / WEB_MIN_TOKENS_PER_SECOND``
+(1024 / 4 = 256 s by default), so raising the cap raises both timeouts.
 """
 
+from __future__ import annotations
+
+import math
 import os
 
-bind = os.environ.get("BIND", f"0.0.0.0:{os.environ.get('PORT', '5000')}")
-workers = int(os.environ.get("WEB_WORKERS", "1"))
-threads = int(os.environ.get("WEB_THREADS", "16"))
+from model_api.settings import Settings
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+def longest_generation_seconds() -> int:
+    """Seconds the slowest allowed generation may take (MAX_TOKENS_CAP at the slowest planned speed)."""
+    cap = _int_env("MAX_TOKENS_CAP", Settings.model_fields["max_tokens_cap"].default)
+    speed = float(os.environ.get("WEB_MIN_TOKENS_PER_SECOND", "4") or 4)
+    return math.ceil(cap / speed)
+
+
+bind = os.environ.get("BIND") or f"0.0.0.0:{os.environ.get('PORT') or '5000'}"
+workers = _int_env("WEB_WORKERS", 1)
+threads = _int_env("WEB_THREADS", 16)
 worker_class = "gthread"
-# longer than the slowest allowed generation (MAX_TOKENS_CAP at a few tokens/s under load)
-timeout = int(os.environ.get("WEB_TIMEOUT", "300"))
-# SIGTERM: stop accepting, let in-flight calls finish for this long
-graceful_timeout = int(os.environ.get("WEB_GRACEFUL_TIMEOUT", "120"))
+# gthread heartbeats from its event loop, so this mainly catches a wedged
+# process; it is still kept above the slowest generation so that a long call
+# can never be the reason a worker is killed.
+timeout = _int_env("WEB_TIMEOUT", longest_generation_seconds() + 60)
+# SIGTERM: stop accepting, let in-flight calls (up to the longest generation)
+# finish, then exit. Docker's stop_grace_period must be longer than this.
+graceful_timeout = _int_env("WEB_GRACEFUL_TIMEOUT", longest_generation_seconds() + 30)
 keepalive = 5
+# gunicorn's runtime control socket (for gunicornc) defaults to one path per
+# user ($HOME/.gunicorn/gunicorn.ctl): servers sharing a host or a user would
+# fight over it, and the image's unprivileged user has no writable home. We do
+# not use it, so it is off unless WEB_CONTROL_SOCKET names a path.
+_control_socket = os.environ.get("WEB_CONTROL_SOCKET", "").strip()
+if _control_socket:
+    control_socket = _control_socket
+control_socket_disable = not _control_socket
 accesslog = None  # the app logs one structured line per request itself
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+
+def worker_exit(server, worker) -> None:
+    """After in-flight requests are done, let the in-process job threads finish
+    their current and queued jobs too (the arbiter still kills us at
+    graceful_timeout; jobs cut off there are recovered at the next start)."""
+    app = getattr(worker, "wsgi", None)
+    runtime = getattr(app, "extensions", {}).get("model_api") if app is not None else None
+    if runtime is not None:
+        runtime.close(wait=True)
+
 
 # --- metrics across worker processes -------------------------------------------------
 # prometheus_client aggregates several processes through files in

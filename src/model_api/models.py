@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, Uuid, true
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, Uuid, false, true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .db import Base, utcnow
@@ -54,6 +54,7 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     calls: Mapped[list[Call]] = relationship(back_populates="user")
+    api_keys: Mapped[list[ApiKey]] = relationship(back_populates="user", passive_deletes=True)
 
 
 class Call(Base):
@@ -79,6 +80,10 @@ class Call(Base):
     # can never be given back twice.
     charged: Mapped[bool] = mapped_column(default=True, server_default=true())
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    # set by /async_call_cancel on a running job; whichever process runs it polls this
+    cancel_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # last time the job's id was handed to a queue (the reconciler's clock for lost messages)
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -89,3 +94,27 @@ class Call(Base):
         Index("ix_calls_user_id_created_at", "user_id", "created_at"),
         Index("ix_calls_status_created_at", "status", "created_at"),
     )
+
+
+class ApiKey(Base):
+    """A per-user API key for ``Authorization: Bearer``.
+
+    Only a SHA-256 of the key is stored: keys are 256-bit random strings, so a
+    fast hash is enough (nothing to brute-force) and keeps every request cheap.
+    ``prefix`` (the first characters, not secret on their own) lets users tell
+    their keys apart in listings.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # keys die with their user row (users are normally deactivated, not deleted)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(100), default=None)
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[User] = relationship(back_populates="api_keys")

@@ -37,6 +37,10 @@ def engine_key(settings: Settings) -> tuple[Any, ...]:
         settings.model_n_batch,
         settings.model_n_parallel,
         settings.model_max_queue,
+        settings.model_base_url,
+        settings.model_api_key,
+        settings.model_timeout_seconds,
+        settings.model_connect_timeout_seconds,
     )
 
 
@@ -62,6 +66,18 @@ def _build_engine(settings: Settings) -> Engine:
             n_batch=settings.model_n_batch,
             model_name=settings.model_name,
         )
+    if settings.model_backend == "openai":
+        from .engine.remote import OpenAIEngine
+
+        assert settings.model_base_url  # enforced by Settings
+        return OpenAIEngine(
+            settings.model_base_url,
+            api_key=settings.model_api_key,
+            model_name=settings.model_name,
+            context_size=settings.model_n_ctx,
+            timeout=settings.model_timeout_seconds,
+            connect_timeout=settings.model_connect_timeout_seconds,
+        )
     raise ValueError(f"MODEL_BACKEND={settings.model_backend!r} is not available in this build")
 
 
@@ -80,7 +96,7 @@ class Runtime:
         self.db = Database(settings.sqlalchemy_url)
         secret = hashlib.sha256(settings.secret_key.encode()).digest() if settings.secret_key else None
         self.credentials = CredentialCache(secret=secret)
-        self.cancels = jobs.CancelRegistry()
+        self.cancels = jobs.CancelRegistry(self.db, settings.cancel_poll_seconds)
         self.policy = QuotaPolicy(settings.default_quota, settings.quota_window_seconds)
         self._engine: Engine | None = None
         self._engine_error: BaseException | None = None
@@ -88,6 +104,8 @@ class Runtime:
         self._job_queue = job_queue
         # name -> callable returning {"status": "ready" | ..., ...}; the broker adds one
         self.extra_readiness_checks: dict[str, Callable[[], dict[str, Any]]] = {}
+        if settings.celery_broker_url:
+            self.extra_readiness_checks["broker"] = lambda: self.job_queue.check()  # type: ignore[attr-defined]
 
     # --- engine -------------------------------------------------------------
     @property
@@ -129,6 +147,11 @@ class Runtime:
 
     @property
     def job_queue(self) -> jobs.JobQueue:
+        """Celery when CELERY_BROKER_URL is set, otherwise the in-process executor."""
+        if self._job_queue is None and self.settings.celery_broker_url:
+            from .celery_app import CeleryQueue, make_celery
+
+            self._job_queue = CeleryQueue(make_celery(self.settings), self.settings)
         if self._job_queue is None:
             from .executor import InProcessExecutor
 
@@ -138,8 +161,15 @@ class Runtime:
         return self._job_queue
 
     def recover_jobs(self) -> None:
-        """Re-queue (or fail, refunded) what a crash left behind."""
-        ids, failed = jobs.recover(self.db, self.settings.job_stale_seconds)
+        """Re-queue (or fail, refunded) what a crash left behind.
+
+        In-process, the queue died with the process, so every queued job is
+        enqueued again; with a broker, only jobs whose message looks lost
+        (queued for JOB_REQUEUE_AFTER_SECONDS since they were last enqueued).
+        Celery workers run this at start-up and every RECONCILE_INTERVAL_SECONDS.
+        """
+        requeue_after = self.settings.job_requeue_after_seconds if self.settings.celery_broker_url else None
+        ids, failed = jobs.recover(self.db, self.settings.job_stale_seconds, requeue_after)
         for job_id in ids:
             try:
                 self.job_queue.enqueue(job_id)
@@ -148,10 +178,12 @@ class Runtime:
         if ids or failed:
             log.info("recovered jobs", extra={"requeued": len(ids), "failed": failed})
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Stop the in-process job threads (``wait``: after their current and
+        queued jobs, as gunicorn's graceful shutdown does) and close the pool."""
         q = self._job_queue
         if q is not None and hasattr(q, "shutdown"):
-            q.shutdown(wait=False)  # type: ignore[attr-defined]
+            q.shutdown(wait=wait)  # type: ignore[attr-defined]
         self.db.dispose()
 
 

@@ -69,6 +69,21 @@ class Settings(BaseSettings):
     model_n_batch: int = Field(512, ge=1, description="Prompt tokens processed per llama.cpp step.")
     model_n_parallel: int = Field(8, ge=1, description="Active sequences decoded together (`batching`).")
     model_max_queue: int = Field(64, ge=1, description="Requests that may wait for a sequence slot (`batching`).")
+    model_base_url: str | None = Field(
+        None,
+        description="`openai` backend: the upstream's OpenAI API root, e.g. `http://127.0.0.1:8000/v1` "
+        "(vLLM, llama-server, Ollama, or another instance of this service).",
+    )
+    model_api_key: str | None = Field(
+        None, description="`openai` backend: sent as `Authorization: Bearer` to the upstream, if set."
+    )
+    model_timeout_seconds: float = Field(
+        120.0, gt=0,
+        description="`openai` backend: longest wait for the upstream's next byte (first token included); 504 after.",
+    )
+    model_connect_timeout_seconds: float = Field(
+        5.0, gt=0, description="`openai` backend: longest wait to connect to the upstream; 502 when refused."
+    )
     model_load_at_start: bool = Field(
         True, description="Load the model in the background at start-up rather than on first call."
     )
@@ -84,6 +99,49 @@ class Settings(BaseSettings):
 
     recover_jobs_at_start: bool = Field(
         True, description="Re-queue or fail (refunded) jobs a crash left behind when the app starts."
+    )
+    job_requeue_after_seconds: int = Field(
+        300,
+        ge=1,
+        description="The reconciler re-enqueues a job still `queued` this long after it was last "
+        "enqueued (its queue message was lost: enqueue failed after the commit, broker restarted).",
+    )
+    cancel_poll_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="How often a process running jobs checks the database for cancel requests "
+        "(a running job stops at most this long plus one token after `/async_call_cancel`).",
+    )
+
+    # Celery + Redis (optional): durable jobs shared by workers on any number of machines
+    celery_broker_url: str | None = Field(
+        None,
+        description="Broker URL (e.g. `redis://127.0.0.1:6379/0`). Set: async jobs go to Celery "
+        "workers (`model-api worker`); unset: the in-process executor runs them.",
+    )
+    celery_queue: str = Field("model_api.jobs", description="Celery queue that carries job ids.")
+    celery_task_time_limit: int = Field(
+        600,
+        ge=10,
+        description="Hard time limit (s) of one job run; the job fails (refunded) 10 s earlier "
+        "through the soft limit. Must stay below CELERY_VISIBILITY_TIMEOUT.",
+    )
+    celery_visibility_timeout: int = Field(
+        3600,
+        ge=20,
+        description="Seconds Redis waits for an acknowledgement before redelivering a message; "
+        "longer than the hard time limit so a slow job is never run twice at once.",
+    )
+    celery_publish_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="Connect and socket timeout (s) towards the broker; a submit tries to publish "
+        "3 times at most within a second, then answers 503 (unit refunded).",
+    )
+    reconcile_interval_seconds: int = Field(
+        60,
+        ge=1,
+        description="How often each Celery worker runs the reconciler (also once at worker start).",
     )
 
     # bootstrap
@@ -113,6 +171,20 @@ class Settings(BaseSettings):
                 raise ValueError("SECRET_KEY must be set when ENV=production")
             if self.database_url.startswith("sqlite"):
                 raise ValueError("DATABASE_URL must name a server database when ENV=production")
+        return self
+
+    @model_validator(mode="after")
+    def _openai_needs_a_url(self) -> Settings:
+        if self.model_backend == "openai" and not self.model_base_url:
+            raise ValueError("MODEL_BASE_URL must be set when MODEL_BACKEND=openai")
+        return self
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_time_limit(self) -> Settings:
+        # Redis redelivers an unacknowledged message after the visibility timeout:
+        # if a job could still be running then, a second worker would start it too.
+        if self.celery_visibility_timeout <= self.celery_task_time_limit:
+            raise ValueError("CELERY_VISIBILITY_TIMEOUT must be longer than CELERY_TASK_TIME_LIMIT")
         return self
 
     @property

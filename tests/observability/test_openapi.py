@@ -27,7 +27,9 @@ def test_every_error_uses_the_shared_shape_and_every_response_has_a_request_id(c
                 if int(status) >= 400 and (path, status) != ("/ready", "503"):  # /ready: same body as 200
                     seen += 1
                     schema = resp["content"]["application/json"]["schema"]
-                    assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (method, path, status)
+                    # /v1 answers in OpenAI's error shape (its SDKs parse it), everything else in ours
+                    shape = "OpenAIErrorOut" if path.startswith("/v1/") else "ErrorOut"
+                    assert schema == {"$ref": f"#/components/schemas/{shape}"}, (method, path, status)
     assert seen >= 20
 
 
@@ -35,8 +37,13 @@ def test_model_calls_document_auth_rate_headers_and_the_seed_examples(client):
     spec = client.get("/openapi.json").json
     assert spec["components"]["securitySchemes"]["BasicAuth"] == {
         "type": "http", "scheme": "basic", "description": "Your username and password (HTTP Basic)."}
+    assert spec["components"]["securitySchemes"]["BearerAuth"]["scheme"] == "bearer"  # API keys
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            if path.startswith("/v1/") or path in ("/call_model", "/async_call_model", "/async_call_status",
+                                                   "/async_call_cancel", "/calls"):
+                assert op["security"] == [{"BasicAuth": []}, {"BearerAuth": []}], (method, path)
     call = spec["paths"]["/call_model"]["post"]
-    assert call["security"] == [{"BasicAuth": []}]
     assert call["requestBody"]["required"] is True
     assert call["requestBody"]["content"]["application/json"]["example"] == {"prompt": "Hello, world!"}
     assert {"X-RateLimit-Limit", "X-RateLimit-Remaining"} <= set(call["responses"]["201"]["headers"])
@@ -50,6 +57,15 @@ def test_model_calls_document_auth_rate_headers_and_the_seed_examples(client):
     status_ok = spec["paths"]["/async_call_status"]["get"]["responses"]["200"]["content"]["application/json"]
     assert status_ok["examples"]["processing"]["value"]["job_status"] == "processing"
     assert status_ok["examples"]["processing"]["value"]["response"] is None
+    # "stream": true answers 200 with Server-Sent Events, not JSON
+    assert "text/event-stream" in call["responses"]["200"]["content"]
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        ok = spec["paths"][path]["post"]["responses"]["200"]["content"]
+        assert {"application/json", "text/event-stream"} <= set(ok), path
+    cancel = spec["paths"]["/async_call_cancel"]["post"]["responses"]
+    assert {"200", "202", "400", "401", "404", "409"} <= set(cancel)
+    assert cancel["202"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/StatusOut"}
+    assert {"200", "400", "401"} <= set(spec["paths"]["/calls"]["get"]["responses"])
     assert "503" in spec["paths"]["/ready"]["get"]["responses"]
     assert spec["paths"]["/health_check"]["get"]["responses"]["204"]
 
@@ -75,6 +91,14 @@ def test_real_error_bodies_match_the_documented_schema(client, make_user):
     for body in bodies:
         validator.validate(body)
     assert bodies[1]["error"]["details"]["prompt"]
+    openai = OAS31Validator({"$ref": "#/components/schemas/OpenAIErrorOut", "components": spec["components"]})
+    v1 = [
+        client.get("/v1/models").json,  # 401
+        client.post("/v1/chat/completions", json={"messages": []}, headers=headers).json,  # 400
+        client.get("/v1/models", headers={"Authorization": "Bearer mk-not-a-key"}).json,  # 401
+    ]
+    for body in v1:
+        openai.validate(body)
 
 
 def test_whole_json_numbers_are_integers_as_documented(client, make_user):

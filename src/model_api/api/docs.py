@@ -14,7 +14,7 @@ from typing import Any
 from apiflask import APIFlask
 from flask import send_from_directory
 
-from .schemas import ErrorOut
+from .schemas import ErrorOut, OpenAIErrorOut
 
 REQUEST_ID_HEADER = {
     "description": "The client's X-Request-ID if it sent a sane one (printable ASCII, at most 64 "
@@ -39,8 +39,10 @@ ERRORS: dict[int, tuple[str, str, str]] = {
     400: ("Invalid JSON, a non-object body, a missing/blank/non-string prompt, or a bad parameter",
           "invalid_request", "invalid request: prompt: Missing data for required field."),
     401: ("Missing, malformed or wrong credentials (with WWW-Authenticate)",
-          "unauthorized", "valid credentials required (HTTP Basic auth)"),
+          "unauthorized", "valid credentials required (HTTP Basic auth or an API key as a Bearer token)"),
     404: ("No such job for this user (also for other users' jobs)", "job_not_found", "no such job"),
+    409: ("The job already finished (completed, failed or cancelled)", "job_finished",
+          "job is already completed; nothing to cancel"),
     413: ("Body larger than MAX_BODY_BYTES", "payload_too_large", "request body too large"),
     422: ("Prompt longer than the model's context", "prompt_too_long",
           "prompt is 3000 tokens; this model's context holds 2048 including at least one generated token"),
@@ -54,21 +56,32 @@ ERRORS: dict[int, tuple[str, str, str]] = {
 }
 
 
-def error_response(status: int, description: str | None = None, headers: dict[str, Any] | None = None) -> dict:
-    """An ``@bp.doc(responses=...)`` entry in the shared error shape, with an example."""
+# status -> OpenAI error "type", for the /v1 examples (mirrors errors.OPENAI_TYPES)
+_OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def error_response(status: int, description: str | None = None, headers: dict[str, Any] | None = None,
+                   *, openai: bool = False) -> dict:
+    """An ``@bp.doc(responses=...)`` entry in the shared error shape (OpenAI's with
+    ``openai=True``, as ``/v1/*`` answers), with an example."""
     desc, code, message = ERRORS.get(status, (description or "Error", "error", description or "error"))
+    if openai:
+        etype = _OPENAI_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+        schema, example = OpenAIErrorOut, {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    else:
+        schema, example = ErrorOut, {"error": {"code": code, "message": message}}
     out: dict[str, Any] = {
         "description": description or desc,
-        "content": {"application/json": {"schema": ErrorOut,
-                                          "example": {"error": {"code": code, "message": message}}}},
+        "content": {"application/json": {"schema": schema, "example": example}},
     }
     if headers:
         out["headers"] = headers
     return out
 
 
-def error_responses(*statuses: int, **overrides: str) -> dict[int, dict]:
-    """``error_responses(400, 401, 429)``: the standard entries (429 with its headers)."""
+def error_responses(*statuses: int, openai: bool = False, **overrides: str) -> dict[int, dict]:
+    """``error_responses(400, 401, 429)``: the standard entries (429 with its headers);
+    ``openai=True`` for routes under ``/v1`` (OpenAI's error shape)."""
     out = {}
     for st in statuses:
         headers = None
@@ -77,9 +90,10 @@ def error_responses(*statuses: int, **overrides: str) -> dict[int, dict]:
         elif st == 503:
             headers = {"Retry-After": RETRY_AFTER_HEADER}
         elif st == 401:
-            headers = {"WWW-Authenticate": {"description": 'Basic realm="ML Model API"',
+            headers = {"WWW-Authenticate": {"description": 'Basic realm="ML Model API" (the challenge; '
+                                            'an API key is also accepted as a Bearer token)',
                                             "schema": {"type": "string"}}}
-        out[st] = error_response(st, overrides.get(f"d{st}"), headers)
+        out[st] = error_response(st, overrides.get(f"d{st}"), headers, openai=openai)
     return out
 
 
@@ -146,6 +160,9 @@ def configure_docs(app: APIFlask) -> None:
     def _deployment_limits(spec: dict) -> None:
         # limits that are settings, so the document states this deployment's (400 above them)
         settings = app.config["SETTINGS"]
-        props = spec.get("components", {}).get("schemas", {}).get("CallModelIn", {}).get("properties", {})
-        if "max_tokens" in props:
-            props["max_tokens"]["maximum"] = settings.max_tokens_cap
+        schemas = spec.get("components", {}).get("schemas", {})
+        for name in ("CallModelIn", "ChatCompletionIn", "CompletionIn"):
+            props = schemas.get(name, {}).get("properties", {})
+            for field in ("max_tokens", "max_completion_tokens"):
+                if field in props:
+                    props[field]["maximum"] = settings.max_tokens_cap

@@ -1,15 +1,21 @@
-"""One error shape for every 4xx/5xx response, produced in one place:
+"""One error helper (:func:`api_error`) for every 4xx/5xx response, rendered in
+one place. The shape follows the route's API:
 
-    {"error": {"code": "quota_exceeded", "message": "...", "details": {...}}}
+    {"error": {"code": "quota_exceeded", "message": "...", "details": {...}}}     # seed routes
+    {"error": {"message": "...", "type": "rate_limit_error", "param": null,
+               "code": "quota_exceeded"}}                                        # /v1 (OpenAI's)
+
+Status codes are the same on both.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from apiflask import APIFlask, HTTPError
-from flask import jsonify
+from flask import has_request_context, jsonify, request
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,45 @@ def api_error(
     return HTTPError(status, message, detail=details, headers=headers, extra_data={"code": code or CODES.get(status)})
 
 
+#: the prefix of the OpenAI-compatible routes, whose clients (the openai SDKs) expect OpenAI's shape
+OPENAI_PREFIX = "/v1/"
+
+# status -> OpenAI error "type" (what its SDKs and docs use)
+OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_style(path: str | None = None) -> bool:
+    """Whether errors on ``path`` (default: the current request's) take OpenAI's shape."""
+    if path is None:
+        path = request.path if has_request_context() else ""
+    return path.startswith(OPENAI_PREFIX) or path == OPENAI_PREFIX.rstrip("/")
+
+
+def error_body(status: int, code: str, message: str, details: Any = None, *, path: str | None = None) -> dict:
+    """The JSON body of an error (also sent as an in-stream SSE event once a stream has begun)."""
+    if openai_style(path):
+        etype = OPENAI_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+        param = None
+        if isinstance(details, dict) and details and code == "invalid_request":
+            param = next(iter(details))
+        return {"error": {"message": message, "type": etype, "param": param, "code": code}}
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return {"error": body}
+
+
+def payload_of(error: HTTPError) -> dict:
+    """The error body for an :func:`api_error` exception, in the current route's shape."""
+    code = (error.extra_data or {}).get("code") or CODES.get(error.status_code, "error")
+    return error_body(error.status_code, code, error.message, error.detail or None)
+
+
 def _flatten_validation(detail: Any) -> tuple[str, Any]:
     """webargs reports {"json": {"field": ["msg"]}}; say it in one sentence too."""
     fields: dict[str, Any] = {}
@@ -63,6 +108,14 @@ def _flatten_validation(detail: Any) -> tuple[str, Any]:
             msgs = "; ".join(f"{k}: {v}" for k, v in msgs.items())
         parts.append(f"{name}: {msgs}")
     return ("invalid request: " + "; ".join(parts)) if parts else "invalid request", fields
+
+
+def _parses_as_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 def register_error_handlers(app: APIFlask) -> None:
@@ -86,15 +139,22 @@ def register_error_handlers(app: APIFlask) -> None:
         elif status == 413:
             message = "request body too large"
         elif status == 401 and message == "Unauthorized":
-            message = "valid credentials required (HTTP Basic auth)"
-        body: dict[str, Any] = {"code": code, "message": message}
-        if details:
-            body["details"] = details
-        resp = jsonify({"error": body})
+            message = "valid credentials required (HTTP Basic auth or an API key as a Bearer token)"
+        resp = jsonify(error_body(status, code, message, details))
         resp.status_code = status
         for k, v in (error.headers or {}).items():
             resp.headers[k] = v
         return resp
+
+    from werkzeug.exceptions import BadRequest
+
+    @app.errorhandler(BadRequest)
+    def _bad_request(exc: BadRequest):
+        # werkzeug raises this for undecodable JSON; APIFlask's generic handler
+        # would drop the reason, so say it
+        if request.get_data(cache=True) and not _parses_as_json(request.get_data(cache=True)):
+            return _render(api_error(400, "request body is not valid JSON", code="invalid_json"))
+        return _render(api_error(400, exc.description or "bad request"))
 
     @app.errorhandler(Exception)
     def _unhandled(exc: Exception):

@@ -9,17 +9,37 @@ import uuid
 
 from apiflask import APIBlueprint
 from flask import current_app, g
+from flask import request as http_request
 
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, GenerationRequest, SamplingParams, UpstreamError, UpstreamTimeout
-from ..models import CallStatus
+from ..models import CallKind, CallStatus
 from ..services import calls, jobs
 from ..services.quota import QuotaExceeded, QuotaState
 from .errors import api_error
 from .docs import RATE_LIMIT_HEADERS, error_responses
-from .schemas import AsyncCallOut, CallModelIn, CallModelOut, ErrorOut, StatusOut, StatusQuery
-from .security import basic_auth, current_principal
+from .schemas import (
+    AsyncCallOut,
+    CallModelIn,
+    CallModelOut,
+    CancelIn,
+    ErrorOut,
+    HistoryOut,
+    HistoryQuery,
+    StatusOut,
+    StatusQuery,
+)
+from .security import auth, current_principal
 
 bp = APIBlueprint("model", __name__, tag="Model")
+
+#: what a streamed reply looks like on the wire (documented for the 200 of /call_model)
+SSE_EXAMPLE = (
+    'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hello!"}}]}\n\n'
+    'data: {"object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":31,"completion_tokens":2,'
+    '"total_tokens":33}}\n\n'
+    "data: [DONE]\n\n"
+)
 
 RATE_HEADERS = RATE_LIMIT_HEADERS  # documented on every success and on 429
 
@@ -82,19 +102,27 @@ def _check_prompt_size(prompt: str) -> None:
 
 
 @bp.post("/call_model")
-@bp.auth_required(basic_auth)
+@bp.auth_required(auth)
 @bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
 @bp.output(CallModelOut, status_code=201, description="The model's reply (stored)", example={
                "response": "Hello! How can I help you today?", "id": "0b6f5c8e-2f1d-4a51-9a43-1d2e3f4a5b6c",
                "model": "SmolLM2-135M-Instruct.Q4_1", "finish_reason": "stop",
                "usage": {"prompt_tokens": 31, "completion_tokens": 9, "total_tokens": 40}})
-@bp.doc(summary="Call the model", responses={**_ERRORS, 201: {"headers": RATE_HEADERS}})
+@bp.doc(summary="Call the model", responses={
+    **_ERRORS, 201: {"headers": RATE_HEADERS},
+    200: {"description": "With `stream: true`: Server-Sent Events (`chat.completion.chunk` objects, usage "
+          "in the last one, then `data: [DONE]`). An error after the stream began arrives as a "
+          "`data: {\"error\": ...}` event.",
+          "content": {"text/event-stream": {"schema": {"type": "string"}, "example": SSE_EXAMPLE}},
+          "headers": RATE_HEADERS}})
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
     _check_prompt_size(json_data["prompt"])
     rt = _rt()
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
     user = current_principal()
+    if json_data.get("stream"):
+        return _stream(request)
     try:
         outcome = calls.run_sync(rt.db, rt.engine, user.id, request, rt.policy, request_id=g.get("request_id"))
     except (QuotaExceeded, ContextOverflow, EngineError) as exc:
@@ -116,8 +144,22 @@ def call_model(json_data: dict):
     return body, 201, rate_headers(outcome.quota)
 
 
+def _stream(gen_request: GenerationRequest):
+    """``"stream": true``: the same SSE chunks as /v1/chat/completions, usage always in the last one."""
+    from .streaming import stream_response
+
+    rt = _rt()
+    try:
+        call = calls.start_stream(rt.db, rt.engine, current_principal().id, gen_request, rt.policy,
+                                  kind=CallKind.STREAM, request_id=g.get("request_id"))
+    except (QuotaExceeded, ContextOverflow, EngineError) as exc:
+        raise translate_engine_errors(exc) from None
+    return stream_response(call, chat=True, include_usage=True, path=http_request.path,
+                           headers=rate_headers(call.quota))
+
+
 @bp.post("/async_call_model")
-@bp.auth_required(basic_auth)
+@bp.auth_required(auth)
 @bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
 @bp.output(AsyncCallOut, status_code=200, description="The job was stored and queued",
            example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"},
@@ -162,6 +204,8 @@ def job_view(call) -> dict:
         out["response"] = call.response
     if status in (CallStatus.FAILED, CallStatus.CANCELLED):
         out["error"] = call.error
+    if status == CallStatus.RUNNING and call.cancel_requested:
+        out["cancel_requested"] = True
     if call.completion_tokens is not None:
         out["usage"] = {
             "prompt_tokens": call.prompt_tokens,
@@ -172,7 +216,7 @@ def job_view(call) -> dict:
 
 
 @bp.get("/async_call_status")
-@bp.auth_required(basic_auth)
+@bp.auth_required(auth)
 @bp.input(StatusQuery, location="query", example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
 @bp.output(StatusOut, status_code=200, description="The job's state and, once completed, its response",
            examples={
@@ -197,4 +241,67 @@ def async_call_status(query_data: dict):
         return job_view(call)
 
 
+@bp.post("/async_call_cancel")
+@bp.auth_required(auth)
+@bp.input(CancelIn, location="json", example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+@bp.output(StatusOut, status_code=200, description="The job was queued and is now cancelled (unit refunded)")
+@bp.doc(summary="Cancel an async job", responses={
+    202: {"description": "The job is running; it stops at its next token (state turns `cancelled`; unit kept)",
+          "content": {"application/json": {"schema": StatusOut}}},
+    **error_responses(400, 401, 404, 409, d400="job_id missing or not a UUID",
+                      d409="The job already finished (completed, failed or cancelled)")})
+def async_call_cancel(json_data: dict):
+    """Cancel a queued job (refunded) or stop a running one, wherever it runs."""
+    job_id = _parse_job_id(json_data["job_id"])
+    rt = _rt()
+    user_id = current_principal().id
+    try:
+        state = jobs.cancel(rt.db, job_id, user_id, rt.cancels)
+    except jobs.JobNotFound:
+        raise api_error(404, "no such job", code="job_not_found") from None
+    except jobs.JobFinished as exc:
+        raise api_error(409, f"job is already {exc.state}; nothing to cancel", code="job_finished",
+                        details={"state": exc.state}) from None
+    with rt.db.session() as s:
+        view = job_view(calls.get_call_for_user(s, job_id, user_id))
+    return view, (200 if state == CallStatus.CANCELLED.value else 202)
+
+
 __all__ = ["bp", "ErrorOut"]
+
+
+def call_view(call) -> dict:
+    view = {
+        "id": str(call.id),
+        "kind": call.kind,
+        "state": call.status,
+        "prompt": call.prompt,
+        "messages": call.messages,
+        "response": call.response,
+        "error": call.error,
+        "finish_reason": call.finish_reason,
+        "model": call.model,
+        "usage": None,
+        "created_at": call.created_at.isoformat(),
+        "finished_at": call.finished_at.isoformat() if call.finished_at else None,
+    }
+    if call.completion_tokens is not None:
+        view["usage"] = {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                         "total_tokens": (call.prompt_tokens or 0) + call.completion_tokens}
+    return view
+
+
+@bp.get("/calls")
+@bp.auth_required(auth)
+@bp.input(HistoryQuery, location="query")
+@bp.output(HistoryOut, status_code=200, description="Your calls, newest first")
+@bp.doc(summary="Your call history",
+        responses=error_responses(400, 401, d400="Bad limit, or a cursor that is not a UUID"))
+def call_history(query_data: dict):
+    """Every model call you made (sync, async, streamed, /v1), with prompt and response. Uses no quota."""
+    before = _parse_job_id(query_data["before"]) if query_data.get("before") else None
+    limit = query_data["limit"]
+    with _rt().db.session() as s:
+        rows = calls.history(s, current_principal().id, limit, before)
+        page = [call_view(c) for c in rows]
+    return {"calls": page, "next_before": page[-1]["id"] if len(page) == limit else None}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from apiflask import Schema
-from apiflask.fields import Dict, Float, Integer, List, Nested, String
-from apiflask.validators import Length, Range
-from marshmallow import EXCLUDE, ValidationError, validates
+from apiflask.fields import Boolean, Dict, Float, Integer, List, Nested, String
+from apiflask.validators import Length, OneOf, Range
+from marshmallow import EXCLUDE, ValidationError, fields, validates
 
 
 class WholeNumber(Integer):
@@ -43,6 +45,11 @@ class CallModelIn(Schema):
         metadata={"description": "Nucleus sampling mass, in (0, 1].", "exclusiveMinimum": 0},
     )
     seed = WholeNumber(strict=True, metadata={"description": "Seed for reproducible sampling."})
+    stream = Boolean(
+        load_default=False,
+        metadata={"description": "Stream the reply as Server-Sent Events (`chat.completion.chunk` "
+                  "objects, then `data: [DONE]`) instead of one 201 JSON reply."},
+    )
 
     @validates("prompt")
     def _not_blank(self, value: str, **_kw: object) -> None:
@@ -73,6 +80,13 @@ class StatusQuery(Schema):
     job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf", "format": "uuid"})
 
 
+class CancelIn(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+
+
 class StatusOut(Schema):
     job_id = String()
     job_status = String(
@@ -83,6 +97,9 @@ class StatusOut(Schema):
     response = String(allow_none=True, required=True)
     error = String(allow_none=True)
     usage = Nested(Usage, allow_none=True)
+    cancel_requested = Boolean(
+        metadata={"description": "Present (true) while a running job is asked to stop and has not yet."}
+    )
     created_at = String()
     finished_at = String(allow_none=True)
 
@@ -130,4 +147,153 @@ class ErrorOut(Schema):
     error = Nested(ErrorBody, required=True)
 
 
-__all__ = ["AsyncCallOut", "CallModelIn", "CallModelOut", "ErrorOut", "ReadyOut", "StatusOut", "StatusQuery", "List"]
+# --- OpenAI-compatible API (/v1) ------------------------------------------------------
+
+
+class StopField(fields.Field):
+    """OpenAI's ``stop``: a string or a list of up to 4 strings (null = none); loads as a list."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ValidationError("must be a non-empty string or a list of non-empty strings")
+        if len(value) > 4:
+            raise ValidationError("at most 4 stop sequences")
+        return value
+
+
+class ContentField(fields.Field):
+    """A message's ``content``: a string, or a list of ``{"type": "text", "text": ...}`` parts
+    (joined); other part types (images, audio) are refused since the model reads text only."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValidationError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+                texts.append(part["text"])
+            return "".join(texts)
+        raise ValidationError("must be a string or a list of text parts")
+
+
+class MessageIn(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    role = String(required=True, validate=OneOf(["system", "developer", "user", "assistant"]))
+    content = ContentField(required=True, metadata={"description": "Text, or a list of text parts."})
+    name = String()
+
+
+class StreamOptions(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    include_usage = Boolean(load_default=False)
+
+
+class _OpenAISampling(Schema):
+    class Meta:
+        unknown = EXCLUDE  # OpenAI clients send many optional fields this model has no use for
+
+    model = String(allow_none=True, metadata={
+        "description": "Accepted and ignored: this service serves one model (see GET /v1/models)."})
+    max_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
+                             metadata={"description": "Most tokens to generate (capped by MAX_TOKENS_CAP)."})
+    temperature = Float(allow_none=True, validate=Range(min=0, max=2))
+    top_p = Float(allow_none=True, validate=Range(min=0, max=1, min_inclusive=False),
+                  metadata={"exclusiveMinimum": 0})  # as CallModelIn.top_p: apispec drops min_inclusive
+    seed = WholeNumber(strict=True, allow_none=True)
+    stop = StopField(allow_none=True, metadata={"description": "A string or up to 4 strings."})
+    n = WholeNumber(strict=True, allow_none=True, validate=OneOf([1], error="only n=1 is supported"))
+    stream = Boolean(allow_none=True, load_default=False)
+    stream_options = Nested(StreamOptions, allow_none=True)
+
+
+class ChatCompletionIn(_OpenAISampling):
+    messages = List(Nested(MessageIn), required=True, validate=Length(min=1))
+    max_completion_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
+                                        metadata={"description": "Same as max_tokens (wins if both are given)."})
+
+
+class CompletionIn(_OpenAISampling):
+    prompt = String(required=True, validate=Length(min=1),
+                    metadata={"description": "Raw text the model continues (no chat template)."})
+
+
+class OpenAIErrorBody(Schema):
+    message = String(required=True, metadata={"description": "What went wrong, for humans."})
+    type = String(required=True, metadata={"description": "OpenAI's error type.", "example": "rate_limit_error"})
+    param = String(allow_none=True, required=True, metadata={"description": "The offending field, if one."})
+    code = String(allow_none=True, required=True, metadata={"example": "quota_exceeded"})
+
+
+class OpenAIErrorOut(Schema):
+    """The error shape of ``/v1/*`` (OpenAI's, so its SDKs raise the right exceptions)."""
+
+    error = Nested(OpenAIErrorBody, required=True)
+
+
+class CompletionOut(Schema):
+    """``chat.completion`` or ``text_completion`` (documentation only: routes build the dict)."""
+
+    id = String(required=True, metadata={"example": "chatcmpl-0b6f5c8e2f1d4a519a431d2e3f4a5b6c"})
+    object = String(required=True, metadata={"example": "chat.completion"})
+    created = Integer(required=True)
+    model = String(required=True)
+    choices = List(Dict(), required=True, metadata={
+        "description": "One choice: `message` (chat) or `text` (completion), and `finish_reason`."})
+    usage = Nested(Usage, required=True)
+    system_fingerprint = String(allow_none=True)
+
+
+class ModelOut(Schema):
+    id = String(required=True, metadata={"example": "SmolLM2-135M-Instruct.Q4_1"})
+    object = String(required=True, metadata={"example": "model"})
+    created = Integer(required=True)
+    owned_by = String(required=True)
+
+
+class ModelListOut(Schema):
+    object = String(required=True, metadata={"example": "list"})
+    data = List(Nested(ModelOut), required=True)
+
+
+__all__ = ["ChatCompletionIn", "CompletionOut", "ModelListOut", "OpenAIErrorOut", "CompletionIn", "CancelIn", "AsyncCallOut", "CallModelIn", "CallModelOut", "ErrorOut", "ReadyOut", "StatusOut", "StatusQuery", "List"]
+
+
+class HistoryQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    limit = Integer(load_default=20, validate=Range(min=1, max=100),
+                    metadata={"description": "Calls per page (1-100)."})
+    before = String(metadata={"description": "Cursor: the `next_before` of the previous page."})
+
+
+class CallOut(Schema):
+    id = String(required=True)
+    kind = String(metadata={"description": "`sync`, `async`, `stream`, `chat` or `completion`."})
+    state = String(metadata={"description": "`queued`, `running`, `completed`, `failed` or `cancelled`."})
+    prompt = String()
+    messages = List(Dict(), allow_none=True)
+    response = String(allow_none=True)
+    error = String(allow_none=True)
+    finish_reason = String(allow_none=True)
+    model = String(allow_none=True)
+    usage = Dict(allow_none=True)
+    created_at = String()
+    finished_at = String(allow_none=True)
+
+
+class HistoryOut(Schema):
+    calls = List(Nested(CallOut), required=True)
+    next_before = String(allow_none=True, metadata={"description": "Pass as `before` for the next page; null at the end."})

@@ -1,15 +1,18 @@
-"""HTTP Basic auth glue: Flask-HTTPAuth (via APIFlask, which documents it) in front of
-the auth service."""
+"""Authentication glue: HTTP Basic (username + password) or ``Authorization:
+Bearer <API key>`` on every model route, via Flask-HTTPAuth's MultiAuth (through
+APIFlask, which documents both schemes). Basic is the main scheme, so a request
+without credentials is challenged with ``WWW-Authenticate: Basic``."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from apiflask import HTTPBasicAuth
+from apiflask import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
 from flask import current_app, g
 
 from ..observability import metrics
+from ..services import api_keys
 from ..services import auth as auth_service
 
 log = logging.getLogger(__name__)
@@ -17,6 +20,12 @@ log = logging.getLogger(__name__)
 REALM = "ML Model API"
 
 basic_auth = HTTPBasicAuth(realm=REALM, description="Your username and password (HTTP Basic).")
+token_auth = HTTPTokenAuth(
+    scheme="Bearer", realm=REALM,
+    description="An API key from `model-api keys create` (`Authorization: Bearer mk-...`).",
+)
+#: what model routes require: either scheme
+auth = MultiAuth(basic_auth, token_auth)
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,24 @@ def auth_failed(scheme: str, reason: str, username: str | None) -> None:
     g.auth_failure = reason
 
 
+@token_auth.verify_token
+def _verify_token(token: str) -> Principal | None:
+    if not token:
+        auth_failed("bearer", "missing", None)
+        return None
+    rt = current_app.extensions["model_api"]
+    with rt.db.session() as s:
+        user = api_keys.authenticate(s, token)
+        principal = Principal(user.id, user.username) if user else None
+    if principal is None:
+        # unknown or revoked key: no user to name, and the key itself never goes into a log
+        auth_failed("bearer", "invalid", None)
+    else:
+        g.user = principal.username
+    return principal
+
+
 def current_principal() -> Principal:
-    user = basic_auth.current_user
+    user = auth.current_user
     assert isinstance(user, Principal)
     return user

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,7 +245,131 @@ def run_sync(
     return CallOutcome(call_id, state, result)
 
 
+class StreamingCall:
+    """A call whose text is consumed as it is generated (SSE routes).
+
+    Made by :func:`start_stream`, which has already admitted it and produced
+    the first delta, so every error that can be reported with a status code
+    has been. Iterate for the deltas; when they end the row is completed.
+    :meth:`cancel` (the client went away) stops the model and records what was
+    produced: status ``cancelled``, ``finish_reason`` ``cancelled``, and the
+    quota unit is **kept** (the model worked for the client; only failures on
+    our side are refunded). A failure after the first delta is recorded and
+    refunded, then re-raised for the route to report in-stream.
+    """
+
+    def __init__(self, db: Database, call_id: uuid.UUID, quota_state: QuotaState, gen, model: str,
+                 prompt_tokens: int | None):
+        self.db = db
+        self.call_id = call_id
+        self.quota = quota_state
+        self.model = model
+        self._gen = gen
+        self._prompt_tokens = prompt_tokens
+        self._first: str | None = None
+        self._pieces: list[str] = []
+        self._done = False
+        self.result: Completion | None = None
+
+    def _prime(self) -> None:
+        """Run the model up to its first delta (or to its end)."""
+        try:
+            self._first = next(self._gen)
+        except StopIteration:
+            self._first = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            # _first is None when the model ended before producing any text
+            if self._first is not None:
+                self._pieces.append(self._first)
+                yield self._first
+                for piece in self._gen:
+                    self._pieces.append(piece)
+                    yield piece
+        except EngineError as exc:
+            self._done = True
+            record_failure(self.db, self.call_id, f"model error: {exc}", partial=self._partial("error"))
+            raise
+        result = self._gen.result
+        assert result is not None
+        self.result = result
+        self._done = True
+        record_completion(self.db, self.call_id, result)
+
+    def _partial(self, reason: str) -> Completion:
+        text = "".join(self._pieces)
+        return Completion(text=text, prompt_tokens=self._prompt_tokens or 0,
+                          completion_tokens=len(self._pieces), finish_reason=reason, model=self.model)
+
+    def cancel(self, why: str = "client disconnected") -> None:
+        """Stop the model and record the call as cut short (idempotent; no-op once finished)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._gen.close()
+        except Exception:  # the engine is stopping anyway; the row must still be written
+            log.exception("closing a generation failed")
+        result = self._gen.result
+        if result is None or result.finish_reason != "cancelled":
+            result = self._partial("cancelled")
+        self.result = result
+        record_failure(self.db, self.call_id, why, refund=False, status=CallStatus.CANCELLED, partial=result)
+
+
+def start_stream(
+    db: Database,
+    engine: Engine,
+    user_id: int,
+    request: GenerationRequest,
+    policy: QuotaPolicy,
+    *,
+    kind: CallKind,
+    request_id: str | None = None,
+) -> StreamingCall:
+    """Admit a streamed call and run it to its first delta.
+
+    Raises like :func:`run_sync` (ContextOverflow/QuotaExceeded before charging;
+    EngineError recorded and refunded) for everything that happens before the
+    first token, so routes can still answer those with a status code.
+    """
+    prompt_tokens = engine.check(request)
+    with db.session() as s:
+        user = s.get(User, user_id)
+        assert user is not None
+        call, state = admit(
+            s, user, request, kind, policy, prompt_tokens=prompt_tokens, model=engine.model_name,
+            request_id=request_id,
+        )
+        call_id = call.id
+    try:
+        sc = StreamingCall(db, call_id, state, engine.stream(request, threading.Event()), engine.model_name,
+                           prompt_tokens)
+        sc._prime()
+    except EngineError as exc:
+        record_failure(db, call_id, f"model error: {exc}")
+        raise
+    except BaseException as exc:
+        record_failure(db, call_id, f"internal error: {type(exc).__name__}")
+        raise
+    return sc
+
+
 def get_call_for_user(session: Session, call_id: uuid.UUID, user_id: int) -> Call | None:
     """The call if it exists *and* belongs to the user; None otherwise (callers
     answer both cases with the same 404 so ids cannot be probed)."""
     return session.scalar(select(Call).where(Call.id == call_id, Call.user_id == user_id))
+
+
+def history(session: Session, user_id: int, limit: int, before: uuid.UUID | None = None) -> list[Call]:
+    """The user's calls, newest first; ``before`` is the id of the last call of the previous page."""
+    stmt = select(Call).where(Call.user_id == user_id)
+    if before is not None:
+        anchor = session.scalar(select(Call).where(Call.id == before, Call.user_id == user_id))
+        if anchor is None:
+            return []
+        stmt = stmt.where(
+            (Call.created_at < anchor.created_at) | ((Call.created_at == anchor.created_at) & (Call.id < anchor.id))
+        )
+    return list(session.scalars(stmt.order_by(Call.created_at.desc(), Call.id.desc()).limit(limit)))

@@ -9,18 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from ..db import Database, as_utc, utcnow
 from ..engine.base import ContextOverflow, Engine, EngineError
 from ..models import Call, CallKind, CallStatus, User
 from ..observability import logs, metrics
-from . import calls
+from . import calls, quota
 from .calls import CallOutcome, QuotaPolicy
 
 log = logging.getLogger(__name__)
@@ -37,26 +38,74 @@ class JobQueue(Protocol):
 
 
 class CancelRegistry:
-    """Cancel events of the jobs running in this process, by job id."""
+    """Cancel events of the jobs running in this process, by job id.
 
-    def __init__(self) -> None:
+    With a database, a watcher thread polls ``calls.cancel_requested`` for the
+    registered jobs every ``poll_seconds`` and sets their events: that is how
+    ``/async_call_cancel`` served by one process stops a job generating in
+    another (a Celery worker, possibly on another machine). The in-process
+    executor uses the same path, plus :meth:`cancel` as a shortcut.
+    """
+
+    def __init__(self, db: Database | None = None, poll_seconds: float = 0.5) -> None:
         self._events: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self._db = db
+        self._poll = poll_seconds
+        self._watcher_pid: int | None = None  # threads do not survive fork: restart in children
 
     def register(self, job_id: str) -> threading.Event:
+        """The event ``engine.generate`` watches for this job (set on cancel)."""
         with self._lock:
-            return self._events.setdefault(job_id, threading.Event())
+            ev = self._events.setdefault(job_id, threading.Event())
+            if self._db is not None and self._watcher_pid != os.getpid():
+                self._watcher_pid = os.getpid()
+                threading.Thread(target=self._watch, name="cancel-watcher", daemon=True).start()
+        return ev
 
     def discard(self, job_id: str) -> None:
         with self._lock:
             self._events.pop(job_id, None)
 
     def cancel(self, job_id: str) -> bool:
+        """Set the job's event if it runs in this process; True if it does."""
         with self._lock:
             ev = self._events.get(job_id)
         if ev is not None:
             ev.set()
         return ev is not None
+
+    def poll_once(self) -> int:
+        """Set the events of registered jobs whose row asks for cancellation."""
+        with self._lock:
+            ids = [uuid.UUID(j) for j, ev in self._events.items() if not ev.is_set()]
+        if not ids or self._db is None:
+            return 0
+        with self._db.session() as s:
+            wanted = s.scalars(select(Call.id).where(Call.id.in_(ids), Call.cancel_requested.is_(True))).all()
+        for job in wanted:
+            self.cancel(str(job))
+        return len(wanted)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._poll)
+            try:
+                self.poll_once()
+            except Exception:  # a database blip must not kill the watcher; the next poll retries
+                log.warning("cancel watcher could not poll the database", exc_info=True)
+
+
+class JobNotFound(Exception):
+    """No such async job for this user (callers answer 404 either way)."""
+
+
+class JobFinished(Exception):
+    """The job already reached a final state; it cannot be cancelled."""
+
+    def __init__(self, state: str):
+        super().__init__(f"job is already {state}")
+        self.state = state
 
 
 def submit(
@@ -138,11 +187,17 @@ def run_job(
             assert call is not None
             request = calls.request_of(call)
             request_id = call.request_id
+            cancel_requested = call.cancel_requested
             waited = None
             if attempt == 1 and call.started_at is not None and call.created_at is not None:
                 waited = (as_utc(call.started_at) - as_utc(call.created_at)).total_seconds()
         # the request that created the job: its log lines join this job's by request_id
         with logs.log_context(request_id=request_id):
+            if cancel_requested:
+                # asked to stop while an earlier attempt ran, then that process died
+                calls.record_failure(db, job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED)
+                log.info("job finished", extra={"state": CallStatus.CANCELLED.value})
+                return CallStatus.CANCELLED.value
             if waited is not None:
                 metrics.job_queue_wait(waited)
             log.info("job started", extra={"attempt": attempt,
@@ -204,7 +259,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # a killed worker's pool children may linger as zombies when nobody reaps
+    # them (PID 1 in a container): they answer signal 0 but run nothing
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def is_orphan(call: Call, stale_seconds: int) -> bool:
@@ -223,40 +284,123 @@ def is_orphan(call: Call, stale_seconds: int) -> bool:
     return False
 
 
-def recover(db: Database, stale_seconds: int) -> tuple[list[str], int]:
-    """After a crash: put orphaned running jobs back in the queue (or fail them,
-    refunded, when out of attempts) and fail orphaned sync calls (refunded: the
-    client never got its answer). Returns (job ids to enqueue, calls failed)."""
+def cancel(db: Database, job_id: uuid.UUID, user_id: int, cancels: CancelRegistry | None = None) -> str:
+    """Cancel the user's async job. Returns the state it is now in:
+
+    * ``cancelled``: it was queued; it will never run and its unit is refunded;
+    * ``running``: it is generating; ``cancel_requested`` is set and the process
+      running it stops at the next token (the unit is kept: work was done) —
+      the state turns ``cancelled`` within about CANCEL_POLL_SECONDS.
+
+    Raises JobNotFound (unknown or another user's job) or JobFinished.
+    """
+    # Two rounds: the job may move from queued to running between the read and the write.
+    for _ in range(3):
+        with db.session() as s:
+            call = calls.get_call_for_user(s, job_id, user_id)
+            if call is None or call.kind != CallKind.ASYNC.value:
+                raise JobNotFound(str(job_id))
+            state = call.status
+        if state == CallStatus.QUEUED.value:
+            with db.session() as s:
+                # conditional on queued: a worker that claimed it meanwhile keeps it
+                done = s.execute(
+                    update(Call)
+                    .where(Call.id == job_id, Call.status == CallStatus.QUEUED.value)
+                    .values(status=CallStatus.CANCELLED.value, error="cancelled by the user", finished_at=utcnow())
+                ).rowcount
+                if done:
+                    quota.refund(s, job_id)
+            if done:
+                # final without passing through calls.record_failure: count it here
+                metrics.observe_failure(CallKind.ASYNC.value, CallStatus.CANCELLED.value)
+                metrics.job_state(CallStatus.CANCELLED.value)
+                return CallStatus.CANCELLED.value
+        elif state == CallStatus.RUNNING.value:
+            with db.session() as s:
+                done = s.execute(
+                    update(Call)
+                    .where(Call.id == job_id, Call.status == CallStatus.RUNNING.value)
+                    .values(cancel_requested=True)
+                ).rowcount
+            if done:
+                if cancels is not None:
+                    cancels.cancel(str(job_id))  # in-process shortcut; other processes poll the flag
+                return CallStatus.RUNNING.value
+        else:
+            raise JobFinished(state)
+    raise JobFinished(state)  # pragma: no cover - only under a pathological state flip-flop
+
+
+def recover(db: Database, stale_seconds: int, requeue_after: int | None = None) -> tuple[list[str], int]:
+    """Reconcile the database with the queue. Returns (job ids to enqueue, calls failed).
+
+    * orphaned running calls (their process is gone): async jobs go back to
+      ``queued`` (or are failed, refunded, when out of attempts; or cancelled if
+      their owner asked); sync calls are failed and refunded (the client never
+      got its answer);
+    * queued jobs out of attempts are failed and refunded;
+    * queued jobs are returned for enqueueing: all of them when
+      ``requeue_after`` is None (the in-process queue died with its process),
+      otherwise only those last enqueued more than ``requeue_after`` seconds ago
+      (a broker keeps its messages; these lost theirs). Each such job's
+      ``enqueued_at`` is claimed with a conditional UPDATE, so concurrent
+      sweepers on several workers enqueue it once.
+    """
     to_enqueue: list[str] = []
     failed = 0
     with db.session() as s:
         running = s.scalars(select(Call).where(Call.status == CallStatus.RUNNING.value)).all()
         orphans = [c for c in running if is_orphan(c, stale_seconds)]
     for c in orphans:
-        if c.kind == CallKind.ASYNC.value and c.attempts < MAX_ATTEMPTS:
+        if c.kind == CallKind.ASYNC.value and c.cancel_requested:
+            failed += int(calls.record_failure(
+                db, c.id, "cancelled by the user", refund=False, status=CallStatus.CANCELLED
+            ))
+        elif c.kind == CallKind.ASYNC.value and c.attempts < MAX_ATTEMPTS:
             with db.session() as s:
                 n = s.execute(
                     update(Call)
                     .where(Call.id == c.id, Call.status == CallStatus.RUNNING.value, Call.worker == c.worker)
-                    .values(status=CallStatus.QUEUED.value, worker=None)
+                    .values(status=CallStatus.QUEUED.value, worker=None, enqueued_at=utcnow())
                 ).rowcount
             if n:
+                metrics.job_state(CallStatus.QUEUED.value)  # back in the queue for another attempt
                 to_enqueue.append(str(c.id))
         else:
             reason = "interrupted by a server restart" if c.kind != CallKind.ASYNC.value else (
                 f"gave up after {MAX_ATTEMPTS} attempts"
             )
             failed += int(calls.record_failure(db, c.id, reason))
+    queued_async = (Call.status == CallStatus.QUEUED.value, Call.kind == CallKind.ASYNC.value)
     with db.session() as s:
-        queued = s.scalars(
-            select(Call.id).where(
-                Call.status == CallStatus.QUEUED.value, Call.kind == CallKind.ASYNC.value
-            ).order_by(Call.created_at)
-        ).all()
+        exhausted = s.scalars(select(Call.id).where(*queued_async, Call.attempts >= MAX_ATTEMPTS)).all()
+    for job in exhausted:
+        failed += int(calls.record_failure(db, job, f"gave up after {MAX_ATTEMPTS} attempts"))
+    with db.session() as s:
+        if requeue_after is None:
+            queued = s.scalars(select(Call.id).where(*queued_async).order_by(Call.created_at)).all()
+        else:
+            cutoff = utcnow() - timedelta(seconds=requeue_after)
+            last = func.coalesce(Call.enqueued_at, Call.created_at)
+            stale = s.scalars(select(Call.id).where(*queued_async, last < cutoff).order_by(Call.created_at)).all()
+            queued = []
+            for job in stale:
+                n = s.execute(
+                    update(Call)
+                    .where(Call.id == job, *queued_async, last < cutoff)
+                    .values(enqueued_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if n:
+                    queued.append(job)
     for job in queued:
         if str(job) not in to_enqueue:
             to_enqueue.append(str(job))
     return to_enqueue, failed
 
 
-__all__ = ["CancelRegistry", "JobQueue", "QueueUnavailable", "recover", "run_job", "submit"]
+__all__ = [
+    "CancelRegistry", "JobFinished", "JobNotFound", "JobQueue", "QueueUnavailable",
+    "cancel", "recover", "run_job", "submit",
+]

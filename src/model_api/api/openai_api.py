@@ -1,0 +1,139 @@
+"""The OpenAI-compatible API: ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``GET /v1/models``. Official OpenAI SDKs work with ``base_url=".../v1"``.
+
+Same auth (Basic or Bearer API key), same quota, same call rows as the seed's
+routes; errors take OpenAI's shape (see :mod:`.errors`) with the same status codes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import current_app, g, request
+
+from ..engine.base import ContextOverflow, EngineError, GenerationRequest
+from ..models import CallKind
+from ..services import calls
+from ..services.quota import QuotaExceeded
+from .model_calls import _check_prompt_size, rate_headers, sampling_params, translate_engine_errors
+from .docs import RATE_LIMIT_HEADERS, error_responses
+from .schemas import ChatCompletionIn, CompletionIn, CompletionOut, ModelListOut
+from .security import auth, current_principal
+from .streaming import finish_reason, stream_response, usage_of
+
+bp = APIBlueprint("openai", __name__, url_prefix="/v1", tag="OpenAI-compatible")
+
+# the same situations as the seed's routes, in OpenAI's error shape
+_ERRORS = error_responses(400, 401, 413, 422, 429, 500, 502, 503, 504, openai=True,
+                          d400="Invalid JSON or parameter")
+
+_SSE = {"schema": {"type": "string"}, "example": (
+    'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
+    "data: [DONE]\n\n")}
+
+
+def _ok(description: str) -> dict[str, Any]:
+    """The 200 of a generation route: one JSON object, or with ``stream: true`` an SSE stream."""
+    return {"description": description, "headers": RATE_LIMIT_HEADERS,
+            "content": {"application/json": {"schema": CompletionOut}, "text/event-stream": _SSE}}
+
+
+#: reported as the model's ``created`` time
+_STARTED = int(time.time())
+
+
+def _rt():
+    return current_app.extensions["model_api"]
+
+
+def _params(data: dict[str, Any]):
+    """OpenAI's fields → our validated SamplingParams (nulls mean 'default')."""
+    clean = {k: v for k, v in data.items() if v is not None}
+    if "max_completion_tokens" in clean:
+        clean["max_tokens"] = clean["max_completion_tokens"]
+    return sampling_params(clean)
+
+
+def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any], *, chat: bool):
+    rt = _rt()
+    user = current_principal()
+    if data.get("stream"):
+        try:
+            call = calls.start_stream(rt.db, rt.engine, user.id, gen_request, rt.policy, kind=kind,
+                                      request_id=g.get("request_id"))
+        except (QuotaExceeded, ContextOverflow, EngineError) as exc:
+            raise translate_engine_errors(exc) from None
+        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        return stream_response(call, chat=chat, include_usage=include_usage, path=request.path,
+                               headers=rate_headers(call.quota))
+    try:
+        outcome = calls.run_sync(rt.db, rt.engine, user.id, gen_request, rt.policy, kind=kind,
+                                 request_id=g.get("request_id"))
+    except (QuotaExceeded, ContextOverflow, EngineError) as exc:
+        raise translate_engine_errors(exc) from None
+    c = outcome.completion
+    assert c is not None
+    g.usage = (c.prompt_tokens, c.completion_tokens, c.generation_seconds)
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": c.text},
+                  "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
+        obj, prefix = "chat.completion", "chatcmpl-"
+    else:
+        choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
+        obj, prefix = "text_completion", "cmpl-"
+    body = {
+        "id": prefix + outcome.call_id.hex,
+        "object": obj,
+        "created": int(time.time()),
+        "model": c.model,
+        "choices": [choice],
+        "usage": usage_of(c),
+        "system_fingerprint": None,
+    }
+    return body, 200, rate_headers(outcome.quota)
+
+
+@bp.post("/chat/completions")
+@bp.auth_required(auth)
+@bp.input(ChatCompletionIn, location="json",
+          example={"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hello!"}]})
+@bp.doc(summary="Chat completion (OpenAI-compatible)", responses={
+    200: _ok("`chat.completion` object, or with `stream: true` an SSE stream of `chat.completion.chunk`s"),
+    **_ERRORS})
+def chat_completions(json_data: dict):
+    """Reply to a conversation. Uses one unit of quota; stored as a call of kind `chat`."""
+    messages = [
+        # the chat template knows "system"; OpenAI's newer "developer" role means the same
+        {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+        for m in json_data["messages"]
+    ]
+    _check_prompt_size("".join(m["content"] for m in messages))
+    gen_request = GenerationRequest.chat(messages, _params(json_data))
+    return _serve(gen_request, CallKind.CHAT, json_data, chat=True)
+
+
+@bp.post("/completions")
+@bp.auth_required(auth)
+@bp.input(CompletionIn, location="json", example={"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time"})
+@bp.doc(summary="Text completion (OpenAI-compatible)", responses={
+    200: _ok("`text_completion` object, or with `stream: true` an SSE stream of them"), **_ERRORS})
+def completions(json_data: dict):
+    """Continue a raw prompt (no chat template). Uses one unit of quota; stored as kind `completion`."""
+    _check_prompt_size(json_data["prompt"])
+    gen_request = GenerationRequest(prompt=json_data["prompt"], params=_params(json_data))
+    return _serve(gen_request, CallKind.COMPLETION, json_data, chat=False)
+
+
+@bp.get("/models")
+@bp.auth_required(auth)
+@bp.doc(summary="List models (OpenAI-compatible)", responses={
+    200: {"description": "The one model this service serves",
+          "content": {"application/json": {"schema": ModelListOut}}},
+    **error_responses(401, openai=True)})
+def list_models():
+    """The one model this service serves."""
+    engine = _rt().engine
+    return {"object": "list", "data": [
+        {"id": engine.model_name, "object": "model", "created": _STARTED, "owned_by": "model-api"}]}

@@ -1,0 +1,295 @@
+"""A remote backend: any OpenAI-compatible server (vLLM, llama-server, Ollama,
+another instance of this service) behind the :class:`Engine` interface.
+
+Every request is streamed from the upstream (``stream: true`` with
+``stream_options.include_usage``) so deltas reach our clients as the upstream
+produces them, and closing a generation closes the upstream connection, which
+stops the upstream's work too. Token counts come from the upstream's usage;
+there is no local tokenizer, so :meth:`OpenAIEngine.check` is only a cheap
+character-based guard and the upstream's own context errors become
+:class:`ContextOverflow` (422).
+
+Failures map to the engine errors the API already knows: unreachable or
+misbehaving upstream → :class:`UpstreamError` (502), no answer in time →
+:class:`UpstreamTimeout` (504), upstream 503 with ``Retry-After`` →
+:class:`EngineBusy` (503).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from .base import (
+    Completion,
+    ContextOverflow,
+    Engine,
+    EngineBusy,
+    Generation,
+    GenerationRequest,
+    UpstreamError,
+    UpstreamTimeout,
+)
+
+#: a rough average for English text; only used for estimates stored before the upstream answers
+CHARS_PER_TOKEN = 4
+#: no tokenizer in use produces fewer tokens than one per this many characters, so a
+#: prompt longer than context_size * this is certainly too long (cheap guard, no false 422s)
+MAX_CHARS_PER_TOKEN = 8
+
+_CONTEXT_HINTS = re.compile(r"context|too long|maximum.*length|prompt_too_long|exceeds", re.I)
+
+
+def _message_of(body: Any, fallback: str) -> tuple[str, str | None, dict[str, Any]]:
+    """(message, code, details) from an OpenAI-style (or our own) error body."""
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            msg = err.get("message") or fallback
+            return str(msg), err.get("code") and str(err.get("code")), err.get("details") or {}
+        if isinstance(err, str):
+            return err, None, {}
+    return fallback, None, {}
+
+
+class OpenAIEngine(Engine):
+    """Talks to ``{base_url}/chat/completions`` and ``{base_url}/completions`` with httpx."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        model_name: str | None = None,
+        context_size: int = 2048,
+        timeout: float = 120.0,
+        connect_timeout: float = 5.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        headers = {"Accept": "application/json, text/event-stream"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        # read= bounds the wait for each chunk (the first token included), not the whole stream
+        self._client = httpx.Client(
+            base_url=self.base_url + "/",
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=connect_timeout),
+            transport=transport,
+        )
+        self._configured_model = model_name
+        self._discovered_model: str | None = None
+        self._discover_lock = threading.Lock()
+        self._retry_discovery_at = 0.0
+        self.context_size = context_size
+
+    # --- naming -------------------------------------------------------------
+    @property
+    def model_name(self) -> str:  # type: ignore[override]
+        """The configured MODEL_NAME, else the upstream's, else (upstream unreachable) a placeholder."""
+        if self._configured_model or self._discovered_model:
+            return self._configured_model or self._discovered_model  # type: ignore[return-value]
+        if time.monotonic() >= self._retry_discovery_at:
+            try:
+                return self.upstream_model()
+            except (UpstreamError, EngineBusy, ContextOverflow):
+                # don't hammer a down upstream from every admission; calls will report it
+                self._retry_discovery_at = time.monotonic() + 30
+        return "remote"
+
+    def upstream_model(self) -> str:
+        """The model name to send upstream: MODEL_NAME, else the first one the upstream lists."""
+        if self._configured_model:
+            return self._configured_model
+        with self._discover_lock:
+            if self._discovered_model is None:
+                with _mapped_errors(self.base_url):
+                    resp = self._client.get("models")
+                    if resp.status_code >= 400:
+                        raise _status_error(resp, self, 0)
+                    try:
+                        self._discovered_model = str(resp.json()["data"][0]["id"])
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        raise UpstreamError(
+                            f"{self.base_url}/models lists no model; set MODEL_NAME"
+                        ) from None
+            return self._discovered_model
+
+    # --- Engine -------------------------------------------------------------
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """An estimate (about 4 characters a token): the upstream reports the real count."""
+        return max(1, math.ceil(_prompt_chars(request) / CHARS_PER_TOKEN))
+
+    def check(self, request: GenerationRequest) -> int:
+        """Refuse only prompts that cannot fit whatever the tokenizer; the upstream
+        checks the rest (its context error becomes ContextOverflow, refunded)."""
+        chars = _prompt_chars(request)
+        if chars // MAX_CHARS_PER_TOKEN + 1 > self.context_size:
+            raise ContextOverflow(chars // MAX_CHARS_PER_TOKEN, self.context_size)
+        return self.count_prompt_tokens(request)
+
+    def stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
+        return _RemoteGeneration(self, request, cancel)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "backend": "openai", "base_url": self.base_url}
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- plumbing -----------------------------------------------------------
+    def payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        """(path, JSON body) of the upstream request."""
+        p = request.params
+        body: dict[str, Any] = {
+            "model": self.upstream_model(),
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if request.prompt is not None:
+            return "completions", {**body, "prompt": request.prompt}
+        return "chat/completions", {**body, "messages": [dict(m) for m in request.messages or ()]}
+
+    @property
+    def client(self) -> httpx.Client:
+        return self._client
+
+
+def _prompt_chars(request: GenerationRequest) -> int:
+    if request.prompt is not None:
+        return len(request.prompt)
+    return sum(len(str(m.get("content", ""))) + len(str(m.get("role", ""))) for m in request.messages or ())
+
+
+class _mapped_errors:
+    """Turn httpx failures into engine errors (a context manager so it also
+    covers the body of a streaming response)."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, httpx.TimeoutException):
+            raise UpstreamTimeout(f"no answer from {self.base_url} in time ({type(exc).__name__})") from exc
+        if isinstance(exc, httpx.HTTPError):
+            raise UpstreamError(f"cannot talk to {self.base_url}: {type(exc).__name__}: {exc}") from exc
+        return False
+
+
+def _status_error(resp: httpx.Response, engine: OpenAIEngine, prompt_estimate: int) -> Exception:
+    """The engine error for a non-2xx upstream answer (its body must be read)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    message, code, details = _message_of(body, resp.text[:300] or resp.reason_phrase)
+    status = resp.status_code
+    if status in (400, 413, 422) and (code in ("context_length_exceeded", "prompt_too_long")
+                                      or _CONTEXT_HINTS.search(message)):
+        exc = ContextOverflow(int(details.get("prompt_tokens") or prompt_estimate),
+                              int(details.get("context_size") or engine.context_size))
+        exc.args = (f"the model backend says the prompt does not fit: {message}",)
+        return exc
+    if status == 503 and resp.headers.get("Retry-After", "").isdigit():
+        return EngineBusy(int(resp.headers["Retry-After"]))
+    if status == 504:
+        return UpstreamTimeout(f"{engine.base_url} answered 504: {message}")
+    return UpstreamError(f"{engine.base_url} answered {status}: {message}")
+
+
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+class _RemoteGeneration(Generation):
+    def __init__(self, engine: OpenAIEngine, request: GenerationRequest, cancel: threading.Event | None):
+        self._engine = engine
+        self._request = request
+        self._cancel = cancel or threading.Event()
+        self._it = self._run()
+        self.result = None
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._it.close()  # leaves the `with` below: the upstream connection is closed
+
+    def _run(self) -> Iterator[str]:
+        eng = self._engine
+        estimate = eng.count_prompt_tokens(self._request)
+        start = time.perf_counter()
+        ttft: float | None = None
+        pieces: list[str] = []
+        finish = "stop"
+        usage: dict[str, Any] = {}
+        model = eng.model_name
+        try:
+            with _mapped_errors(eng.base_url):
+                path, body = eng.payload(self._request)
+                model = body["model"]
+                with eng.client.stream("POST", path, json=body) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        raise _status_error(resp, eng, estimate)
+                    for line in resp.iter_lines():
+                        if self._cancel.is_set():
+                            finish = "cancelled"
+                            break
+                        if not line.startswith("data:"):
+                            continue  # comments, event names, keep-alives
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        try:
+                            chunk = json.loads(data)
+                        except ValueError:
+                            raise UpstreamError(f"{eng.base_url} sent a malformed event: {data[:100]!r}") from None
+                        if "error" in chunk:
+                            raise UpstreamError(f"{eng.base_url} failed mid-stream: "
+                                                f"{_message_of(chunk, 'unknown error')[0]}")
+                        model = chunk.get("model") or model
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        for choice in chunk.get("choices") or ():
+                            delta = choice.get("delta") or {}
+                            piece = delta.get("content") if "delta" in choice else choice.get("text")
+                            if piece:
+                                if ttft is None:
+                                    ttft = time.perf_counter() - start
+                                pieces.append(piece)
+                                yield piece
+                            if choice.get("finish_reason"):
+                                finish = _FINISH.get(choice["finish_reason"], "stop")
+        except GeneratorExit:
+            finish = "cancelled"
+        text = "".join(pieces)
+        self.result = Completion(
+            text=text,
+            # without usage (an upstream ignoring stream_options) these are estimates
+            prompt_tokens=int(usage.get("prompt_tokens") or estimate),
+            completion_tokens=int(usage.get("completion_tokens") or len(pieces)),
+            finish_reason=finish,
+            model=model,
+            time_to_first_token=ttft,
+            generation_seconds=time.perf_counter() - start,
+        )
