@@ -163,6 +163,18 @@ class Settings(BaseSettings):
         description="Serve `/metrics` to loopback clients without a token. Turn off behind a reverse proxy "
         "on the same host, where every client looks local.",
     )
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Celery worker: serve Prometheus metrics of the worker and all its pool processes on this "
+        "port (`GET /metrics`, no auth); unset = off.",
+    )
+    worker_metrics_addr: str = Field(
+        "127.0.0.1",
+        description="Address WORKER_METRICS_PORT listens on; `0.0.0.0` lets a Prometheus on another host (or "
+        "container) scrape it, so keep that port on a private network.",
+    )
 
     @model_validator(mode="after")
     def _production_needs_secrets(self) -> Settings:

@@ -7,8 +7,8 @@ Multiple processes: prometheus_client writes every process's values to files in
 ``PROMETHEUS_MULTIPROC_DIR`` when that variable is set *before* this module is
 imported; :func:`render` then aggregates all of them. gunicorn's config sets the
 directory up (and cleans it) when it runs more than one worker; a Celery worker
-either shares the web server's directory on the same host (its numbers then show
-up in the web ``/metrics``) or serves its own with :func:`start_metrics_server`.
+with WORKER_METRICS_PORT gets one from ``model_api.worker`` (see
+:mod:`.multiproc`) and serves it with :func:`start_metrics_server`.
 """
 
 from __future__ import annotations
@@ -190,8 +190,8 @@ def render(extra: Iterable[Collector] = ()) -> tuple[bytes, str]:
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` from a non-web process (a Celery worker) on ``port``.
 
-    Call it once in the parent process (e.g. Celery's ``worker_init`` signal):
-    with PROMETHEUS_MULTIPROC_DIR set it reports every child process."""
+    Called once in the Celery worker's main process (its ``worker_ready``
+    signal): with PROMETHEUS_MULTIPROC_DIR set it reports every pool process."""
     start_http_server(port, addr=addr, registry=registry())
 
 
