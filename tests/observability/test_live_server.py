@@ -23,7 +23,8 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def live_server(db_url, tmp_path_factory):
+def fuzz_server(db_url, tmp_path_factory):
+    """One 2-worker gunicorn for this module (conftest's live_server starts one per test)."""
     tmp = tmp_path_factory.mktemp("live")
     d = Database(db_url)
     with d.session() as s:  # a user with a large quota, so the fuzzer is never refused for quota
@@ -85,8 +86,8 @@ def json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
-def test_metrics_aggregate_across_two_gunicorn_workers(live_server):
-    base, log_path = live_server["base"], live_server["log"]
+def test_metrics_aggregate_across_two_gunicorn_workers(fuzz_server):
+    base, log_path = fuzz_server["base"], fuzz_server["log"]
     auth = (FUZZ_USER, FUZZ_PASSWORD)
     route = {"method": "GET", "route": "/health_check", "status": "204"}
     before = scrape(base)
@@ -122,7 +123,7 @@ def test_metrics_aggregate_across_two_gunicorn_workers(live_server):
     assert access["route"] == "/health_check" and access["status"] == 204
 
 
-def test_schemathesis_finds_no_failures(live_server):
+def test_schemathesis_finds_no_failures(fuzz_server):
     """Server errors, status codes, content types, headers and bodies that differ from the
     document, valid data refused, and auth that is documented but not enforced."""
     checks = ",".join([
@@ -131,7 +132,7 @@ def test_schemathesis_finds_no_failures(live_server):
         "ignored_auth",
     ])
     cmd = [
-        str(BIN / "schemathesis"), "run", f"{live_server['base']}/openapi.json",
+        str(BIN / "schemathesis"), "run", f"{fuzz_server['base']}/openapi.json",
         "--checks", checks,
         "--auth", f"{FUZZ_USER}:{FUZZ_PASSWORD}",
         "--max-examples", "8",
@@ -141,7 +142,7 @@ def test_schemathesis_finds_no_failures(live_server):
         "--no-color",
         "--output-sanitize", "false",
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=live_server["tmp"],
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=fuzz_server["tmp"],
                        env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
     assert "No issues found" in r.stdout, r.stdout[-3000:]

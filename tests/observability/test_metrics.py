@@ -3,6 +3,8 @@ what the calls did. The multi-process case is in test_live_server.py."""
 
 from __future__ import annotations
 
+import json
+
 from ..conftest import basic, wait_for
 from .helpers import parse_metrics, value
 
@@ -101,3 +103,36 @@ def test_metrics_are_open_locally_and_need_the_token_otherwise(make_app):
     closed = make_app(metrics_token="s3cret-metrics", metrics_local_open=False).test_client()
     assert closed.get("/metrics").status_code == 401  # behind a local proxy everyone looks local
     assert closed.get("/metrics", headers={"Authorization": "Bearer s3cret-metrics"}).status_code == 200
+
+
+def test_v1_calls_streams_and_bearer_failures_are_counted(client, make_user):
+    # /v1 and streamed calls are finalised by the same services.calls functions as the seed's routes
+    headers = make_user("alice", quota=5)
+    before = scrape(client)
+    chat = client.post("/v1/chat/completions", headers=headers, json={
+        "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 2, "temperature": 0})
+    assert chat.status_code == 200, chat.json
+    stream = client.post("/v1/completions", headers=headers, json={
+        "prompt": "Once upon a time", "max_tokens": 2, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert stream.status_code == 200 and stream.mimetype == "text/event-stream"
+    events = [ln.removeprefix("data: ") for ln in stream.get_data(as_text=True).splitlines() if ln.startswith("data: ")]
+    stream.close()  # the WSGI server closes the response: the request's line and latency are written then
+    assert events[-1] == "[DONE]"
+    stream_usage = json.loads(events[-2])["usage"]
+    assert client.get("/v1/models", headers={"Authorization": "Bearer mk-not-a-key"}).status_code == 401
+    after = scrape(client)
+
+    def delta(name, /, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("model_api_model_calls_total", kind="chat", outcome="completed") == 1
+    assert delta("model_api_prompt_tokens_total", kind="chat") == chat.json["usage"]["prompt_tokens"]
+    assert delta("model_api_completion_tokens_total", kind="chat") == chat.json["usage"]["completion_tokens"]
+    assert delta("model_api_model_calls_total", kind="completion", outcome="completed") == 1
+    assert delta("model_api_completion_tokens_total", kind="completion") == stream_usage["completion_tokens"]
+    assert delta("model_api_model_time_to_first_token_seconds_count", kind="completion") == 1
+    assert delta("model_api_auth_failures_total", scheme="bearer", reason="invalid") == 1
+    for route in ("/v1/chat/completions", "/v1/completions"):
+        assert delta("model_api_http_request_duration_seconds_count", method="POST", route=route, status="200") == 1
+    assert delta("model_api_http_request_duration_seconds_count", method="GET", route="/v1/models", status="401") == 1

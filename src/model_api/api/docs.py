@@ -34,6 +34,19 @@ RETRY_AFTER_HEADER = {
     "schema": {"type": "integer", "example": 3600},
 }
 
+#: one Server-Sent Event of a streamed reply (OpenAPI before 3.2 describes each event
+#: of a text/event-stream with ``schema``; schemathesis checks every event against it)
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "A JSON chunk (`chat.completion.chunk` or `text_completion`), "
+                 "an error object `{\"error\": ...}` if the generation fails after the stream began, or the "
+                 "final `[DONE]`."},
+        "event": {"type": "string", "description": "Always the default, `message`."},
+    },
+}
+
 # status -> (description, example code, example message): the seed's situations
 ERRORS: dict[int, tuple[str, str, str]] = {
     400: ("Invalid JSON, a non-object body, a missing/blank/non-string prompt, or a bad parameter",

@@ -16,7 +16,7 @@ from ..models import CallKind, CallStatus
 from ..services import calls, jobs
 from ..services.quota import QuotaExceeded, QuotaState
 from .errors import api_error
-from .docs import RATE_LIMIT_HEADERS, error_responses
+from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .schemas import (
     AsyncCallOut,
     CallModelIn,
@@ -113,7 +113,7 @@ def _check_prompt_size(prompt: str) -> None:
     200: {"description": "With `stream: true`: Server-Sent Events (`chat.completion.chunk` objects, usage "
           "in the last one, then `data: [DONE]`). An error after the stream began arrives as a "
           "`data: {\"error\": ...}` event.",
-          "content": {"text/event-stream": {"schema": {"type": "string"}, "example": SSE_EXAMPLE}},
+          "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA, "example": SSE_EXAMPLE}},
           "headers": RATE_HEADERS}})
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
@@ -165,7 +165,9 @@ def _stream(gen_request: GenerationRequest):
            example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"},
            # tells clients (and schemathesis's stateful phase) where the job id goes next
            links={"GetJobStatus": {"operationRef": "#/paths/~1async_call_status/get",
-                                   "parameters": {"job_id": "$response.body#/job_id"}}})
+                                   "parameters": {"job_id": "$response.body#/job_id"}},
+                  "CancelJob": {"operationRef": "#/paths/~1async_call_cancel/post",
+                                "requestBody": {"job_id": "$response.body#/job_id"}}})
 @bp.doc(summary="Call the model asynchronously", responses={**_ERRORS, 200: {"headers": RATE_HEADERS}})
 def async_call_model(json_data: dict):
     """Queue a generation and return its ``job_id`` at once; poll ``/async_call_status``.

@@ -18,7 +18,7 @@ from ..models import CallKind
 from ..services import calls
 from ..services.quota import QuotaExceeded
 from .model_calls import _check_prompt_size, rate_headers, sampling_params, translate_engine_errors
-from .docs import RATE_LIMIT_HEADERS, error_responses
+from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .schemas import ChatCompletionIn, CompletionIn, CompletionOut, ModelListOut
 from .security import auth, current_principal
 from .streaming import finish_reason, stream_response, usage_of
@@ -29,7 +29,7 @@ bp = APIBlueprint("openai", __name__, url_prefix="/v1", tag="OpenAI-compatible")
 _ERRORS = error_responses(400, 401, 413, 422, 429, 500, 502, 503, 504, openai=True,
                           d400="Invalid JSON or parameter")
 
-_SSE = {"schema": {"type": "string"}, "example": (
+_SSE = {"schema": SSE_EVENT_SCHEMA, "example": (
     'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
     "data: [DONE]\n\n")}
 

@@ -7,7 +7,7 @@ from typing import Any
 from apiflask import Schema
 from apiflask.fields import Boolean, Dict, Float, Integer, List, Nested, String
 from apiflask.validators import Length, OneOf, Range
-from marshmallow import EXCLUDE, ValidationError, fields, validates
+from marshmallow import EXCLUDE, ValidationError, fields, post_load, validates
 
 
 class WholeNumber(Integer):
@@ -84,7 +84,7 @@ class CancelIn(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf", "format": "uuid"})
 
 
 class StatusOut(Schema):
@@ -189,8 +189,25 @@ class MessageIn(Schema):
         unknown = EXCLUDE
 
     role = String(required=True, validate=OneOf(["system", "developer", "user", "assistant"]))
-    content = ContentField(required=True, metadata={"description": "Text, or a list of text parts."})
+    # null is OpenAI's "no text" (an assistant turn that only called tools): read as ""
+    content = ContentField(required=True, allow_none=True, metadata={
+        "description": "Text, or a list of text parts.",
+        # a custom field: say in the document what _deserialize accepts (schemathesis checks both agree)
+        "oneOf": [
+            {"type": "string"},
+            {"type": "null"},
+            {"type": "array", "items": {
+                "type": "object", "required": ["type", "text"],
+                "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}},
+        ],
+    })
     name = String()
+
+    @post_load
+    def _null_content_is_empty(self, data: dict[str, Any], **_kw: object) -> dict[str, Any]:
+        if data.get("content") is None:  # marshmallow skips the field's own handling of null
+            data["content"] = ""
+        return data
 
 
 class StreamOptions(Schema):
@@ -212,7 +229,14 @@ class _OpenAISampling(Schema):
     top_p = Float(allow_none=True, validate=Range(min=0, max=1, min_inclusive=False),
                   metadata={"exclusiveMinimum": 0})  # as CallModelIn.top_p: apispec drops min_inclusive
     seed = WholeNumber(strict=True, allow_none=True)
-    stop = StopField(allow_none=True, metadata={"description": "A string or up to 4 strings."})
+    stop = StopField(allow_none=True, metadata={
+        "description": "A string or up to 4 strings.",
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
+            {"type": "null"},
+        ],
+    })
     n = WholeNumber(strict=True, allow_none=True, validate=OneOf([1], error="only n=1 is supported"))
     stream = Boolean(allow_none=True, load_default=False)
     stream_options = Nested(StreamOptions, allow_none=True)
@@ -276,7 +300,8 @@ class HistoryQuery(Schema):
 
     limit = Integer(load_default=20, validate=Range(min=1, max=100),
                     metadata={"description": "Calls per page (1-100)."})
-    before = String(metadata={"description": "Cursor: the `next_before` of the previous page."})
+    # checked by the route (a 400 naming the field), documented as what it must be
+    before = String(metadata={"description": "Cursor: the `next_before` of the previous page.", "format": "uuid"})
 
 
 class CallOut(Schema):
