@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from model_api.engine.base import GenerationRequest, SamplingParams
-
 
 @pytest.fixture(scope="module")
 def llama_engine():
@@ -33,9 +31,3 @@ def tiny_engine():
     engine = BatchingEngine(n_parallel=1, n_ctx_per_seq=512, max_queue=1)
     yield engine
     engine.close()
-
-
-def chat(text: str, **params) -> GenerationRequest:
-    params.setdefault("temperature", 0.0)
-    params.setdefault("max_tokens", 16)
-    return GenerationRequest.single_prompt(text, SamplingParams(**params))

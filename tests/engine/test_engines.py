@@ -9,11 +9,15 @@ import pytest
 
 from model_api.engine.base import ContextOverflow, EngineBusy, GenerationRequest, SamplingParams
 
-from .conftest import chat
-
 pytestmark = pytest.mark.model
 
 ENGINES = ["llama_engine", "batching_engine"]
+def chat(text: str, **params) -> GenerationRequest:
+    params.setdefault("temperature", 0.0)
+    params.setdefault("max_tokens", 16)
+    return GenerationRequest.single_prompt(text, SamplingParams(**params))
+
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
