@@ -38,6 +38,7 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp import _internals
+from llama_cpp import _logger as llama_log
 
 from .base import (
     Completion,
@@ -100,6 +101,7 @@ class BatchingEngine(Engine):
         prefill_chunk: int = 128,
         flash_attn: bool = False,
         model_name: str | None = None,
+        verbose: bool = False,
     ):
         if n_parallel < 1 or max_queue < 0:
             raise ValueError("n_parallel must be >= 1 and max_queue >= 0")
@@ -111,6 +113,8 @@ class BatchingEngine(Engine):
         self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch - n_parallel) or 1)
         self.n_threads = n_threads or default_threads()
 
+        # As Llama(verbose=False) does: only errors from llama.cpp's log.
+        llama_log.set_verbose(verbose)
         mparams = llama_cpp.llama_model_default_params()
         self._model = _internals.LlamaModel(
             path_model=self.model_path, params=mparams, verbose=False
@@ -134,10 +138,16 @@ class BatchingEngine(Engine):
             if flash_attn
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        self._ctx = llama_cpp.llama_init_from_model(self._model.model, cparams)
-        if not self._ctx:
+        try:
+            # LlamaContext frees the context on close() and, unless verbose,
+            # keeps llama.cpp's construction chatter off stderr.
+            self._context = _internals.LlamaContext(
+                model=self._model, params=cparams, verbose=verbose
+            )
+        except Exception as exc:
             self._model.close()
-            raise EngineError("llama.cpp could not create a context")
+            raise EngineError(f"llama.cpp could not create a context: {exc}") from exc
+        self._ctx = self._context.ctx
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_ctx_per_seq = llama_cpp.llama_n_ctx_seq(self._ctx)
         self.context_size = self.n_ctx_per_seq
@@ -436,7 +446,7 @@ class BatchingEngine(Engine):
             self._cond.notify_all()
         self._thread.join()
         llama_cpp.llama_batch_free(self._batch)
-        llama_cpp.llama_free(self._ctx)
+        self._context.close()
         self._ctx = None
         self._model.close()
 
