@@ -165,7 +165,7 @@ def test_greedy_identical_alone_and_batched(batching_engine):
     assert [batched[i] for i in range(len(reqs))] == alone
 
 
-# -- BatchingEngine only -------------------------------------------------------
+# -- slots, queueing, errors, edge cases ------------------------------------------
 
 def test_close_mid_stream_frees_the_slot(tiny_engine):
     gen = tiny_engine.stream(chat("Write a long story about a dragon.", max_tokens=300))
@@ -191,6 +191,41 @@ def test_engine_busy_when_queue_full(tiny_engine):
     assert tiny_engine.generate(chat("Hi", max_tokens=4)).completion_tokens > 0
 
 
-def test_stream_rejects_overflowing_prompt(batching_engine):
+def test_stream_rejects_overflowing_prompt(engine):
     with pytest.raises(ContextOverflow):
-        batching_engine.stream(chat("word " * 3000))
+        engine.stream(chat("word " * 3000))
+
+
+def test_multibyte_text_split_across_tokens(llama_engine, batching_engine):
+    # SmolLM2 spells each of these CJK characters with several byte tokens.
+    req = chat("Translate 'good morning' into Chinese.", max_tokens=12)
+    gen = batching_engine.stream(req)
+    deltas = list(gen)
+    res = gen.result
+    assert any(ord(c) > 127 for c in res.text)
+    assert "\ufffd" not in res.text
+    assert "".join(deltas) == res.text
+    assert res.completion_tokens > len(res.text.strip())  # bytes really were split
+    assert llama_engine.generate(req).text == res.text
+
+
+def test_scheduler_error_fails_the_request_not_the_engine(tiny_engine, monkeypatch):
+    import llama_cpp
+
+    from model_api.engine.base import EngineError
+
+    real = llama_cpp.llama_sampler_sample
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected sampler failure")
+        return real(*args)
+
+    monkeypatch.setattr(llama_cpp, "llama_sampler_sample", flaky)
+    with pytest.raises(EngineError):
+        tiny_engine.generate(chat("Write a long story about a dragon.", max_tokens=10))
+    monkeypatch.setattr(llama_cpp, "llama_sampler_sample", real)
+    assert tiny_engine.generate(chat("Hi", max_tokens=4)).completion_tokens > 0
+    assert tiny_engine.stats()["active"] == 0

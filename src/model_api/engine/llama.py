@@ -15,6 +15,7 @@ import llama_cpp
 
 from .base import (
     Completion,
+    ContextOverflow,
     Engine,
     EngineError,
     Generation,
@@ -133,6 +134,8 @@ class LlamaEngine(Engine):
             raise EngineError("engine is closed")
         text = self.prompt_text(request)
         n_prompt = len(tokenize_prompt(self._model, text))
+        if n_prompt + 1 > self.context_size:
+            raise ContextOverflow(n_prompt, self.context_size)
         return _LlamaGeneration(self, text, n_prompt, request.params, cancel)
 
     def info(self) -> dict[str, Any]:
@@ -228,7 +231,8 @@ class _LlamaGeneration(Generation):
                     raise StopIteration
                 try:
                     if self._chunks is None:
-                        self._start()
+                        self._start()  # may wait for the engine lock
+                        continue  # re-check cancellation before any work
                     chunk = next(self._chunks)
                 except StopIteration:
                     reason = "cancelled" if self._cancel.is_set() else (
