@@ -12,6 +12,8 @@ from model_api.engine.base import ContextOverflow, EngineBusy, GenerationRequest
 pytestmark = pytest.mark.model
 
 ENGINES = ["llama_engine", "batching_engine"]
+
+
 def chat(text: str, **params) -> GenerationRequest:
     params.setdefault("temperature", 0.0)
     params.setdefault("max_tokens", 16)
