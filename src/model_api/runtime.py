@@ -56,15 +56,23 @@ def load_engine(settings: Settings) -> Engine:
 
 
 def _build_engine(settings: Settings) -> Engine:
-    if settings.model_backend == "llama":
-        from .engine.llama import LlamaEngine
+    if settings.model_backend in ("llama", "batching"):
+        from .engine import build_engine
 
-        return LlamaEngine(
-            settings.model_path,
-            n_ctx=settings.model_n_ctx,
+        common = dict(
+            model_path=settings.model_path,
             n_threads=settings.model_n_threads,
             n_batch=settings.model_n_batch,
             model_name=settings.model_name,
+        )
+        if settings.model_backend == "llama":
+            return build_engine("llama", n_ctx=settings.model_n_ctx, **common)
+        return build_engine(
+            "batching",
+            n_ctx_per_seq=settings.model_n_ctx,
+            n_parallel=settings.model_n_parallel,
+            max_queue=settings.model_max_queue,
+            **common,
         )
     if settings.model_backend == "openai":
         from .engine.remote import OpenAIEngine

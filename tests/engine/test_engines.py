@@ -1,0 +1,238 @@
+"""Both engines against the real SmolLM2-135M model (small max_tokens: fast)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from model_api.engine.base import ContextOverflow, EngineBusy, GenerationRequest, SamplingParams
+
+pytestmark = pytest.mark.model
+
+ENGINES = ["llama_engine", "batching_engine"]
+
+
+def chat(text: str, **params) -> GenerationRequest:
+    params.setdefault("temperature", 0.0)
+    params.setdefault("max_tokens", 16)
+    return GenerationRequest.single_prompt(text, SamplingParams(**params))
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List three prime numbers.",
+]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_multi_token_prompt_generates(engine):
+    # A many-token prompt decodes as one batch: this is what crashed native
+    # (AMX) builds, so it guards the portable build too.
+    req = GenerationRequest.chat(
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Tell me about the history of Paris in a few words."},
+        ],
+        SamplingParams(max_tokens=8, temperature=0.0),
+    )
+    res = engine.generate(req)
+    assert res.prompt_tokens > 20
+    assert res.prompt_tokens == engine.count_prompt_tokens(req)
+    assert res.completion_tokens > 0
+    assert res.text.strip()
+    assert res.finish_reason in ("stop", "length")
+    assert res.model == engine.model_name
+
+
+def test_max_tokens_gives_length(engine):
+    res = engine.generate(chat("Write a long story about a dragon.", max_tokens=5))
+    assert res.finish_reason == "length"
+    assert res.completion_tokens == 5
+    assert res.time_to_first_token is not None
+    assert res.generation_seconds >= res.time_to_first_token
+
+
+def test_stop_string_gives_stop_and_is_not_emitted(engine):
+    base = engine.generate(chat("Write a long story about a dragon.", max_tokens=24))
+    words = base.text.split()
+    assert len(words) > 4, base.text
+    stop = words[3]
+    cut = base.text.index(stop)
+    req = chat("Write a long story about a dragon.", max_tokens=24, stop=(stop,))
+    deltas = []
+    gen = engine.stream(req)
+    for d in gen:
+        deltas.append(d)
+    res = gen.result
+    assert res.finish_reason == "stop"
+    assert res.text == base.text[:cut]
+    assert "".join(deltas) == res.text
+    assert stop not in res.text
+
+
+def test_end_of_generation_gives_stop(engine):
+    res = engine.generate(chat("Say only the word yes.", max_tokens=64))
+    assert res.finish_reason == "stop", res
+    assert res.completion_tokens < 64
+
+
+def test_streaming_is_incremental(engine):
+    gen = engine.stream(chat("Write a long story about a dragon.", max_tokens=32))
+    t0 = time.monotonic()
+    first_at = None
+    n = 0
+    for _ in gen:
+        n += 1
+        if first_at is None:
+            first_at = time.monotonic() - t0
+    total = time.monotonic() - t0
+    assert n > 5
+    assert first_at is not None and first_at < total
+    assert gen.result.completion_tokens == 32
+
+
+def test_context_overflow_from_check(engine):
+    req = chat("word " * 3000)
+    with pytest.raises(ContextOverflow) as exc:
+        engine.check(req)
+    assert exc.value.prompt_tokens > engine.context_size
+    assert engine.check(chat("hello")) > 0
+
+
+def test_cancel_with_event_mid_stream(engine):
+    cancel = threading.Event()
+    gen = engine.stream(chat("Write a long story about a dragon.", max_tokens=200), cancel)
+    got = [next(gen)]
+    cancel.set()
+    got.extend(gen)
+    assert gen.result.finish_reason == "cancelled"
+    assert gen.result.completion_tokens < 200
+    # the engine is free for the next request
+    assert engine.generate(chat("Hi", max_tokens=4)).completion_tokens > 0
+
+
+def test_sixteen_concurrent_threads_complete(engine):
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            results[i] = engine.generate(chat(PROMPTS[i % 4] + f" ({i})", max_tokens=8))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert len(results) == 16
+    assert all(r.completion_tokens > 0 for r in results.values())
+
+
+def test_same_greedy_text_from_both_engines(llama_engine, batching_engine):
+    for p in PROMPTS:
+        req = chat(p, max_tokens=32)
+        a = llama_engine.generate(req)
+        b = batching_engine.generate(req)
+        assert a.text == b.text, p
+        assert (a.prompt_tokens, a.completion_tokens, a.finish_reason) == (
+            b.prompt_tokens, b.completion_tokens, b.finish_reason)
+
+
+def test_greedy_identical_alone_and_batched(batching_engine):
+    reqs = [chat(p, max_tokens=24) for p in PROMPTS]
+    alone = [batching_engine.generate(r).text for r in reqs]
+    batched: dict[int, str] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(reqs))
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            batched[i] = batching_engine.generate(reqs[i]).text
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert [batched.get(i) for i in range(len(reqs))] == alone
+
+
+# -- slots, queueing, errors, edge cases ------------------------------------------
+
+def test_close_mid_stream_frees_the_slot(tiny_engine):
+    gen = tiny_engine.stream(chat("Write a long story about a dragon.", max_tokens=300))
+    next(gen)
+    gen.close()
+    assert gen.result is not None and gen.result.finish_reason == "cancelled"
+    # one slot only: this runs only if the cancelled sequence left it
+    res = tiny_engine.generate(chat("Hi", max_tokens=4))
+    assert res.completion_tokens > 0
+    assert tiny_engine.stats()["active"] == 0
+
+
+def test_engine_busy_when_queue_full(tiny_engine):
+    long = chat("Write a long story about a dragon.", max_tokens=300)
+    running = tiny_engine.stream(long)
+    next(running)  # admitted: the only slot is taken
+    waiting = tiny_engine.stream(long)  # the only queue place
+    with pytest.raises(EngineBusy) as exc:
+        tiny_engine.stream(long)
+    assert exc.value.retry_after >= 1
+    running.close()
+    waiting.close()
+    assert tiny_engine.generate(chat("Hi", max_tokens=4)).completion_tokens > 0
+
+
+def test_stream_rejects_overflowing_prompt(engine):
+    with pytest.raises(ContextOverflow):
+        engine.stream(chat("word " * 3000))
+
+
+def test_multibyte_text_split_across_tokens(llama_engine, batching_engine):
+    # SmolLM2 spells each of these CJK characters with several byte tokens.
+    req = chat("Translate 'good morning' into Chinese.", max_tokens=12)
+    gen = batching_engine.stream(req)
+    deltas = list(gen)
+    res = gen.result
+    assert any(ord(c) > 127 for c in res.text)
+    assert "\ufffd" not in res.text
+    assert "".join(deltas) == res.text
+    assert res.completion_tokens > len(res.text.strip())  # bytes really were split
+    assert llama_engine.generate(req).text == res.text
+
+
+def test_scheduler_error_fails_the_request_not_the_engine(tiny_engine, monkeypatch):
+    import llama_cpp
+
+    from model_api.engine.base import EngineError
+
+    real = llama_cpp.llama_sampler_sample
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected sampler failure")
+        return real(*args)
+
+    monkeypatch.setattr(llama_cpp, "llama_sampler_sample", flaky)
+    with pytest.raises(EngineError):
+        tiny_engine.generate(chat("Write a long story about a dragon.", max_tokens=10))
+    monkeypatch.setattr(llama_cpp, "llama_sampler_sample", real)
+    assert tiny_engine.generate(chat("Hi", max_tokens=4)).completion_tokens > 0
+    assert tiny_engine.stats()["active"] == 0
