@@ -82,13 +82,13 @@ def worker_exit(server, worker) -> None:
 # --- metrics across worker processes -------------------------------------------------
 # prometheus_client aggregates several processes through files in
 # PROMETHEUS_MULTIPROC_DIR; the variable must be set before any worker imports it,
-# i.e. here. With more than one worker and no directory given we make one.
-if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    import tempfile
+# i.e. here. With more than one worker and no directory given we make one (the
+# same helper as the Celery worker's, which remembers what it made so that
+# on_exit removes that and never a directory someone gave us).
+if workers > 1:
+    from model_api.observability import multiproc
 
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _made_metrics_dir = tempfile.mkdtemp(prefix="model-api-metrics-")
-else:
-    _made_metrics_dir = None
+    multiproc.ensure_dir("model-api-metrics-")
 
 
 def on_starting(server):
@@ -103,10 +103,9 @@ def on_starting(server):
 
 def on_exit(server):
     """Remove the metrics directory if this config made it."""
-    if _made_metrics_dir:
-        import shutil
+    from model_api.observability import multiproc
 
-        shutil.rmtree(_made_metrics_dir, ignore_errors=True)
+    multiproc.remove_made_dir()
 
 
 def child_exit(server, worker):
