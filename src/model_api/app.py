@@ -3,14 +3,13 @@ error handlers → CLI. Behaviour lives in the services."""
 
 from __future__ import annotations
 
-import logging
 import threading
-import uuid
 from typing import Any
 
 from apiflask import APIFlask
-from flask import g, request
+from flask import request
 
+from .observability.logs import configure_logging
 from .runtime import Runtime
 from .settings import Settings
 
@@ -43,7 +42,10 @@ def register_config(app: APIFlask, settings: Settings) -> None:
         PROPAGATE_EXCEPTIONS=False,  # our JSON 500 handler, never a traceback
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    logging.basicConfig(level=settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    from .api.docs import configure_docs
+
+    configure_docs(app)
 
 
 def register_extensions(app: APIFlask, settings: Settings, runtime: Runtime | None) -> None:
@@ -56,11 +58,10 @@ def register_extensions(app: APIFlask, settings: Settings, runtime: Runtime | No
 
 
 def register_request_hooks(app: APIFlask) -> None:
-    @app.before_request
-    def _request_id() -> None:
-        incoming = request.headers.get("X-Request-ID", "")
-        # accept a client's id if it is sane, otherwise make one
-        g.request_id = incoming if incoming and len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+    """X-Request-ID in and out, one structured log line and one latency sample per request."""
+    from .api.observability import register_request_hooks as _hooks
+
+    _hooks(app)
 
     @app.before_request
     def _body_is_json() -> None:
@@ -71,18 +72,14 @@ def register_request_hooks(app: APIFlask) -> None:
         if request.method in ("POST", "PUT", "PATCH") and "json" not in ctype and request.content_length:
             request.environ["CONTENT_TYPE"] = "application/json"  # before anything parses it
 
-    @app.after_request
-    def _echo_request_id(resp):
-        resp.headers["X-Request-ID"] = g.get("request_id", "")
-        return resp
-
 
 def register_blueprints(app: APIFlask) -> None:
-    from .api import health, model_calls, openai_api
+    from .api import health, model_calls, observability, openai_api
 
     app.register_blueprint(health.bp)
     app.register_blueprint(model_calls.bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(observability.bp)
 
 
 def register_errors(app: APIFlask) -> None:

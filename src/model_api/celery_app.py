@@ -194,4 +194,55 @@ def _child_starts_clean(**_: Any) -> None:
         _RUNTIMES.clear()
 
 
+# --- worker observability ------------------------------------------------------
+# The same JSON log lines as the web server (with the request_id and job_id that
+# jobs.run_job binds), and, with WORKER_METRICS_PORT, a /metrics port that adds
+# up the parent and every pool process (their files in PROMETHEUS_MULTIPROC_DIR,
+# which model_api.worker sets up before prometheus_client is imported).
+
+
+@signals.setup_logging.connect
+def _json_logs(loglevel: Any = None, **_: Any) -> None:
+    """Replace Celery's log format with ours (connecting this signal tells Celery
+    not to configure logging itself); the level is the worker's ``-l``."""
+    from .observability.logs import configure_logging
+    from .settings import get_settings
+
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or "INFO")
+    configure_logging(str(level), get_settings().log_format)
+
+
+@signals.worker_ready.connect
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    """In the worker's main process, once the pool runs (so pool processes do not
+    inherit the listening socket) and logging is set up: start the metrics port."""
+    app = getattr(sender, "app", None)
+    settings = getattr(app.conf, "model_api_settings", None) if app is not None else None
+    if settings is None or not settings.worker_metrics_port:
+        return
+    from .observability import metrics
+
+    if not metrics.multiprocess_dir():
+        log.warning("PROMETHEUS_MULTIPROC_DIR is not set: the metrics port shows the main process only "
+                    "(start the worker with `model-api worker` or `celery -A model_api.worker`)")
+    metrics.start_metrics_server(settings.worker_metrics_port, settings.worker_metrics_addr)
+    log.info("serving metrics", extra={"port": settings.worker_metrics_port, "addr": settings.worker_metrics_addr,
+                                       "multiprocess_dir": metrics.multiprocess_dir()})
+
+
+@signals.worker_process_shutdown.connect
+def _pool_process_exits(pid: int | None = None, **_: Any) -> None:
+    """A pool process exits: drop its live gauges (its counters stay in the totals)."""
+    from .observability import metrics
+
+    metrics.mark_process_dead(pid or os.getpid())
+
+
+@signals.worker_shutdown.connect
+def _remove_metrics_dir(**_: Any) -> None:
+    from .observability import multiproc
+
+    multiproc.remove_made_dir()
+
+
 __all__ = ["CeleryQueue", "TASK_NAME", "celery_config", "make_celery", "reconcile", "worker_runtime"]

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -236,14 +237,21 @@ def worker(ctx: click.Context, concurrency: int, loglevel: str) -> None:
     further options (e.g. ``-n w1@%h``) are passed to Celery. Start one per
     machine (or more) against the same broker and database to scale out.
     """
-    from .celery_app import make_celery
     from .settings import Settings
 
     settings = Settings()
     if not settings.celery_broker_url:
         raise click.UsageError("CELERY_BROKER_URL is not set")
+    celery_args = ["worker", "-Q", settings.celery_queue, "-c", str(concurrency), "-l", loglevel, *ctx.args]
+    if settings.worker_metrics_port:
+        # this CLI has already imported prometheus_client (in single-process mode);
+        # pool processes can only report to the metrics port if the mode is chosen
+        # before that import, so start the worker in a fresh interpreter (same pid)
+        os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "model_api.worker", *celery_args])
+    from .celery_app import make_celery
+
     app = make_celery(settings)
-    app.worker_main(["worker", "-Q", settings.celery_queue, "-c", str(concurrency), "-l", loglevel, *ctx.args])
+    app.worker_main(celery_args)
 
 
 def register_commands(app) -> None:

@@ -17,6 +17,8 @@ wait for the model (and poll job status) at once.
 | `WEB_TIMEOUT` | longest generation + 60 s | worker silence before the arbiter restarts it |
 | `WEB_GRACEFUL_TIMEOUT` | longest generation + 30 s | how long SIGTERM waits for in-flight calls |
 | `WEB_CONTROL_SOCKET` | (off) | path of gunicorn's control socket, if wanted |
+| `PROMETHEUS_MULTIPROC_DIR` | a temp dir when `WEB_WORKERS` > 1 | where worker processes share metrics (emptied at start) |
+| `LOG_FORMAT` | `json` | `json` puts gunicorn's own lines in the app's JSON shape |
 
 The longest generation is ``MAX_TOKENS_CAP / WEB_MIN_TOKENS_PER_SECOND``
 (1024 / 4 = 256 s by default), so raising the cap raises both timeouts.
@@ -75,3 +77,55 @@ def worker_exit(server, worker) -> None:
     runtime = getattr(app, "extensions", {}).get("model_api") if app is not None else None
     if runtime is not None:
         runtime.close(wait=True)
+
+
+# --- metrics across worker processes -------------------------------------------------
+# prometheus_client aggregates several processes through files in
+# PROMETHEUS_MULTIPROC_DIR; the variable must be set before any worker imports it,
+# i.e. here. With more than one worker and no directory given we make one (the
+# same helper as the Celery worker's, which remembers what it made so that
+# on_exit removes that and never a directory someone gave us).
+if workers > 1:
+    from model_api.observability import multiproc
+
+    multiproc.ensure_dir("model-api-metrics-")
+
+
+def on_starting(server):
+    """Empty the metrics directory: files left by an earlier run would be added in."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.remove(os.path.join(path, name))
+
+
+def on_exit(server):
+    """Remove the metrics directory if this config made it."""
+    from model_api.observability import multiproc
+
+    multiproc.remove_made_dir()
+
+
+def child_exit(server, worker):
+    """Drop the dead worker's live gauges (its counters stay in the totals)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+# gunicorn's own lines (start-up, worker boots, timeouts) in the same JSON shape as the app's
+if os.environ.get("LOG_FORMAT", "json").lower() == "json":
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "model_api.observability.logs.json_formatter"}},
+        "handlers": {"error_console": {"class": "logging.StreamHandler", "formatter": "json",
+                                       "stream": "ext://sys.stderr"}},
+        # the app installs its own root handler (model_api.observability.logs); none here, or lines double
+        "root": {"level": loglevel.upper(), "handlers": []},
+        "loggers": {"gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"],
+                                       "propagate": False, "qualname": "gunicorn.error"}},
+    }

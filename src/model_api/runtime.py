@@ -89,6 +89,15 @@ def _build_engine(settings: Settings) -> Engine:
     raise ValueError(f"MODEL_BACKEND={settings.model_backend!r} is not available in this build")
 
 
+def _publish_model_info(engine: Engine) -> None:
+    from .observability import metrics
+
+    try:
+        metrics.set_model_info(engine.info())
+    except Exception:  # a metric must never stop the model from serving
+        log.exception("could not publish model info metric")
+
+
 class Runtime:
     def __init__(self, settings: Settings, *, job_queue: jobs.JobQueue | None = None):
         self.settings = settings
@@ -116,6 +125,7 @@ class Runtime:
                     try:
                         self._engine = load_engine(self.settings)
                         self._engine_error = None
+                        _publish_model_info(self._engine)
                     except BaseException as exc:
                         self._engine_error = exc
                         raise

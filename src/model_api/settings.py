@@ -148,8 +148,33 @@ class Settings(BaseSettings):
     admin_username: str | None = Field(None, description="`make run` creates this user when none exists.")
     admin_password: str | None = Field(None, description="Password for ADMIN_USERNAME; random and printed once if unset.")
 
-    # logging
+    # logging and metrics
     log_level: str = Field("INFO", description="Python log level.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`json`: one JSON object per line (see README, \"Operating it\"); `text` for humans."
+    )
+    metrics_token: str | None = Field(
+        None,
+        description="Bearer token that lets non-local clients read `/metrics`; unset = `/metrics` answers "
+        "local (loopback) clients only.",
+    )
+    metrics_local_open: bool = Field(
+        True,
+        description="Serve `/metrics` to loopback clients without a token. Turn off behind a reverse proxy "
+        "on the same host, where every client looks local.",
+    )
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Celery worker: serve Prometheus metrics of the worker and all its pool processes on this "
+        "port (`GET /metrics`, no auth); unset = off.",
+    )
+    worker_metrics_addr: str = Field(
+        "127.0.0.1",
+        description="Address WORKER_METRICS_PORT listens on; `0.0.0.0` lets a Prometheus on another host (or "
+        "container) scrape it, so keep that port on a private network.",
+    )
 
     @model_validator(mode="after")
     def _production_needs_secrets(self) -> Settings:

@@ -269,7 +269,10 @@ def test_gunicorn_defaults_one_process_with_threads(monkeypatch):
     assert conf.control_socket_disable is True  # no shared $HOME/.gunicorn/gunicorn.ctl
 
 
-def test_gunicorn_reads_counts_from_env_and_scales_timeouts_with_the_token_cap(monkeypatch):
+def test_gunicorn_reads_counts_from_env_and_scales_timeouts_with_the_token_cap(monkeypatch, tmp_path):
+    # several workers share metrics through a directory the config would otherwise make
+    # (and export to this whole test process): give one that monkeypatch takes back
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
     monkeypatch.setenv("WEB_WORKERS", "3")
     monkeypatch.setenv("WEB_THREADS", "4")
     monkeypatch.setenv("PORT", "6001")

@@ -16,6 +16,7 @@ from ..models import CallKind, CallStatus
 from ..services import calls, jobs
 from ..services.quota import QuotaExceeded, QuotaState
 from .errors import api_error
+from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .schemas import (
     AsyncCallOut,
     CallModelIn,
@@ -31,18 +32,19 @@ from .security import auth, current_principal
 
 bp = APIBlueprint("model", __name__, tag="Model")
 
-RATE_HEADERS = {
-    "X-RateLimit-Limit": {"description": "Model calls this user may make", "schema": {"type": "integer"}},
-    "X-RateLimit-Remaining": {"description": "Model calls left", "schema": {"type": "integer"}},
-}
+#: what a streamed reply looks like on the wire (documented for the 200 of /call_model)
+SSE_EXAMPLE = (
+    'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hello!"}}]}\n\n'
+    'data: {"object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":31,"completion_tokens":2,'
+    '"total_tokens":33}}\n\n'
+    "data: [DONE]\n\n"
+)
 
-_ERRORS = {
-    400: "Invalid JSON, missing/blank/non-string prompt, or a bad parameter",
-    401: "Missing or wrong credentials",
-    413: "Body larger than MAX_BODY_BYTES",
-    422: "Prompt longer than the model's context",
-    429: "Quota exhausted (Retry-After when the quota has a window)",
-}
+RATE_HEADERS = RATE_LIMIT_HEADERS  # documented on every success and on 429
+
+_MODEL_ERRORS = (400, 401, 413, 422, 429, 500, 502, 503, 504)
+_ERRORS = error_responses(*_MODEL_ERRORS)  # kept for routes elsewhere that share these errors
 
 
 def _rt():
@@ -76,7 +78,6 @@ def translate_engine_errors(exc: Exception, state: QuotaState | None = None):
     """Map engine/service exceptions to API errors (the one place that knows both)."""
     headers = rate_headers(state) if state else None
     if isinstance(exc, QuotaExceeded):
-        current_app.logger.warning("quota refused", extra={"user": getattr(g, "user", None)})
         return api_error(429, "quota exhausted: no model calls left for this user", headers=rate_headers(exc.state))
     if isinstance(exc, ContextOverflow):
         return api_error(422, str(exc), code="prompt_too_long",
@@ -103,10 +104,17 @@ def _check_prompt_size(prompt: str) -> None:
 @bp.post("/call_model")
 @bp.auth_required(auth)
 @bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
-@bp.output(CallModelOut, status_code=201, headers=None, description="The model's reply (stored)")
+@bp.output(CallModelOut, status_code=201, description="The model's reply (stored)", example={
+               "response": "Hello! How can I help you today?", "id": "0b6f5c8e-2f1d-4a51-9a43-1d2e3f4a5b6c",
+               "model": "SmolLM2-135M-Instruct.Q4_1", "finish_reason": "stop",
+               "usage": {"prompt_tokens": 31, "completion_tokens": 9, "total_tokens": 40}})
 @bp.doc(summary="Call the model", responses={
-    **_ERRORS, 200: "With `stream: true`: Server-Sent Events (`chat.completion.chunk` objects, usage in "
-    "the last one, then `data: [DONE]`)"})
+    **_ERRORS, 201: {"headers": RATE_HEADERS},
+    200: {"description": "With `stream: true`: Server-Sent Events (`chat.completion.chunk` objects, usage "
+          "in the last one, then `data: [DONE]`). An error after the stream began arrives as a "
+          "`data: {\"error\": ...}` event.",
+          "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA, "example": SSE_EXAMPLE}},
+          "headers": RATE_HEADERS}})
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
     _check_prompt_size(json_data["prompt"])
@@ -153,8 +161,14 @@ def _stream(gen_request: GenerationRequest):
 @bp.post("/async_call_model")
 @bp.auth_required(auth)
 @bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
-@bp.output(AsyncCallOut, status_code=200, description="The job was stored and queued")
-@bp.doc(summary="Call the model asynchronously", responses={**_ERRORS, 503: "Job queue unavailable (unit refunded)"})
+@bp.output(AsyncCallOut, status_code=200, description="The job was stored and queued",
+           example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"},
+           # tells clients (and schemathesis's stateful phase) where the job id goes next
+           links={"GetJobStatus": {"operationRef": "#/paths/~1async_call_status/get",
+                                   "parameters": {"job_id": "$response.body#/job_id"}},
+                  "CancelJob": {"operationRef": "#/paths/~1async_call_cancel/post",
+                                "requestBody": {"job_id": "$response.body#/job_id"}}})
+@bp.doc(summary="Call the model asynchronously", responses={**_ERRORS, 200: {"headers": RATE_HEADERS}})
 def async_call_model(json_data: dict):
     """Queue a generation and return its ``job_id`` at once; poll ``/async_call_status``.
     Uses one unit of quota (refunded if the job fails through the server's fault)."""
@@ -206,10 +220,18 @@ def job_view(call) -> dict:
 @bp.get("/async_call_status")
 @bp.auth_required(auth)
 @bp.input(StatusQuery, location="query", example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
-@bp.output(StatusOut, status_code=200, description="The job's state and, once completed, its response")
-@bp.doc(summary="Status of an async job", responses={
-    400: "job_id missing or not a UUID", 401: "Missing or wrong credentials",
-    404: "No such job for this user (also for other users' jobs)"})
+@bp.output(StatusOut, status_code=200, description="The job's state and, once completed, its response",
+           examples={
+               "processing": {"value": {"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf", "job_status": "processing",
+                                        "state": "queued", "response": None,
+                                        "created_at": "2025-01-01T12:00:00+00:00", "finished_at": None}},
+               "completed": {"value": {"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf", "job_status": "completed",
+                                       "state": "completed", "response": "Hello! How can I help you today?",
+                                       "created_at": "2025-01-01T12:00:00+00:00",
+                                       "finished_at": "2025-01-01T12:00:01+00:00",
+                                       "usage": {"prompt_tokens": 31, "completion_tokens": 9, "total_tokens": 40}}},
+           })
+@bp.doc(summary="Status of an async job", responses=error_responses(400, 401, 404, d400="job_id missing or not a UUID"))
 def async_call_status(query_data: dict):
     """``job_status`` keeps the seed's values; ``state`` gives the detailed one."""
     job_id = _parse_job_id(query_data["job_id"])
@@ -226,10 +248,10 @@ def async_call_status(query_data: dict):
 @bp.input(CancelIn, location="json", example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
 @bp.output(StatusOut, status_code=200, description="The job was queued and is now cancelled (unit refunded)")
 @bp.doc(summary="Cancel an async job", responses={
-    202: "The job is running; it stops at its next token (state turns `cancelled`; unit kept)",
-    400: "job_id missing or not a UUID", 401: "Missing or wrong credentials",
-    404: "No such job for this user (also for other users' jobs)",
-    409: "The job already finished (completed, failed or cancelled)"})
+    202: {"description": "The job is running; it stops at its next token (state turns `cancelled`; unit kept)",
+          "content": {"application/json": {"schema": StatusOut}}},
+    **error_responses(400, 401, 404, 409, d400="job_id missing or not a UUID",
+                      d409="The job already finished (completed, failed or cancelled)")})
 def async_call_cancel(json_data: dict):
     """Cancel a queued job (refunded) or stop a running one, wherever it runs."""
     job_id = _parse_job_id(json_data["job_id"])
@@ -275,7 +297,8 @@ def call_view(call) -> dict:
 @bp.auth_required(auth)
 @bp.input(HistoryQuery, location="query")
 @bp.output(HistoryOut, status_code=200, description="Your calls, newest first")
-@bp.doc(summary="Your call history", responses={400: "Bad limit or cursor", 401: "Missing or wrong credentials"})
+@bp.doc(summary="Your call history",
+        responses=error_responses(400, 401, d400="Bad limit, or a cursor that is not a UUID"))
 def call_history(query_data: dict):
     """Every model call you made (sync, async, streamed, /v1), with prompt and response. Uses no quota."""
     before = _parse_job_id(query_data["before"]) if query_data.get("before") else None

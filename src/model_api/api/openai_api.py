@@ -18,21 +18,27 @@ from ..models import CallKind
 from ..services import calls
 from ..services.quota import QuotaExceeded
 from .model_calls import _check_prompt_size, rate_headers, sampling_params, translate_engine_errors
-from .schemas import ChatCompletionIn, CompletionIn
+from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
+from .schemas import ChatCompletionIn, CompletionIn, CompletionOut, ModelListOut
 from .security import auth, current_principal
 from .streaming import finish_reason, stream_response, usage_of
 
 bp = APIBlueprint("openai", __name__, url_prefix="/v1", tag="OpenAI-compatible")
 
-_ERRORS = {
-    400: "Invalid JSON or parameter (OpenAI error shape)",
-    401: "Missing or wrong credentials",
-    413: "Body larger than MAX_BODY_BYTES",
-    422: "Prompt longer than the model's context",
-    429: "Quota exhausted",
-    502: "Remote model backend failed (unit refunded)",
-    504: "Remote model backend timed out (unit refunded)",
-}
+# the same situations as the seed's routes, in OpenAI's error shape
+_ERRORS = error_responses(400, 401, 413, 422, 429, 500, 502, 503, 504, openai=True,
+                          d400="Invalid JSON or parameter")
+
+_SSE = {"schema": SSE_EVENT_SCHEMA, "example": (
+    'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
+    "data: [DONE]\n\n")}
+
+
+def _ok(description: str) -> dict[str, Any]:
+    """The 200 of a generation route: one JSON object, or with ``stream: true`` an SSE stream."""
+    return {"description": description, "headers": RATE_LIMIT_HEADERS,
+            "content": {"application/json": {"schema": CompletionOut}, "text/event-stream": _SSE}}
+
 
 #: reported as the model's ``created`` time
 _STARTED = int(time.time())
@@ -94,7 +100,7 @@ def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any],
 @bp.input(ChatCompletionIn, location="json",
           example={"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hello!"}]})
 @bp.doc(summary="Chat completion (OpenAI-compatible)", responses={
-    200: "`chat.completion` object, or with `stream: true` an SSE stream of `chat.completion.chunk`s",
+    200: _ok("`chat.completion` object, or with `stream: true` an SSE stream of `chat.completion.chunk`s"),
     **_ERRORS})
 def chat_completions(json_data: dict):
     """Reply to a conversation. Uses one unit of quota; stored as a call of kind `chat`."""
@@ -112,7 +118,7 @@ def chat_completions(json_data: dict):
 @bp.auth_required(auth)
 @bp.input(CompletionIn, location="json", example={"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time"})
 @bp.doc(summary="Text completion (OpenAI-compatible)", responses={
-    200: "`text_completion` object, or with `stream: true` an SSE stream of them", **_ERRORS})
+    200: _ok("`text_completion` object, or with `stream: true` an SSE stream of them"), **_ERRORS})
 def completions(json_data: dict):
     """Continue a raw prompt (no chat template). Uses one unit of quota; stored as kind `completion`."""
     _check_prompt_size(json_data["prompt"])
@@ -122,7 +128,10 @@ def completions(json_data: dict):
 
 @bp.get("/models")
 @bp.auth_required(auth)
-@bp.doc(summary="List models (OpenAI-compatible)", responses={401: "Missing or wrong credentials"})
+@bp.doc(summary="List models (OpenAI-compatible)", responses={
+    200: {"description": "The one model this service serves",
+          "content": {"application/json": {"schema": ModelListOut}}},
+    **error_responses(401, openai=True)})
 def list_models():
     """The one model this service serves."""
     engine = _rt().engine

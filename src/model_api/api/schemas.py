@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from apiflask import Schema
 from typing import Any
 
+from apiflask import Schema
 from apiflask.fields import Boolean, Dict, Float, Integer, List, Nested, String
 from apiflask.validators import Length, OneOf, Range
-from marshmallow import EXCLUDE, ValidationError, fields, validates
+from marshmallow import EXCLUDE, ValidationError, fields, post_load, validates
+
+
+class WholeNumber(Integer):
+    """A strict integer that also takes ``1.0``: JSON Schema (and so our OpenAPI
+    document) calls 1.0 an integer, and JSON clients may send it; 1.5, "1" and
+    true are still refused."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 class CallModelIn(Schema):
@@ -19,7 +30,7 @@ class CallModelIn(Schema):
         validate=Length(min=1),
         metadata={"description": "The user's message to the model.", "example": "Hello, world!"},
     )
-    max_tokens = Integer(
+    max_tokens = WholeNumber(
         strict=True,
         validate=Range(min=1),
         metadata={"description": "Most tokens to generate (default DEFAULT_MAX_TOKENS, capped by MAX_TOKENS_CAP)."},
@@ -28,9 +39,12 @@ class CallModelIn(Schema):
         validate=Range(min=0, max=2), metadata={"description": "Sampling temperature; 0 is greedy."}
     )
     top_p = Float(
-        validate=Range(min=0, max=1, min_inclusive=False), metadata={"description": "Nucleus sampling mass."}
+        validate=Range(min=0, max=1, min_inclusive=False),
+        # apispec does not render min_inclusive=False; without this the docs would allow 0
+        # (OpenAPI 3.1, which APIFlask writes, takes a number here)
+        metadata={"description": "Nucleus sampling mass, in (0, 1].", "exclusiveMinimum": 0},
     )
-    seed = Integer(strict=True, metadata={"description": "Seed for reproducible sampling."})
+    seed = WholeNumber(strict=True, metadata={"description": "Seed for reproducible sampling."})
     stream = Boolean(
         load_default=False,
         metadata={"description": "Stream the reply as Server-Sent Events (`chat.completion.chunk` "
@@ -44,9 +58,9 @@ class CallModelIn(Schema):
 
 
 class Usage(Schema):
-    prompt_tokens = Integer()
-    completion_tokens = Integer()
-    total_tokens = Integer()
+    prompt_tokens = Integer(metadata={"example": 36})
+    completion_tokens = Integer(metadata={"example": 9})
+    total_tokens = Integer(metadata={"example": 45})
 
 
 class CallModelOut(Schema):
@@ -54,7 +68,7 @@ class CallModelOut(Schema):
     id = String(metadata={"description": "Id of the stored call."})
     model = String()
     finish_reason = String(metadata={"description": "`stop` or `length`."})
-    usage = Dict()
+    usage = Nested(Usage)
 
 
 class AsyncCallOut(Schema):
@@ -62,14 +76,15 @@ class AsyncCallOut(Schema):
 
 
 class StatusQuery(Schema):
-    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+    # checked by the route (the seed's 400 message), documented as what it must be
+    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf", "format": "uuid"})
 
 
 class CancelIn(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"})
+    job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf", "format": "uuid"})
 
 
 class StatusOut(Schema):
@@ -81,7 +96,7 @@ class StatusOut(Schema):
     state = String(metadata={"description": "`queued`, `running`, `completed`, `failed` or `cancelled`."})
     response = String(allow_none=True, required=True)
     error = String(allow_none=True)
-    usage = Dict(allow_none=True)
+    usage = Nested(Usage, allow_none=True)
     cancel_requested = Boolean(
         metadata={"description": "Present (true) while a running job is asked to stop and has not yet."}
     )
@@ -89,19 +104,47 @@ class StatusOut(Schema):
     finished_at = String(allow_none=True)
 
 
+_COMPONENT = {
+    "type": "object",
+    "description": "One dependency's state. `status` is `ready` or what is wrong (`error`, `loading`, "
+    "`not loaded`); `latency_ms` is how long its check took; `error` says why it failed. The model "
+    "adds `name`, `quantisation` and `context_size`; the broker check (when configured) adds its own fields.",
+    "required": ["status"],
+    "properties": {
+        "status": {"type": "string", "example": "ready"},
+        "latency_ms": {"type": "number", "example": 0.42},
+        "error": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+
+
 class ReadyOut(Schema):
-    status = String()
-    components = Dict()
+    status = String(required=True, metadata={"description": "`ready` or `not ready`.", "example": "ready"})
+    components = Dict(
+        required=True,
+        metadata={
+            "description": "`database`, `model` and, when a broker is configured, `broker`.",
+            "additionalProperties": _COMPONENT,
+            "example": {
+                "database": {"status": "ready", "latency_ms": 0.8},
+                "model": {"status": "ready", "latency_ms": 0.3, "name": "SmolLM2-135M-Instruct.Q4_1",
+                          "quantisation": "Q4_1", "context_size": 2048},
+            },
+        },
+    )
 
 
 class ErrorBody(Schema):
-    code = String(required=True)
-    message = String(required=True)
-    details = Dict()
+    code = String(required=True, metadata={"description": "Machine-readable error code.", "example": "quota_exceeded"})
+    message = String(required=True, metadata={"description": "What went wrong, for humans."})
+    details = Dict(metadata={"description": "Per-field problems or numbers behind the error, when any."})
 
 
 class ErrorOut(Schema):
-    error = Dict(required=True)
+    """The one error shape of every 4xx/5xx response."""
+
+    error = Nested(ErrorBody, required=True)
 
 
 # --- OpenAI-compatible API (/v1) ------------------------------------------------------
@@ -146,8 +189,25 @@ class MessageIn(Schema):
         unknown = EXCLUDE
 
     role = String(required=True, validate=OneOf(["system", "developer", "user", "assistant"]))
-    content = ContentField(required=True, metadata={"description": "Text, or a list of text parts."})
+    # null is OpenAI's "no text" (an assistant turn that only called tools): read as ""
+    content = ContentField(required=True, allow_none=True, metadata={
+        "description": "Text, or a list of text parts.",
+        # a custom field: say in the document what _deserialize accepts (schemathesis checks both agree)
+        "oneOf": [
+            {"type": "string"},
+            {"type": "null"},
+            {"type": "array", "items": {
+                "type": "object", "required": ["type", "text"],
+                "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}},
+        ],
+    })
     name = String()
+
+    @post_load
+    def _null_content_is_empty(self, data: dict[str, Any], **_kw: object) -> dict[str, Any]:
+        if data.get("content") is None:  # marshmallow skips the field's own handling of null
+            data["content"] = ""
+        return data
 
 
 class StreamOptions(Schema):
@@ -163,21 +223,29 @@ class _OpenAISampling(Schema):
 
     model = String(allow_none=True, metadata={
         "description": "Accepted and ignored: this service serves one model (see GET /v1/models)."})
-    max_tokens = Integer(strict=True, allow_none=True, validate=Range(min=1),
-                         metadata={"description": "Most tokens to generate (capped by MAX_TOKENS_CAP)."})
+    max_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
+                             metadata={"description": "Most tokens to generate (capped by MAX_TOKENS_CAP)."})
     temperature = Float(allow_none=True, validate=Range(min=0, max=2))
-    top_p = Float(allow_none=True, validate=Range(min=0, max=1, min_inclusive=False))
-    seed = Integer(strict=True, allow_none=True)
-    stop = StopField(allow_none=True, metadata={"description": "A string or up to 4 strings."})
-    n = Integer(strict=True, allow_none=True, validate=OneOf([1], error="only n=1 is supported"))
+    top_p = Float(allow_none=True, validate=Range(min=0, max=1, min_inclusive=False),
+                  metadata={"exclusiveMinimum": 0})  # as CallModelIn.top_p: apispec drops min_inclusive
+    seed = WholeNumber(strict=True, allow_none=True)
+    stop = StopField(allow_none=True, metadata={
+        "description": "A string or up to 4 strings.",
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
+            {"type": "null"},
+        ],
+    })
+    n = WholeNumber(strict=True, allow_none=True, validate=OneOf([1], error="only n=1 is supported"))
     stream = Boolean(allow_none=True, load_default=False)
     stream_options = Nested(StreamOptions, allow_none=True)
 
 
 class ChatCompletionIn(_OpenAISampling):
     messages = List(Nested(MessageIn), required=True, validate=Length(min=1))
-    max_completion_tokens = Integer(strict=True, allow_none=True, validate=Range(min=1),
-                                    metadata={"description": "Same as max_tokens (wins if both are given)."})
+    max_completion_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
+                                        metadata={"description": "Same as max_tokens (wins if both are given)."})
 
 
 class CompletionIn(_OpenAISampling):
@@ -185,7 +253,45 @@ class CompletionIn(_OpenAISampling):
                     metadata={"description": "Raw text the model continues (no chat template)."})
 
 
-__all__ = ["ChatCompletionIn", "CompletionIn", "CancelIn", "AsyncCallOut", "CallModelIn", "CallModelOut", "ErrorOut", "ReadyOut", "StatusOut", "StatusQuery", "List"]
+class OpenAIErrorBody(Schema):
+    message = String(required=True, metadata={"description": "What went wrong, for humans."})
+    type = String(required=True, metadata={"description": "OpenAI's error type.", "example": "rate_limit_error"})
+    param = String(allow_none=True, required=True, metadata={"description": "The offending field, if one."})
+    code = String(allow_none=True, required=True, metadata={"example": "quota_exceeded"})
+
+
+class OpenAIErrorOut(Schema):
+    """The error shape of ``/v1/*`` (OpenAI's, so its SDKs raise the right exceptions)."""
+
+    error = Nested(OpenAIErrorBody, required=True)
+
+
+class CompletionOut(Schema):
+    """``chat.completion`` or ``text_completion`` (documentation only: routes build the dict)."""
+
+    id = String(required=True, metadata={"example": "chatcmpl-0b6f5c8e2f1d4a519a431d2e3f4a5b6c"})
+    object = String(required=True, metadata={"example": "chat.completion"})
+    created = Integer(required=True)
+    model = String(required=True)
+    choices = List(Dict(), required=True, metadata={
+        "description": "One choice: `message` (chat) or `text` (completion), and `finish_reason`."})
+    usage = Nested(Usage, required=True)
+    system_fingerprint = String(allow_none=True)
+
+
+class ModelOut(Schema):
+    id = String(required=True, metadata={"example": "SmolLM2-135M-Instruct.Q4_1"})
+    object = String(required=True, metadata={"example": "model"})
+    created = Integer(required=True)
+    owned_by = String(required=True)
+
+
+class ModelListOut(Schema):
+    object = String(required=True, metadata={"example": "list"})
+    data = List(Nested(ModelOut), required=True)
+
+
+__all__ = ["ChatCompletionIn", "CompletionOut", "ModelListOut", "OpenAIErrorOut", "CompletionIn", "CancelIn", "AsyncCallOut", "CallModelIn", "CallModelOut", "ErrorOut", "ReadyOut", "StatusOut", "StatusQuery", "List"]
 
 
 class HistoryQuery(Schema):
@@ -194,7 +300,8 @@ class HistoryQuery(Schema):
 
     limit = Integer(load_default=20, validate=Range(min=1, max=100),
                     metadata={"description": "Calls per page (1-100)."})
-    before = String(metadata={"description": "Cursor: the `next_before` of the previous page."})
+    # checked by the route (a 400 naming the field), documented as what it must be
+    before = String(metadata={"description": "Cursor: the `next_before` of the previous page.", "format": "uuid"})
 
 
 class CallOut(Schema):

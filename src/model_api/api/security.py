@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from apiflask import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
 from flask import current_app, g
 
+from ..observability import metrics
 from ..services import api_keys
 from ..services import auth as auth_service
 
@@ -36,33 +37,39 @@ class Principal:
 @basic_auth.verify_password
 def _verify(username: str, password: str) -> Principal | None:
     if not username and not password:
-        log.warning("auth failed: no credentials")
-        g.auth_failure = "missing"
+        auth_failed("basic", "missing", None)
         return None
     rt = current_app.extensions["model_api"]
     with rt.db.session() as s:
         user = auth_service.authenticate(s, username, password, rt.credentials)
         principal = Principal(user.id, user.username) if user else None
     if principal is None:
-        log.warning("auth failed", extra={"user": username})
-        g.auth_failure = "invalid"
+        auth_failed("basic", "invalid", username)
     else:
         g.user = principal.username
     return principal
 
 
+def auth_failed(scheme: str, reason: str, username: str | None) -> None:
+    """Log (warning, with the user name and never the password) and count a refused
+    request. ``reason``: missing or invalid. Other schemes (API keys) call this too."""
+    log.warning("auth failed", extra={"user": username, "auth_scheme": scheme, "reason": reason})
+    metrics.auth_failed(scheme, reason)
+    g.auth_failure = reason
+
+
 @token_auth.verify_token
 def _verify_token(token: str) -> Principal | None:
     if not token:
-        g.auth_failure = "missing"
+        auth_failed("bearer", "missing", None)
         return None
     rt = current_app.extensions["model_api"]
     with rt.db.session() as s:
         user = api_keys.authenticate(s, token)
         principal = Principal(user.id, user.username) if user else None
     if principal is None:
-        log.warning("auth failed: unknown or revoked API key")
-        g.auth_failure = "invalid"
+        # unknown or revoked key: no user to name, and the key itself never goes into a log
+        auth_failed("bearer", "invalid", None)
     else:
         g.user = principal.username
     return principal

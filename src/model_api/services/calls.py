@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from ..db import Database, utcnow
 from ..engine.base import Completion, Engine, EngineError, GenerationRequest
 from ..models import Call, CallKind, CallStatus, User
+from ..observability import metrics
 from . import quota
 from .quota import QuotaState
 
@@ -71,7 +72,14 @@ def admit(
 
     Raises :class:`quota.QuotaExceeded` (nothing written) when the user is out of quota.
     """
-    state = quota.reserve(session, user.id, policy.default_quota, policy.window_seconds)
+    try:
+        state = quota.reserve(session, user.id, policy.default_quota, policy.window_seconds)
+    except quota.QuotaExceeded as exc:
+        # one place for every route: a warning with the user name, and the counter
+        log.warning("quota refused", extra={"user": user.username, "kind": kind.value,
+                                            "quota_limit": exc.state.limit})
+        metrics.quota_refused(kind.value)
+        raise
     queued = kind == CallKind.ASYNC
     p = request.params
     call = Call(
@@ -99,6 +107,8 @@ def admit(
     )
     session.add(call)
     session.flush()
+    if queued:
+        metrics.job_state(CallStatus.QUEUED.value)
     return call, state
 
 
@@ -128,7 +138,7 @@ def record_completion(db: Database, call_id: uuid.UUID, result: Completion, atte
     if attempt is not None:
         conds.append(Call.attempts == attempt)
     with db.session() as s:
-        done = s.execute(
+        row = s.execute(
             update(Call)
             .where(*conds)
             .values(
@@ -140,8 +150,15 @@ def record_completion(db: Database, call_id: uuid.UUID, result: Completion, atte
                 model=result.model,
                 finished_at=utcnow(),
             )
-        ).rowcount
-    return done == 1
+            .returning(Call.kind)
+        ).first()
+    if row is None:
+        return False
+    # counted here, where a call becomes final exactly once, so every route and worker is covered
+    metrics.observe_completion(row[0], result, status.value)
+    if row[0] == CallKind.ASYNC.value:
+        metrics.job_state(status.value)
+    return True
 
 
 def record_failure(
@@ -163,14 +180,23 @@ def record_failure(
             prompt_tokens=partial.prompt_tokens,
         )
     with db.session() as s:
-        changed = s.execute(
+        row = s.execute(
             update(Call)
             .where(Call.id == call_id, Call.status.in_([CallStatus.QUEUED.value, CallStatus.RUNNING.value]))
             .values(**values)
-        ).rowcount
-        if changed and refund:
+            .returning(Call.kind)
+        ).first()
+        if row is not None and refund:
             quota.refund(s, call_id)
-    return changed == 1
+    if row is None:
+        return False
+    if partial is not None:
+        metrics.observe_completion(row[0], partial, status.value)
+    else:
+        metrics.observe_failure(row[0], status.value)
+    if row[0] == CallKind.ASYNC.value:
+        metrics.job_state(status.value)
+    return True
 
 
 class CallOutcome:

@@ -20,6 +20,7 @@ from sqlalchemy import func, select, update
 from ..db import Database, as_utc, utcnow
 from ..engine.base import ContextOverflow, Engine, EngineError
 from ..models import Call, CallKind, CallStatus, User
+from ..observability import logs, metrics
 from . import calls, quota
 from .calls import CallOutcome, QuotaPolicy
 
@@ -155,7 +156,10 @@ def claim(db: Database, job_id: uuid.UUID, *, allow_running: bool = False) -> in
             )
             .returning(Call.attempts)
         ).first()
-    return None if row is None else int(row[0])
+    if row is None:
+        return None
+    metrics.job_state(CallStatus.RUNNING.value)
+    return int(row[0])
 
 
 def run_job(
@@ -172,20 +176,38 @@ def run_job(
     Returns the final status written by this run, or None if it did nothing.
     """
     job_uuid = uuid.UUID(str(job_id))
-    attempt = claim(db, job_uuid, allow_running=allow_running)
-    if attempt is None:
-        _fail_if_exhausted(db, job_uuid)
-        log.info("job not runnable (final, taken or exhausted)", extra={"job_id": str(job_uuid)})
-        return None
-    with db.session() as s:
-        call = s.get(Call, job_uuid)
-        assert call is not None
-        request = calls.request_of(call)
-        cancel_requested = call.cancel_requested
-    if cancel_requested:
-        # asked to stop while an earlier attempt ran, then that process died
-        calls.record_failure(db, job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED)
-        return CallStatus.CANCELLED.value
+    with logs.log_context(job_id=str(job_uuid)):
+        attempt = claim(db, job_uuid, allow_running=allow_running)
+        if attempt is None:
+            _fail_if_exhausted(db, job_uuid)
+            log.info("job not runnable (final, taken or exhausted)")
+            return None
+        with db.session() as s:
+            call = s.get(Call, job_uuid)
+            assert call is not None
+            request = calls.request_of(call)
+            request_id = call.request_id
+            cancel_requested = call.cancel_requested
+            waited = None
+            if attempt == 1 and call.started_at is not None and call.created_at is not None:
+                waited = (as_utc(call.started_at) - as_utc(call.created_at)).total_seconds()
+        # the request that created the job: its log lines join this job's by request_id
+        with logs.log_context(request_id=request_id):
+            if cancel_requested:
+                # asked to stop while an earlier attempt ran, then that process died
+                calls.record_failure(db, job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED)
+                log.info("job finished", extra={"state": CallStatus.CANCELLED.value})
+                return CallStatus.CANCELLED.value
+            if waited is not None:
+                metrics.job_queue_wait(waited)
+            log.info("job started", extra={"attempt": attempt,
+                                           "queue_wait_ms": None if waited is None else round(waited * 1000, 2)})
+            status = _run_claimed(db, job_uuid, attempt, request, engine_provider, cancels)
+            log.info("job finished", extra={"state": status or "superseded"})
+            return status
+
+
+def _run_claimed(db: Database, job_uuid: uuid.UUID, attempt: int, request, engine_provider, cancels) -> str | None:
     event = cancels.register(str(job_uuid)) if cancels else None
     try:
         engine = engine_provider()
@@ -194,10 +216,11 @@ def run_job(
         calls.record_failure(db, job_uuid, str(exc))
         return CallStatus.FAILED.value
     except EngineError as exc:
+        log.warning("job failed: model error", extra={"error": str(exc)})
         calls.record_failure(db, job_uuid, f"model error: {exc}")
         return CallStatus.FAILED.value
     except Exception as exc:
-        log.exception("job crashed", extra={"job_id": str(job_uuid)})
+        log.exception("job crashed")
         calls.record_failure(db, job_uuid, f"internal error: {type(exc).__name__}")
         return CallStatus.FAILED.value
     finally:
@@ -210,6 +233,9 @@ def run_job(
         )
         return CallStatus.CANCELLED.value
     if calls.record_completion(db, job_uuid, result, attempt=attempt):
+        log.info("job completed", extra={"prompt_tokens": result.prompt_tokens,
+                                         "completion_tokens": result.completion_tokens,
+                                         "model_seconds": round(result.generation_seconds, 4)})
         return CallStatus.COMPLETED.value
     return None
 
@@ -286,6 +312,9 @@ def cancel(db: Database, job_id: uuid.UUID, user_id: int, cancels: CancelRegistr
                 if done:
                     quota.refund(s, job_id)
             if done:
+                # final without passing through calls.record_failure: count it here
+                metrics.observe_failure(CallKind.ASYNC.value, CallStatus.CANCELLED.value)
+                metrics.job_state(CallStatus.CANCELLED.value)
                 return CallStatus.CANCELLED.value
         elif state == CallStatus.RUNNING.value:
             with db.session() as s:
@@ -336,6 +365,7 @@ def recover(db: Database, stale_seconds: int, requeue_after: int | None = None) 
                     .values(status=CallStatus.QUEUED.value, worker=None, enqueued_at=utcnow())
                 ).rowcount
             if n:
+                metrics.job_state(CallStatus.QUEUED.value)  # back in the queue for another attempt
                 to_enqueue.append(str(c.id))
         else:
             reason = "interrupted by a server restart" if c.kind != CallKind.ASYNC.value else (

@@ -1,0 +1,181 @@
+"""The OpenAPI document's shared parts: the error shape, headers, security schemes,
+examples, and Swagger UI served from local files.
+
+Routes describe themselves with APIFlask decorators; what every response has in
+common (``X-Request-ID``) is added here once, mirroring the one hook that sets it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from apiflask import APIFlask
+from flask import send_from_directory
+
+from .schemas import ErrorOut, OpenAIErrorOut
+
+REQUEST_ID_HEADER = {
+    "description": "The client's X-Request-ID if it sent a sane one (printable ASCII, at most 64 "
+    "characters), else a generated id. Also in the request's log lines and its async job's.",
+    "schema": {"type": "string", "example": "3f2b6c1e9a7d4f0b8e5c2a1d0f9e8b7c"},
+    "required": True,
+}
+RATE_LIMIT_HEADERS = {
+    "X-RateLimit-Limit": {"description": "Model calls this user may make (per window, if any)",
+                          "schema": {"type": "integer", "example": 3}, "required": True},
+    "X-RateLimit-Remaining": {"description": "Model calls left", "schema": {"type": "integer", "example": 2},
+                              "required": True},
+}
+RETRY_AFTER_HEADER = {
+    "description": "Seconds until the quota window renews (only when QUOTA_WINDOW_SECONDS is set) "
+    "or until the model has capacity again",
+    "schema": {"type": "integer", "example": 3600},
+}
+
+#: one Server-Sent Event of a streamed reply (OpenAPI before 3.2 describes each event
+#: of a text/event-stream with ``schema``; schemathesis checks every event against it)
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "A JSON chunk (`chat.completion.chunk` or `text_completion`), "
+                 "an error object `{\"error\": ...}` if the generation fails after the stream began, or the "
+                 "final `[DONE]`."},
+        "event": {"type": "string", "description": "Always the default, `message`."},
+    },
+}
+
+# status -> (description, example code, example message): the seed's situations
+ERRORS: dict[int, tuple[str, str, str]] = {
+    400: ("Invalid JSON, a non-object body, a missing/blank/non-string prompt, or a bad parameter",
+          "invalid_request", "invalid request: prompt: Missing data for required field."),
+    401: ("Missing, malformed or wrong credentials (with WWW-Authenticate)",
+          "unauthorized", "valid credentials required (HTTP Basic auth or an API key as a Bearer token)"),
+    404: ("No such job for this user (also for other users' jobs)", "job_not_found", "no such job"),
+    409: ("The job already finished (completed, failed or cancelled)", "job_finished",
+          "job is already completed; nothing to cancel"),
+    413: ("Body larger than MAX_BODY_BYTES", "payload_too_large", "request body too large"),
+    422: ("Prompt longer than the model's context", "prompt_too_long",
+          "prompt is 3000 tokens; this model's context holds 2048 including at least one generated token"),
+    429: ("Quota exhausted", "quota_exceeded", "quota exhausted: no model calls left for this user"),
+    500: ("The model failed (the quota unit was refunded)", "model_error",
+          "the model failed; your quota unit was refunded"),
+    502: ("A remote model backend failed", "upstream_error", "model backend failed: ..."),
+    503: ("The model is at capacity or the job queue is unavailable (unit refunded)", "queue_unavailable",
+          "the job queue is unavailable; your quota unit was refunded"),
+    504: ("A remote model backend timed out", "upstream_timeout", "model backend timed out: ..."),
+}
+
+
+# status -> OpenAI error "type", for the /v1 examples (mirrors errors.OPENAI_TYPES)
+_OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def error_response(status: int, description: str | None = None, headers: dict[str, Any] | None = None,
+                   *, openai: bool = False) -> dict:
+    """An ``@bp.doc(responses=...)`` entry in the shared error shape (OpenAI's with
+    ``openai=True``, as ``/v1/*`` answers), with an example."""
+    desc, code, message = ERRORS.get(status, (description or "Error", "error", description or "error"))
+    if openai:
+        etype = _OPENAI_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+        schema, example = OpenAIErrorOut, {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    else:
+        schema, example = ErrorOut, {"error": {"code": code, "message": message}}
+    out: dict[str, Any] = {
+        "description": description or desc,
+        "content": {"application/json": {"schema": schema, "example": example}},
+    }
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def error_responses(*statuses: int, openai: bool = False, **overrides: str) -> dict[int, dict]:
+    """``error_responses(400, 401, 429)``: the standard entries (429 with its headers);
+    ``openai=True`` for routes under ``/v1`` (OpenAI's error shape)."""
+    out = {}
+    for st in statuses:
+        headers = None
+        if st == 429:
+            headers = {**RATE_LIMIT_HEADERS, "Retry-After": RETRY_AFTER_HEADER}
+        elif st == 503:
+            headers = {"Retry-After": RETRY_AFTER_HEADER}
+        elif st == 401:
+            headers = {"WWW-Authenticate": {"description": 'Basic realm="ML Model API" (the challenge; '
+                                            'an API key is also accepted as a Bearer token)',
+                                            "schema": {"type": "string"}}}
+        out[st] = error_response(st, overrides.get(f"d{st}"), headers, openai=openai)
+    return out
+
+
+def swagger_ui_dir() -> Path | None:
+    """Swagger UI's files from the pinned ``flask-swagger-ui`` package (we use only its
+    ``dist/`` folder), so /docs works offline; None falls back to APIFlask's CDN."""
+    spec = importlib.util.find_spec("flask_swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    dist = Path(list(spec.submodule_search_locations)[0]) / "dist"
+    return dist if (dist / "swagger-ui-bundle.js").exists() else None
+
+
+def configure_docs(app: APIFlask) -> None:
+    """Error schemas, security schemes, local Swagger UI and the spec processor."""
+    app.config.update(
+        HTTP_ERROR_SCHEMA=ErrorOut,
+        VALIDATION_ERROR_SCHEMA=ErrorOut,
+        SECURITY_SCHEMES={
+            "MetricsToken": {"type": "http", "scheme": "bearer",
+                             "description": "METRICS_TOKEN, for /metrics from non-local clients"},
+        },
+        INFO={
+            "description": "Metered access to a generative chat model. Every error has the shape "
+            '`{"error": {"code", "message", "details"?}}`; every response carries `X-Request-ID`.',
+        },
+    )
+    dist = swagger_ui_dir()
+    if dist is not None:
+        app.config.update(
+            SWAGGER_UI_CSS="/docs/assets/swagger-ui.css",
+            SWAGGER_UI_BUNDLE_JS="/docs/assets/swagger-ui-bundle.js",
+            SWAGGER_UI_STANDALONE_PRESET_JS="/docs/assets/swagger-ui-standalone-preset.js",
+            DOCS_FAVICON="/docs/assets/favicon-32x32.png",
+        )
+
+        @app.get("/docs/assets/<path:filename>")
+        @app.doc(hide=True)
+        def swagger_assets(filename: str):
+            return send_from_directory(dist, filename, max_age=86400)
+
+    # APIFlask keeps one spec processor: this one does everything
+    @app.spec_processor
+    def _process(spec: dict) -> dict:
+        for path_item in spec.get("paths", {}).values():
+            for op in path_item.values():
+                if not isinstance(op, dict) or "responses" not in op:
+                    continue
+                for resp in op["responses"].values():
+                    resp.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID_HEADER
+                if "requestBody" in op:
+                    # every body we take has required fields: a missing body is a 400, so say it is required
+                    op["requestBody"].setdefault("required", True)
+                params = op.setdefault("parameters", [])
+                if not any(p.get("name") == "X-Request-ID" for p in params):
+                    params.append({"in": "header", "name": "X-Request-ID", "required": False,
+                                   "description": "Your id for this request (echoed, logged, kept with the "
+                                   "job). One that is not printable ASCII of at most 64 characters is "
+                                   "replaced by a generated id, not refused.",
+                                   "schema": {"type": "string"}})
+        _deployment_limits(spec)
+        return spec
+
+    def _deployment_limits(spec: dict) -> None:
+        # limits that are settings, so the document states this deployment's (400 above them)
+        settings = app.config["SETTINGS"]
+        schemas = spec.get("components", {}).get("schemas", {})
+        for name in ("CallModelIn", "ChatCompletionIn", "CompletionIn"):
+            props = schemas.get(name, {}).get("properties", {})
+            for field in ("max_tokens", "max_completion_tokens"):
+                if field in props:
+                    props[field]["maximum"] = settings.max_tokens_cap
