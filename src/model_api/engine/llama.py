@@ -139,13 +139,7 @@ class LlamaEngine(Engine):
         return _LlamaGeneration(self, text, n_prompt, request.params, cancel)
 
     def info(self) -> dict[str, Any]:
-        return {
-            "name": self.model_name,
-            "quantisation": quantisation(self.metadata, self.model_path),
-            "context_size": self.context_size,
-            "backend": self.backend,
-            "model_path": self.model_path,
-        }
+        return local_model_info(self)
 
     def close(self) -> None:
         if self._closed:
@@ -314,3 +308,14 @@ class _LlamaGeneration(Generation):
                 self.close()
             except Exception:
                 pass
+
+
+def local_model_info(engine: Any) -> dict[str, Any]:
+    """What /ready and the model-info metric say about an in-process GGUF engine."""
+    return {
+        "name": engine.model_name,
+        "quantisation": quantisation(engine.metadata, engine.model_path),
+        "context_size": engine.context_size,
+        "backend": engine.backend,
+        "model_path": engine.model_path,
+    }

@@ -112,6 +112,32 @@ def admit(
     return call, state
 
 
+def open_call(
+    db: Database,
+    engine: Engine,
+    user_id: int,
+    request: GenerationRequest,
+    kind: CallKind,
+    policy: QuotaPolicy,
+    request_id: str | None = None,
+) -> tuple[uuid.UUID, QuotaState, int | None]:
+    """Check the prompt fits, then charge a unit and write the row in one committed
+    transaction. Returns (call id, quota state, prompt tokens).
+
+    ContextOverflow is raised before anything is charged or written;
+    QuotaExceeded leaves nothing written either.
+    """
+    prompt_tokens = engine.check(request)
+    with db.session() as s:
+        user = s.get(User, user_id)
+        assert user is not None
+        call, state = admit(
+            s, user, request, kind, policy, prompt_tokens=prompt_tokens, model=engine.model_name,
+            request_id=request_id,
+        )
+        return call.id, state, prompt_tokens
+
+
 def request_of(call: Call) -> GenerationRequest:
     """Rebuild the engine request stored in a call row (async jobs run from this)."""
     from ..engine.base import SamplingParams
@@ -224,15 +250,7 @@ def run_sync(
     Raises ContextOverflow before charging anything; QuotaExceeded with nothing
     written; EngineError after recording the failure and refunding the unit.
     """
-    prompt_tokens = engine.check(request)
-    with db.session() as s:
-        user = s.get(User, user_id)
-        assert user is not None
-        call, state = admit(
-            s, user, request, kind, policy, prompt_tokens=prompt_tokens, model=engine.model_name,
-            request_id=request_id,
-        )
-        call_id = call.id
+    call_id, state, prompt_tokens = open_call(db, engine, user_id, request, kind, policy, request_id)
     try:
         result = engine.generate(request, cancel)
     except EngineError as exc:
@@ -334,15 +352,7 @@ def start_stream(
     EngineError recorded and refunded) for everything that happens before the
     first token, so routes can still answer those with a status code.
     """
-    prompt_tokens = engine.check(request)
-    with db.session() as s:
-        user = s.get(User, user_id)
-        assert user is not None
-        call, state = admit(
-            s, user, request, kind, policy, prompt_tokens=prompt_tokens, model=engine.model_name,
-            request_id=request_id,
-        )
-        call_id = call.id
+    call_id, state, prompt_tokens = open_call(db, engine, user_id, request, kind, policy, request_id)
     try:
         sc = StreamingCall(db, call_id, state, engine.stream(request, threading.Event()), engine.model_name,
                            prompt_tokens)

@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 
 from ..db import Database, as_utc, utcnow
 from ..engine.base import ContextOverflow, Engine, EngineError
-from ..models import Call, CallKind, CallStatus, User
+from ..models import Call, CallKind, CallStatus
 from ..observability import logs, metrics
 from . import calls, quota
 from .calls import CallOutcome, QuotaPolicy
@@ -123,15 +123,7 @@ def submit(
     If the queue refuses, the job is failed with its unit refunded and
     QueueUnavailable is raised: nothing stays 'processing' for ever.
     """
-    prompt_tokens = engine.check(request)
-    with db.session() as s:
-        user = s.get(User, user_id)
-        assert user is not None
-        call, state = calls.admit(
-            s, user, request, CallKind.ASYNC, policy, prompt_tokens=prompt_tokens,
-            model=engine.model_name, request_id=request_id,
-        )
-        job_id = call.id
+    job_id, state, _ = calls.open_call(db, engine, user_id, request, CallKind.ASYNC, policy, request_id)
     try:
         queue.enqueue(str(job_id))
     except Exception as exc:
