@@ -32,3 +32,10 @@ def test_history_errors(client, make_user):
     assert client.get("/calls?limit=0", headers=alice).status_code == 400
     assert client.get("/calls?limit=abc", headers=alice).status_code == 400
     assert client.get("/calls?before=not-a-uuid", headers=alice).status_code == 400
+
+
+def test_timestamps_carry_their_utc_offset(client, make_user):
+    alice = make_user("alice")
+    client.post("/call_model", json={"prompt": "Hi", "max_tokens": 1}, headers=alice)
+    call = client.get("/calls", headers=alice).json["calls"][0]
+    assert call["created_at"].endswith("+00:00") and call["finished_at"].endswith("+00:00")

@@ -12,6 +12,7 @@ from flask import current_app, g
 from flask import request as http_request
 
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, GenerationRequest, SamplingParams, UpstreamError, UpstreamTimeout
+from ..db import as_utc
 from ..models import CallKind, CallStatus
 from ..services import calls, jobs
 from ..services.quota import QuotaExceeded, QuotaState
@@ -192,6 +193,11 @@ def _parse_job_id(raw: str) -> uuid.UUID:
                         details={"job_id": ["not a valid UUID"]}) from None
 
 
+def _iso(value) -> str | None:
+    """UTC with an explicit offset, whichever database stored it (SQLite drops the zone)."""
+    return as_utc(value).isoformat() if value is not None else None
+
+
 def job_view(call) -> dict:
     status = CallStatus(call.status)
     out = {
@@ -199,8 +205,8 @@ def job_view(call) -> dict:
         "job_status": status.seed_status,
         "state": status.value,
         "response": call.response if status == CallStatus.COMPLETED else None,
-        "created_at": call.created_at.isoformat(),
-        "finished_at": call.finished_at.isoformat() if call.finished_at else None,
+        "created_at": _iso(call.created_at),
+        "finished_at": _iso(call.finished_at),
     }
     if status == CallStatus.CANCELLED:
         out["response"] = call.response
@@ -284,8 +290,8 @@ def call_view(call) -> dict:
         "finish_reason": call.finish_reason,
         "model": call.model,
         "usage": None,
-        "created_at": call.created_at.isoformat(),
-        "finished_at": call.finished_at.isoformat() if call.finished_at else None,
+        "created_at": _iso(call.created_at),
+        "finished_at": _iso(call.finished_at),
     }
     if call.completion_tokens is not None:
         view["usage"] = {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
