@@ -8,6 +8,8 @@ storage behave the same for sync, async, streamed and OpenAI-style calls.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
 import socket
 import threading
@@ -225,6 +227,20 @@ def record_failure(
     return True
 
 
+@contextmanager
+def failures_recorded(db: Database, call_id: uuid.UUID) -> Iterator[None]:
+    """Around engine work for an admitted call: any exception marks the call failed
+    (its unit refunded, the server's fault) and propagates."""
+    try:
+        yield
+    except EngineError as exc:
+        record_failure(db, call_id, f"model error: {exc}")
+        raise
+    except BaseException as exc:
+        record_failure(db, call_id, f"internal error: {type(exc).__name__}")
+        raise
+
+
 class CallOutcome:
     """What a route needs to shape its reply."""
 
@@ -251,14 +267,8 @@ def run_sync(
     written; EngineError after recording the failure and refunding the unit.
     """
     call_id, state, prompt_tokens = open_call(db, engine, user_id, request, kind, policy, request_id)
-    try:
+    with failures_recorded(db, call_id):
         result = engine.generate(request, cancel)
-    except EngineError as exc:
-        record_failure(db, call_id, f"model error: {exc}")
-        raise
-    except BaseException as exc:
-        record_failure(db, call_id, f"internal error: {type(exc).__name__}")
-        raise
     record_completion(db, call_id, result)
     return CallOutcome(call_id, state, result)
 
@@ -353,16 +363,10 @@ def start_stream(
     first token, so routes can still answer those with a status code.
     """
     call_id, state, prompt_tokens = open_call(db, engine, user_id, request, kind, policy, request_id)
-    try:
+    with failures_recorded(db, call_id):
         sc = StreamingCall(db, call_id, state, engine.stream(request, threading.Event()), engine.model_name,
                            prompt_tokens)
         sc._prime()
-    except EngineError as exc:
-        record_failure(db, call_id, f"model error: {exc}")
-        raise
-    except BaseException as exc:
-        record_failure(db, call_id, f"internal error: {type(exc).__name__}")
-        raise
     return sc
 
 
