@@ -24,7 +24,7 @@ def _job(database, created_ago: float = 0.0, **values) -> uuid.UUID:
     with database.session() as s:
         user = s.scalar(select(User).where(User.username == "alice")) or auth.create_user(s, "alice", "pw-long-enough")
         s.flush()
-        call, _ = calls.admit(s, user, GenerationRequest.single_prompt("hi", SamplingParams(max_tokens=1)),
+        call, _ = calls.admit(s, user.id, GenerationRequest.single_prompt("hi", SamplingParams(max_tokens=1)),
                               CallKind.ASYNC, POLICY, prompt_tokens=3, model="m")
         call.created_at = utcnow() - timedelta(seconds=created_ago)
         for k, v in values.items():

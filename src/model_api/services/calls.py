@@ -60,7 +60,7 @@ def prompt_text(request: GenerationRequest) -> str:
 
 def admit(
     session: Session,
-    user: User,
+    user_id: int,
     request: GenerationRequest,
     kind: CallKind,
     policy: QuotaPolicy,
@@ -74,10 +74,11 @@ def admit(
     Raises :class:`quota.QuotaExceeded` (nothing written) when the user is out of quota.
     """
     try:
-        state = quota.reserve(session, user.id, policy.default_quota, policy.window_seconds)
+        state = quota.reserve(session, user_id, policy.default_quota, policy.window_seconds)
     except quota.QuotaExceeded as exc:
         # one place for every route: a warning with the user name, and the counter
-        log.warning("quota refused", extra={"user": user.username, "kind": kind.value,
+        username = session.scalar(select(User.username).where(User.id == user_id))
+        log.warning("quota refused", extra={"user": username, "kind": kind.value,
                                             "quota_limit": exc.state.limit})
         metrics.quota_refused(kind.value)
         raise
@@ -85,7 +86,7 @@ def admit(
     p = request.params
     call = Call(
         id=uuid.uuid4(),
-        user_id=user.id,
+        user_id=user_id,
         kind=kind.value,
         status=(CallStatus.QUEUED if queued else CallStatus.RUNNING).value,
         prompt=prompt_text(request),
@@ -130,10 +131,8 @@ def open_call(
     """
     prompt_tokens = engine.check(request)
     with db.session() as s:
-        user = s.get(User, user_id)
-        assert user is not None
         call, state = admit(
-            s, user, request, kind, policy, prompt_tokens=prompt_tokens, model=engine.model_name,
+            s, user_id, request, kind, policy, prompt_tokens=prompt_tokens, model=engine.model_name,
             request_id=request_id,
         )
         return call.id, state, prompt_tokens

@@ -59,15 +59,23 @@ def reserve(session: Session, user_id: int, default_quota: int, window_seconds: 
                 window_started_at=case((expired, now), else_=User.window_started_at),
             )
         )
-    if session.execute(stmt.execution_options(synchronize_session=False)).rowcount != 1:
+    # RETURNING hands back the new state in the same round trip as the reservation
+    row = session.execute(
+        stmt.returning(limit, User.used, User.window_started_at).execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
         raise QuotaExceeded(state(session, user_id, default_quota, window_seconds))
-    return state(session, user_id, default_quota, window_seconds)
+    return _state_of(row, window_seconds)
 
 
 def state(session: Session, user_id: int, default_quota: int, window_seconds: int | None) -> QuotaState:
     row = session.execute(
         select(_limit_expr(default_quota), User.used, User.window_started_at).where(User.id == user_id)
     ).one()
+    return _state_of(row, window_seconds)
+
+
+def _state_of(row, window_seconds: int | None) -> QuotaState:
     limit, used, started = int(row[0]), int(row[1]), as_utc(row[2])
     retry_after = None
     if window_seconds is not None:
