@@ -14,6 +14,7 @@ from typing import Any
 from apiflask import APIFlask
 from flask import send_from_directory
 
+from .errors import OPENAI_PREFIX, error_body
 from .schemas import ErrorOut, OpenAIErrorOut
 
 REQUEST_ID_HEADER = {
@@ -69,8 +70,6 @@ ERRORS: dict[int, tuple[str, str, str]] = {
 }
 
 
-# status -> OpenAI error "type", for the /v1 examples (mirrors errors.OPENAI_TYPES)
-_OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
 def error_response(status: int, description: str | None = None, headers: dict[str, Any] | None = None,
@@ -78,11 +77,9 @@ def error_response(status: int, description: str | None = None, headers: dict[st
     """An ``@bp.doc(responses=...)`` entry in the shared error shape (OpenAI's with
     ``openai=True``, as ``/v1/*`` answers), with an example."""
     desc, code, message = ERRORS.get(status, (description or "Error", "error", description or "error"))
-    if openai:
-        etype = _OPENAI_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
-        schema, example = OpenAIErrorOut, {"error": {"message": message, "type": etype, "param": None, "code": code}}
-    else:
-        schema, example = ErrorOut, {"error": {"code": code, "message": message}}
+    # the example is rendered by the same function that renders real errors
+    example = error_body(status, code, message, path=OPENAI_PREFIX if openai else "/")
+    schema = OpenAIErrorOut if openai else ErrorOut
     out: dict[str, Any] = {
         "description": description or desc,
         "content": {"application/json": {"schema": schema, "example": example}},

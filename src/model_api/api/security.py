@@ -39,15 +39,8 @@ def _verify(username: str, password: str) -> Principal | None:
     if not username and not password:
         auth_failed("basic", "missing", None)
         return None
-    rt = current_app.extensions["model_api"]
-    with rt.db.session() as s:
-        user = auth_service.authenticate(s, username, password, rt.credentials)
-        principal = Principal(user.id, user.username) if user else None
-    if principal is None:
-        auth_failed("basic", "invalid", username)
-    else:
-        g.user = principal.username
-    return principal
+    return _principal("basic", username,
+                      lambda s, rt: auth_service.authenticate(s, username, password, rt.credentials))
 
 
 def auth_failed(scheme: str, reason: str, username: str | None) -> None:
@@ -63,13 +56,18 @@ def _verify_token(token: str) -> Principal | None:
     if not token:
         auth_failed("bearer", "missing", None)
         return None
+    # an unknown or revoked key has no user to name, and the key never goes into a log
+    return _principal("bearer", None, lambda s, rt: api_keys.authenticate(s, token))
+
+
+def _principal(scheme: str, name_for_log: str | None, lookup) -> Principal | None:
+    """Run a scheme's credential lookup; record the user, or log and count the failure."""
     rt = current_app.extensions["model_api"]
     with rt.db.session() as s:
-        user = api_keys.authenticate(s, token)
+        user = lookup(s, rt)
         principal = Principal(user.id, user.username) if user else None
     if principal is None:
-        # unknown or revoked key: no user to name, and the key itself never goes into a log
-        auth_failed("bearer", "invalid", None)
+        auth_failed(scheme, "invalid", name_for_log)
     else:
         g.user = principal.username
     return principal
