@@ -57,8 +57,6 @@ def load_engine(settings: Settings) -> Engine:
 
 def _build_engine(settings: Settings) -> Engine:
     if settings.model_backend in ("llama", "batching"):
-        from .engine import build_engine
-
         common = dict(
             model_path=settings.model_path,
             n_threads=settings.model_n_threads,
@@ -66,9 +64,12 @@ def _build_engine(settings: Settings) -> Engine:
             model_name=settings.model_name,
         )
         if settings.model_backend == "llama":
-            return build_engine("llama", n_ctx=settings.model_n_ctx, **common)
-        return build_engine(
-            "batching",
+            from .engine.llama import LlamaEngine
+
+            return LlamaEngine(n_ctx=settings.model_n_ctx, **common)
+        from .engine.batching import BatchingEngine
+
+        return BatchingEngine(
             n_ctx_per_seq=settings.model_n_ctx,
             n_parallel=settings.model_n_parallel,
             max_queue=settings.model_max_queue,

