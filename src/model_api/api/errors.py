@@ -17,6 +17,10 @@ from typing import Any
 from apiflask import APIFlask, HTTPError
 from flask import has_request_context, jsonify, request
 
+from ..engine.base import ContextOverflow, EngineBusy, EngineError, UpstreamError, UpstreamTimeout
+from ..services.jobs import QueueUnavailable
+from ..services.quota import QuotaExceeded, QuotaState
+
 log = logging.getLogger(__name__)
 
 # status -> default machine-readable code
@@ -83,12 +87,6 @@ def error_body(status: int, code: str, message: str, details: Any = None, *, pat
     return {"error": body}
 
 
-def payload_of(error: HTTPError) -> dict:
-    """The error body for an :func:`api_error` exception, in the current route's shape."""
-    code = (error.extra_data or {}).get("code") or CODES.get(error.status_code, "error")
-    return error_body(error.status_code, code, error.message, error.detail or None)
-
-
 def _flatten_validation(detail: Any) -> tuple[str, Any]:
     """webargs reports {"json": {"field": ["msg"]}}; say it in one sentence too."""
     fields: dict[str, Any] = {}
@@ -116,6 +114,34 @@ def _parses_as_json(data: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+def rate_headers(state: QuotaState) -> dict[str, str]:
+    """X-RateLimit-* (and Retry-After when a windowed quota is spent) for a model-call reply."""
+    h = {"X-RateLimit-Limit": str(state.limit), "X-RateLimit-Remaining": str(state.remaining)}
+    if state.retry_after is not None:
+        h["Retry-After"] = str(state.retry_after)
+    return h
+
+
+def service_error(exc: Exception) -> HTTPError:
+    """Map a service or engine exception to its API error (the one place that knows both)."""
+    if isinstance(exc, QuotaExceeded):
+        return api_error(429, "quota exhausted: no model calls left for this user", headers=rate_headers(exc.state))
+    if isinstance(exc, ContextOverflow):
+        return api_error(422, str(exc), code="prompt_too_long",
+                         details={"prompt_tokens": exc.prompt_tokens, "context_size": exc.context_size})
+    if isinstance(exc, EngineBusy):
+        return api_error(503, str(exc), code="model_busy", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, UpstreamTimeout):
+        return api_error(504, f"model backend timed out: {exc}", code="upstream_timeout")
+    if isinstance(exc, UpstreamError):
+        return api_error(502, f"model backend failed: {exc}", code="upstream_error")
+    if isinstance(exc, EngineError):
+        return api_error(500, "the model failed; your quota unit was refunded", code="model_error")
+    if isinstance(exc, QueueUnavailable):
+        return api_error(503, "the job queue is unavailable; your quota unit was refunded", code="queue_unavailable")
+    raise exc
 
 
 def register_error_handlers(app: APIFlask) -> None:
@@ -155,6 +181,10 @@ def register_error_handlers(app: APIFlask) -> None:
         if request.get_data(cache=True) and not _parses_as_json(request.get_data(cache=True)):
             return _render(api_error(400, "request body is not valid JSON", code="invalid_json"))
         return _render(api_error(400, exc.description or "bad request"))
+
+    # services raise these from any route; one mapping answers them all
+    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable):
+        app.register_error_handler(service_exc, lambda exc: _render(service_error(exc)))
 
     @app.errorhandler(Exception)
     def _unhandled(exc: Exception):

@@ -11,12 +11,11 @@ from apiflask import APIBlueprint
 from flask import current_app, g
 from flask import request as http_request
 
-from ..engine.base import ContextOverflow, EngineBusy, EngineError, GenerationRequest, SamplingParams, UpstreamError, UpstreamTimeout
+from ..engine.base import GenerationRequest, SamplingParams
 from ..db import as_utc
 from ..models import CallKind, CallStatus
 from ..services import calls, jobs
-from ..services.quota import QuotaExceeded, QuotaState
-from .errors import api_error
+from .errors import api_error, rate_headers
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .schemas import (
     AsyncCallOut,
@@ -45,18 +44,11 @@ SSE_EXAMPLE = (
 RATE_HEADERS = RATE_LIMIT_HEADERS  # documented on every success and on 429
 
 _MODEL_ERRORS = (400, 401, 413, 422, 429, 500, 502, 503, 504)
-_ERRORS = error_responses(*_MODEL_ERRORS)  # kept for routes elsewhere that share these errors
+_ERRORS = error_responses(*_MODEL_ERRORS)  # the errors every model-call route can answer
 
 
 def _rt():
     return current_app.extensions["model_api"]
-
-
-def rate_headers(state: QuotaState) -> dict[str, str]:
-    h = {"X-RateLimit-Limit": str(state.limit), "X-RateLimit-Remaining": str(state.remaining)}
-    if state.retry_after is not None:
-        h["Retry-After"] = str(state.retry_after)
-    return h
 
 
 def sampling_params(data: dict) -> SamplingParams:
@@ -73,27 +65,6 @@ def sampling_params(data: dict) -> SamplingParams:
         seed=data.get("seed"),
         stop=tuple(data.get("stop") or ()),
     )
-
-
-def translate_engine_errors(exc: Exception, state: QuotaState | None = None):
-    """Map engine/service exceptions to API errors (the one place that knows both)."""
-    headers = rate_headers(state) if state else None
-    if isinstance(exc, QuotaExceeded):
-        return api_error(429, "quota exhausted: no model calls left for this user", headers=rate_headers(exc.state))
-    if isinstance(exc, ContextOverflow):
-        return api_error(422, str(exc), code="prompt_too_long",
-                         details={"prompt_tokens": exc.prompt_tokens, "context_size": exc.context_size})
-    if isinstance(exc, EngineBusy):
-        return api_error(503, str(exc), code="model_busy", headers={"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, UpstreamTimeout):
-        return api_error(504, f"model backend timed out: {exc}", code="upstream_timeout", headers=headers)
-    if isinstance(exc, UpstreamError):
-        return api_error(502, f"model backend failed: {exc}", code="upstream_error", headers=headers)
-    if isinstance(exc, EngineError):
-        return api_error(500, "the model failed; your quota unit was refunded", code="model_error", headers=headers)
-    if isinstance(exc, jobs.QueueUnavailable):
-        return api_error(503, "the job queue is unavailable; your quota unit was refunded", code="queue_unavailable")
-    raise exc
 
 
 def _check_prompt_size(prompt: str) -> None:
@@ -119,44 +90,46 @@ def _check_prompt_size(prompt: str) -> None:
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
     _check_prompt_size(json_data["prompt"])
-    rt = _rt()
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
-    user = current_principal()
     if json_data.get("stream"):
-        return _stream(request)
-    try:
-        outcome = calls.run_sync(rt.db, rt.engine, user.id, request, rt.policy, request_id=g.get("request_id"))
-    except (QuotaExceeded, ContextOverflow, EngineError) as exc:
-        raise translate_engine_errors(exc) from None
-    c = outcome.completion
-    assert c is not None
-    g.usage = (c.prompt_tokens, c.completion_tokens, c.generation_seconds)
+        # the same SSE chunks as /v1/chat/completions, usage always in the last one
+        return start_stream(request, CallKind.STREAM, chat=True, include_usage=True)
+    outcome, c = run_call(request, CallKind.SYNC)
     body = {
         "response": c.text,
         "id": str(outcome.call_id),
         "model": c.model,
         "finish_reason": c.finish_reason,
-        "usage": {
-            "prompt_tokens": c.prompt_tokens,
-            "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens,
-        },
+        "usage": usage_dict(c.prompt_tokens, c.completion_tokens),
     }
     return body, 201, rate_headers(outcome.quota)
 
 
-def _stream(gen_request: GenerationRequest):
-    """``"stream": true``: the same SSE chunks as /v1/chat/completions, usage always in the last one."""
+def run_call(gen_request: GenerationRequest, kind: CallKind):
+    """Run a non-streamed call for the signed-in user; returns (outcome, completion)."""
+    rt = _rt()
+    outcome = calls.run_sync(rt.db, rt.engine, current_principal().id, gen_request, rt.policy, kind=kind,
+                             request_id=g.get("request_id"))
+    c = outcome.completion
+    assert c is not None
+    g.usage = (c.prompt_tokens, c.completion_tokens, c.generation_seconds)
+    return outcome, c
+
+
+def start_stream(gen_request: GenerationRequest, kind: CallKind, *, chat: bool, include_usage: bool):
+    """Admit a streamed call for the signed-in user and answer with its SSE stream."""
     from .streaming import stream_response
 
     rt = _rt()
-    try:
-        call = calls.start_stream(rt.db, rt.engine, current_principal().id, gen_request, rt.policy,
-                                  kind=CallKind.STREAM, request_id=g.get("request_id"))
-    except (QuotaExceeded, ContextOverflow, EngineError) as exc:
-        raise translate_engine_errors(exc) from None
-    return stream_response(call, chat=True, include_usage=True, path=http_request.path,
+    call = calls.start_stream(rt.db, rt.engine, current_principal().id, gen_request, rt.policy,
+                              kind=kind, request_id=g.get("request_id"))
+    return stream_response(call, chat=chat, include_usage=include_usage, path=http_request.path,
                            headers=rate_headers(call.quota))
+
+
+def usage_dict(prompt_tokens: int | None, completion_tokens: int) -> dict[str, int | None]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": (prompt_tokens or 0) + completion_tokens}
 
 
 @bp.post("/async_call_model")
@@ -177,11 +150,8 @@ def async_call_model(json_data: dict):
     rt = _rt()
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
     user = current_principal()
-    try:
-        outcome = jobs.submit(rt.db, rt.engine, rt.job_queue, user.id, request, rt.policy,
-                              request_id=g.get("request_id"))
-    except (QuotaExceeded, ContextOverflow, EngineError, jobs.QueueUnavailable) as exc:
-        raise translate_engine_errors(exc) from None
+    outcome = jobs.submit(rt.db, rt.engine, rt.job_queue, user.id, request, rt.policy,
+                          request_id=g.get("request_id"))
     return {"job_id": str(outcome.call_id)}, 200, rate_headers(outcome.quota)
 
 
@@ -215,11 +185,7 @@ def job_view(call) -> dict:
     if status == CallStatus.RUNNING and call.cancel_requested:
         out["cancel_requested"] = True
     if call.completion_tokens is not None:
-        out["usage"] = {
-            "prompt_tokens": call.prompt_tokens,
-            "completion_tokens": call.completion_tokens,
-            "total_tokens": (call.prompt_tokens or 0) + call.completion_tokens,
-        }
+        out["usage"] = usage_dict(call.prompt_tokens, call.completion_tokens)
     return out
 
 
@@ -294,8 +260,7 @@ def call_view(call) -> dict:
         "finished_at": _iso(call.finished_at),
     }
     if call.completion_tokens is not None:
-        view["usage"] = {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-                         "total_tokens": (call.prompt_tokens or 0) + call.completion_tokens}
+        view["usage"] = usage_dict(call.prompt_tokens, call.completion_tokens)
     return view
 
 

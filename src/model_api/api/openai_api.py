@@ -11,17 +11,16 @@ import time
 from typing import Any
 
 from apiflask import APIBlueprint
-from flask import current_app, g, request
+from flask import current_app
 
-from ..engine.base import ContextOverflow, EngineError, GenerationRequest
+from ..engine.base import GenerationRequest
 from ..models import CallKind
-from ..services import calls
-from ..services.quota import QuotaExceeded
-from .model_calls import _check_prompt_size, rate_headers, sampling_params, translate_engine_errors
+from .errors import rate_headers
+from .model_calls import _check_prompt_size, run_call, sampling_params, start_stream
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .schemas import ChatCompletionIn, CompletionIn, CompletionOut, ModelListOut
-from .security import auth, current_principal
-from .streaming import finish_reason, stream_response, usage_of
+from .security import auth
+from .streaming import finish_reason, usage_of
 
 bp = APIBlueprint("openai", __name__, url_prefix="/v1", tag="OpenAI-compatible")
 
@@ -57,25 +56,10 @@ def _params(data: dict[str, Any]):
 
 
 def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any], *, chat: bool):
-    rt = _rt()
-    user = current_principal()
     if data.get("stream"):
-        try:
-            call = calls.start_stream(rt.db, rt.engine, user.id, gen_request, rt.policy, kind=kind,
-                                      request_id=g.get("request_id"))
-        except (QuotaExceeded, ContextOverflow, EngineError) as exc:
-            raise translate_engine_errors(exc) from None
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return stream_response(call, chat=chat, include_usage=include_usage, path=request.path,
-                               headers=rate_headers(call.quota))
-    try:
-        outcome = calls.run_sync(rt.db, rt.engine, user.id, gen_request, rt.policy, kind=kind,
-                                 request_id=g.get("request_id"))
-    except (QuotaExceeded, ContextOverflow, EngineError) as exc:
-        raise translate_engine_errors(exc) from None
-    c = outcome.completion
-    assert c is not None
-    g.usage = (c.prompt_tokens, c.completion_tokens, c.generation_seconds)
+        return start_stream(gen_request, kind, chat=chat, include_usage=include_usage)
+    outcome, c = run_call(gen_request, kind)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": c.text},
                   "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}

@@ -24,7 +24,7 @@ from flask import Response
 
 from ..engine.base import Completion, EngineError
 from ..services.calls import StreamingCall
-from .errors import error_body
+from .errors import error_body, service_error
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,7 @@ def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, path: 
         # headers are gone: report in-stream, in the route's error shape (the call
         # is already recorded as failed and refunded)
         ended = True
-        from .model_calls import translate_engine_errors
-
-        err = translate_engine_errors(exc)
+        err = service_error(exc)
         yield sse(error_body(err.status_code, (err.extra_data or {}).get("code") or "model_error",
                              err.message, path=path))
         yield "data: [DONE]\n\n"
