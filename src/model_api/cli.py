@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 from flask import current_app
 from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from .models import Call, User
 from .services import api_keys
@@ -29,16 +32,24 @@ def _rt():
     return current_app.extensions["model_api"]
 
 
-def _read_password(password: str | None, from_stdin: bool, generate: bool = False) -> tuple[str, bool]:
+@contextmanager
+def _session() -> Iterator[Session]:
+    """A committed session; a refused user operation becomes a clean CLI error."""
+    try:
+        with _rt().db.session() as s:
+            yield s
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _read_password(password: str | None, from_stdin: bool) -> str:
     if password and from_stdin:
         raise click.UsageError("give --password or --password-stdin, not both")
     if from_stdin:
-        return sys.stdin.readline().rstrip("\r\n"), False
+        return sys.stdin.readline().rstrip("\r\n")
     if password:
-        return password, False
-    if generate:
-        return auth_service.generate_password(), True
-    return click.prompt("Password", hide_input=True, confirmation_prompt=True), False
+        return password
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
 
 
 users = click.Group("users", help="Manage API users.")
@@ -52,12 +63,9 @@ users = click.Group("users", help="Manage API users.")
 @with_appcontext
 def users_create(name: str, password: str | None, password_stdin: bool, quota: int | None) -> None:
     """Create a user."""
-    pw, _ = _read_password(password, password_stdin)
-    try:
-        with _rt().db.session() as s:
-            auth_service.create_user(s, name, pw, quota)
-    except UserError as exc:
-        raise click.ClickException(str(exc)) from None
+    pw = _read_password(password, password_stdin)
+    with _session() as s:
+        auth_service.create_user(s, name, pw, quota)
     click.echo(f"created user {name}")
 
 
@@ -68,11 +76,8 @@ def users_create(name: str, password: str | None, password_stdin: bool, quota: i
 @with_appcontext
 def users_set_quota(name: str, quota: int, reset_usage: bool) -> None:
     """Set a user's quota."""
-    try:
-        with _rt().db.session() as s:
-            quota_service.set_quota(s, auth_service.get_user(s, name), quota, reset_usage)
-    except UserError as exc:
-        raise click.ClickException(str(exc)) from None
+    with _session() as s:
+        quota_service.set_quota(s, auth_service.get_user(s, name), quota, reset_usage)
     click.echo(f"quota of {name} is now {quota}")
 
 
@@ -83,12 +88,9 @@ def users_set_quota(name: str, quota: int, reset_usage: bool) -> None:
 @with_appcontext
 def users_set_password(name: str, password: str | None, password_stdin: bool) -> None:
     """Change a user's password (cached credentials stop working at once)."""
-    pw, _ = _read_password(password, password_stdin)
-    try:
-        with _rt().db.session() as s:
-            auth_service.set_password(s, name, pw)
-    except UserError as exc:
-        raise click.ClickException(str(exc)) from None
+    pw = _read_password(password, password_stdin)
+    with _session() as s:
+        auth_service.set_password(s, name, pw)
     click.echo(f"password of {name} changed")
 
 
@@ -103,7 +105,7 @@ def users_list() -> None:
         ).all()
         click.echo(f"{'username':<24} {'active':<6} {'quota':>6} {'used':>6} {'left':>6} {'calls':>6}")
         for user, ncalls in rows:
-            st = quota_service.state(s, user.id, rt.policy.default_quota, rt.policy.window_seconds)
+            st = quota_service.state_of_user(user, rt.policy.default_quota, rt.policy.window_seconds)
             click.echo(
                 f"{user.username:<24} {'yes' if user.is_active else 'no':<6} {st.limit:>6} "
                 f"{st.limit - st.remaining:>6} {st.remaining:>6} {ncalls:>6}"
@@ -118,14 +120,11 @@ def users_delete(name: str, yes: bool) -> None:
     """Deactivate a user: they can no longer sign in; their calls are kept."""
     if not yes:
         click.confirm(f"deactivate {name}?", abort=True)
-    try:
-        with _rt().db.session() as s:
-            user = auth_service.get_user(s, name)
-            user.is_active = False
-            # free the name for reuse while keeping history attached to the old row
-            user.username = f"{user.username}#deleted-{user.id}"
-    except UserError as exc:
-        raise click.ClickException(str(exc)) from None
+    with _session() as s:
+        user = auth_service.get_user(s, name)
+        user.is_active = False
+        # free the name for reuse while keeping history attached to the old row
+        user.username = f"{user.username}#deleted-{user.id}"
     click.echo(f"deleted user {name} (calls kept)")
 
 
@@ -138,11 +137,8 @@ keys = click.Group("keys", help="Manage API keys (Authorization: Bearer).")
 @with_appcontext
 def keys_create(username: str, label: str | None) -> None:
     """Create an API key for a user and print it (this is the only time it is shown)."""
-    try:
-        with _rt().db.session() as s:
-            new = api_keys.create_key(s, auth_service.get_user(s, username), label)
-    except UserError as exc:
-        raise click.ClickException(str(exc)) from None
+    with _session() as s:
+        new = api_keys.create_key(s, auth_service.get_user(s, username), label)
     click.echo(new.key)
     click.echo(f"created key {new.id} ({new.prefix}...) for {username}; store it now, it is not shown again",
                err=True)
@@ -154,20 +150,17 @@ def keys_create(username: str, label: str | None) -> None:
 @with_appcontext
 def keys_list(username: str | None, include_revoked: bool) -> None:
     """List keys (of one user or everyone's): id, prefix, owner, label, dates."""
-    try:
-        with _rt().db.session() as s:
-            user = auth_service.get_user(s, username) if username else None
-            rows = api_keys.list_keys(s, user, include_revoked)
-            click.echo(f"{'id':>5} {'prefix':<12} {'user':<20} {'name':<20} {'created':<20} "
-                       f"{'last used':<20} revoked")
-            for k in rows:
-                def fmt(d):
-                    return d.strftime("%Y-%m-%d %H:%M") if d else "-"
+    with _session() as s:
+        user = auth_service.get_user(s, username) if username else None
+        rows = api_keys.list_keys(s, user, include_revoked)
+        click.echo(f"{'id':>5} {'prefix':<12} {'user':<20} {'name':<20} {'created':<20} "
+                   f"{'last used':<20} revoked")
+        for k in rows:
+            def fmt(d):
+                return d.strftime("%Y-%m-%d %H:%M") if d else "-"
 
-                click.echo(f"{k.id:>5} {k.prefix:<12} {k.user.username:<20} {(k.name or '-'):<20} "
-                           f"{fmt(k.created_at):<20} {fmt(k.last_used_at):<20} {fmt(k.revoked_at)}")
-    except UserError as exc:
-        raise click.ClickException(str(exc)) from None
+            click.echo(f"{k.id:>5} {k.prefix:<12} {k.user.username:<20} {(k.name or '-'):<20} "
+                       f"{fmt(k.created_at):<20} {fmt(k.last_used_at):<20} {fmt(k.revoked_at)}")
 
 
 @keys.command("revoke")
@@ -175,12 +168,9 @@ def keys_list(username: str | None, include_revoked: bool) -> None:
 @with_appcontext
 def keys_revoke(key: str) -> None:
     """Revoke a key by its id or listed prefix; it stops working at once."""
-    try:
-        with _rt().db.session() as s:
-            row = api_keys.revoke_key(s, key)
-            click.echo(f"revoked key {row.id} ({row.prefix}...) of {row.user.username}")
-    except UserError as exc:
-        raise click.ClickException(str(exc)) from None
+    with _session() as s:
+        row = api_keys.revoke_key(s, key)
+        click.echo(f"revoked key {row.id} ({row.prefix}...) of {row.user.username}")
 
 
 db_group = click.Group("db", help="Database schema.")
@@ -212,7 +202,7 @@ def bootstrap() -> None:
     """Create the first user when there is none, printing its credentials once."""
     rt = _rt()
     s_ = rt.settings
-    with rt.db.session() as s:
+    with _session() as s:
         if s.scalar(select(func.count(User.id))):
             click.echo("users exist; nothing to do")
             return

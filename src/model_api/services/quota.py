@@ -75,6 +75,12 @@ def state(session: Session, user_id: int, default_quota: int, window_seconds: in
     return _state_of(row, window_seconds)
 
 
+def state_of_user(user: User, default_quota: int, window_seconds: int | None) -> QuotaState:
+    """The quota state of an already-loaded user row (no query)."""
+    limit = user.quota if user.quota is not None else default_quota
+    return _state_of((limit, user.used, user.window_started_at), window_seconds)
+
+
 def _state_of(row, window_seconds: int | None) -> QuotaState:
     limit, used, started = int(row[0]), int(row[1]), as_utc(row[2])
     retry_after = None
