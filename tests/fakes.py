@@ -14,6 +14,10 @@ class _Gen(Generation):
         self._engine = engine
         self._request = request
         self._out: list[str] = []
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def __next__(self) -> str:
         if self._engine.fail:
@@ -34,10 +38,13 @@ class FakeEngine(Engine):
     def __init__(self, reply: str = "hello from fake", fail: bool = False):
         self.reply = reply
         self.fail = fail
+        self.started: list[_Gen] = []  # every generation handed out, to see what was started and closed
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         text = request.prompt if request.prompt is not None else " ".join(m["content"] for m in request.messages or ())
         return len(text.split())
 
     def stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
-        return _Gen(self, request)
+        gen = _Gen(self, request)
+        self.started.append(gen)
+        return gen

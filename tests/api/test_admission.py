@@ -39,3 +39,33 @@ def test_full_queue_is_503_with_retry_after_and_refunds(make_app, make_user, dat
         used = s.scalar(select(User.used))
         charged = s.scalar(select(func.count(Call.id)).where(Call.charged.is_(True)))
     assert used == codes.count(201) == charged  # every refused call gave its unit back
+
+
+def test_out_of_quota_race_frees_the_started_sequence(make_app, make_user, database):
+    """The model starts while the unit is reserved; when the reservation loses a
+    race for the last unit, the real engine's sequence is cancelled and its slot freed."""
+    import time
+
+    from model_api.engine.base import GenerationRequest, SamplingParams
+    from model_api.services import calls, quota
+
+    app = make_app(model_backend="batching", model_n_parallel=1, model_max_queue=1)
+    rt = app.extensions["model_api"]
+    headers = make_user("alice", quota=1)
+    assert app.test_client().post("/call_model", json={"prompt": "Hi", "max_tokens": 1},
+                                  headers=headers).status_code == 201
+    with database.session() as s:
+        uid = s.scalar(select(User.id))
+    req = GenerationRequest.single_prompt("Write a long story about a dragon.", SamplingParams(max_tokens=256))
+    try:
+        calls.run_sync(rt.db, rt.engine, uid, req, rt.policy, quota_hint=quota.QuotaState(limit=1, remaining=1))
+    except quota.QuotaExceeded:
+        pass
+    else:
+        raise AssertionError("the reservation should have refused the call")
+    deadline = time.monotonic() + 10
+    while rt.engine.stats()["active"] or rt.engine.stats()["waiting"]:
+        assert time.monotonic() < deadline, rt.engine.stats()
+        time.sleep(0.05)
+    with database.session() as s:
+        assert s.scalar(select(func.count(Call.id))) == 1 and s.scalar(select(User.used)) == 1

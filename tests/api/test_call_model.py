@@ -89,15 +89,16 @@ def test_prompt_longer_than_context_is_422_and_free(client, make_user, database)
 
 
 def test_a_model_failure_is_500_json_and_refunds(client, make_user, database, monkeypatch, app):
-    from model_api.engine.base import EngineError
+    from model_api.engine.base import EngineError, Generation
 
     headers = make_user("alice")
     engine = app.extensions["model_api"].engine
 
-    def broken(*a, **k):
-        raise EngineError("the GPU caught fire")
+    class Broken(Generation):  # fails once the call is admitted and charged
+        def __next__(self):
+            raise EngineError("the GPU caught fire")
 
-    monkeypatch.setattr(engine, "generate", broken)  # the engine is the external part here
+    monkeypatch.setattr(engine, "stream", lambda *a, **k: Broken())  # the engine is the external part here
     r = client.post("/call_model", json={"prompt": "Hi", "max_tokens": 1}, headers=headers)
     assert r.status_code == 500
     assert r.json["error"]["code"] == "model_error"

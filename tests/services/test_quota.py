@@ -59,6 +59,34 @@ def test_failed_call_refunds_exactly_once(make_user, database):
         assert s.get(User, uid).used == 0
 
 
+def test_quota_spent_at_sign_in_is_refused_before_the_model_starts(make_user, database):
+    make_user("alice", quota=1)
+    uid = _user_id(database)
+    engine = FakeEngine()
+    with pytest.raises(quota.QuotaExceeded):
+        calls.run_sync(database, engine, uid, REQ, QuotaPolicy(3, None),
+                       quota_hint=quota.QuotaState(limit=1, remaining=0))
+    assert engine.started == []  # no model work for a caller known to be out of quota
+    with database.session() as s:
+        assert s.scalar(select(func.count(Call.id))) == 0 and s.get(User, uid).used == 0
+
+
+def test_reservation_lost_to_a_concurrent_call_cancels_the_started_model(make_user, database):
+    """The hint read at sign-in said one unit was left, but another call took it
+    meanwhile: the reservation decides, the started generation is closed, nothing is written."""
+    make_user("alice", quota=1)
+    uid = _user_id(database)
+    calls.run_sync(database, FakeEngine(), uid, REQ, QuotaPolicy(3, None))  # takes the last unit
+    engine = FakeEngine()
+    with pytest.raises(quota.QuotaExceeded):
+        calls.run_sync(database, engine, uid, REQ, QuotaPolicy(3, None),
+                       quota_hint=quota.QuotaState(limit=1, remaining=1))
+    [gen] = engine.started
+    assert gen.closed and gen.result is None
+    with database.session() as s:
+        assert s.scalar(select(func.count(Call.id))) == 1 and s.get(User, uid).used == 1
+
+
 def test_zero_quota_admits_nothing(make_user, database):
     make_user("alice", quota=0)
     with database.session() as s, pytest.raises(quota.QuotaExceeded):

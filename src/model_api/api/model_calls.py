@@ -108,8 +108,9 @@ def call_model(json_data: dict):
 def run_call(gen_request: GenerationRequest, kind: CallKind):
     """Run a non-streamed call for the signed-in user; returns (outcome, completion)."""
     rt = _rt()
-    outcome = calls.run_sync(rt.db, rt.engine, current_principal().id, gen_request, rt.policy, kind=kind,
-                             request_id=g.get("request_id"))
+    user = current_principal()
+    outcome = calls.run_sync(rt.db, rt.engine, user.id, gen_request, rt.policy, kind=kind,
+                             request_id=g.get("request_id"), quota_hint=user.quota)
     c = outcome.completion
     assert c is not None
     g.usage = (c.prompt_tokens, c.completion_tokens, c.generation_seconds)
@@ -121,8 +122,9 @@ def start_stream(gen_request: GenerationRequest, kind: CallKind, *, chat: bool, 
     from .streaming import stream_response
 
     rt = _rt()
-    call = calls.start_stream(rt.db, rt.engine, current_principal().id, gen_request, rt.policy,
-                              kind=kind, request_id=g.get("request_id"))
+    user = current_principal()
+    call = calls.start_stream(rt.db, rt.engine, user.id, gen_request, rt.policy,
+                              kind=kind, request_id=g.get("request_id"), quota_hint=user.quota)
     return stream_response(call, chat=chat, include_usage=include_usage, path=http_request.path,
                            headers=rate_headers(call.quota))
 

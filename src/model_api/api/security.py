@@ -14,6 +14,8 @@ from flask import current_app, g
 from ..observability import metrics
 from ..services import api_keys
 from ..services import auth as auth_service
+from ..services import quota
+from ..services.quota import QuotaState
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,10 @@ auth = MultiAuth(basic_auth, token_auth)
 class Principal:
     id: int
     username: str
+    #: the user's quota as read with the credentials: lets a call refuse a user
+    #: visibly out of quota before the model starts (the database's atomic
+    #: reservation still decides)
+    quota: QuotaState | None = None
 
 
 @basic_auth.verify_password
@@ -63,14 +69,14 @@ def _verify_token(token: str) -> Principal | None:
 def _principal(scheme: str, name_for_log: str | None, lookup) -> Principal | None:
     """Run a scheme's credential lookup; record the user, or log and count the failure."""
     rt = current_app.extensions["model_api"]
-    with rt.db.session() as s:
-        user = lookup(s, rt)
-        principal = Principal(user.id, user.username) if user else None
-    if principal is None:
+    with rt.db.autocommit() as conn:
+        row = lookup(conn, rt)
+    if row is None:
         auth_failed(scheme, "invalid", name_for_log)
-    else:
-        g.user = principal.username
-    return principal
+        return None
+    g.user = row.username
+    return Principal(row.id, row.username,
+                     quota.state_of_user(row, rt.policy.default_quota, rt.policy.window_seconds))
 
 
 def current_principal() -> Principal:

@@ -186,6 +186,9 @@ class _LlamaGeneration(Generation):
         return max(0, self._max_seen - self._n_prompt + 1) if self._max_seen else 0
 
     def _start(self) -> None:
+        # Model time starts when the caller starts reading (it may do database
+        # work between stream() and its first next()), queueing for the lock included.
+        self._t0 = time.monotonic()
         self._engine._lock.acquire()
         self._locked = True
         if self._engine._closed:

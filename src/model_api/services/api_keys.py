@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from ..db import as_utc, utcnow
 from ..models import ApiKey, User
-from .auth import UserError
+from .auth import ACCOUNT_COLUMNS, UserError
 
 KEY_PREFIX = "mk-"
 #: characters of the key kept in clear for listings ("mk-" + 8 random characters)
@@ -73,21 +74,21 @@ def revoke_key(session: Session, ident: str) -> ApiKey:
     return row
 
 
-def authenticate(session: Session, key: str) -> User | None:
-    """The active user owning this unrevoked key, or None."""
+def authenticate(conn: Connection | Session, key: str) -> Row | None:
+    """The active user owning this unrevoked key (a row of
+    :data:`~.auth.ACCOUNT_COLUMNS`), or None."""
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
-    row = session.execute(
-        select(ApiKey, User)
+    row = conn.execute(
+        select(*ACCOUNT_COLUMNS, ApiKey.id.label("key_id"), ApiKey.last_used_at)
         .join(User)
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None), User.is_active.is_(True))
     ).first()
     if row is None:
         return None
-    api_key, user = row
     now = utcnow()
-    last = as_utc(api_key.last_used_at)
+    last = as_utc(row.last_used_at)
     # a write per request would serialise busy clients on one row; minute resolution is plenty
     if last is None or (now - last).total_seconds() > 60:
-        session.execute(update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now))
-    return user
+        conn.execute(update(ApiKey).where(ApiKey.id == row.key_id).values(last_used_at=now))
+    return row

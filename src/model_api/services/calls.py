@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from ..db import Database, utcnow
-from ..engine.base import Completion, Engine, EngineError, GenerationRequest
+from ..engine.base import Completion, Engine, EngineError, Generation, GenerationRequest
 from ..models import Call, CallKind, CallStatus, User
 from ..observability import metrics
 from . import quota
@@ -76,11 +76,7 @@ def admit(
     try:
         state = quota.reserve(session, user_id, policy.default_quota, policy.window_seconds)
     except quota.QuotaExceeded as exc:
-        # one place for every route: a warning with the user name, and the counter
-        username = session.scalar(select(User.username).where(User.id == user_id))
-        log.warning("quota refused", extra={"user": username, "kind": kind.value,
-                                            "quota_limit": exc.state.limit})
-        metrics.quota_refused(kind.value)
+        _refused(session, user_id, kind, exc)
         raise
     queued = kind == CallKind.ASYNC
     p = request.params
@@ -114,6 +110,13 @@ def admit(
     return call, state
 
 
+def _refused(session: Session, user_id: int, kind: CallKind, exc: quota.QuotaExceeded) -> None:
+    """One place for every route: a warning with the user name, and the counter."""
+    username = session.scalar(select(User.username).where(User.id == user_id))
+    log.warning("quota refused", extra={"user": username, "kind": kind.value, "quota_limit": exc.state.limit})
+    metrics.quota_refused(kind.value)
+
+
 def open_call(
     db: Database,
     engine: Engine,
@@ -130,12 +133,59 @@ def open_call(
     QuotaExceeded leaves nothing written either.
     """
     prompt_tokens = engine.check(request)
+    call_id, state = _admit_committed(db, engine, user_id, request, kind, policy, prompt_tokens, request_id)
+    return call_id, state, prompt_tokens
+
+
+def _admit_committed(db: Database, engine: Engine, user_id: int, request: GenerationRequest, kind: CallKind,
+                     policy: QuotaPolicy, prompt_tokens: int, request_id: str | None) -> tuple[uuid.UUID, QuotaState]:
     with db.session() as s:
         call, state = admit(
             s, user_id, request, kind, policy, prompt_tokens=prompt_tokens, model=engine.model_name,
             request_id=request_id,
         )
-        return call.id, state, prompt_tokens
+        return call.id, state
+
+
+def start_call(
+    db: Database,
+    engine: Engine,
+    user_id: int,
+    request: GenerationRequest,
+    kind: CallKind,
+    policy: QuotaPolicy,
+    *,
+    request_id: str | None = None,
+    quota_hint: QuotaState | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[Generation, uuid.UUID, QuotaState, int]:
+    """Start the model on a call, then charge a unit and write the row while it
+    reads the prompt. Returns (generation, call id, quota state, prompt tokens).
+
+    The database work overlaps the model's prompt processing instead of
+    delaying it; nothing is lost by that order:
+
+    * ContextOverflow, a quota already spent according to ``quota_hint`` (read
+      with the credentials) and EngineBusy are raised before anything is
+      started, charged or written;
+    * the atomic reservation still decides: if it finds no unit left (a
+      concurrent call took the last one) or the database fails, the generation
+      is cancelled -- at the engine's next step -- and the error propagates,
+      with nothing charged or written.
+    """
+    prompt_tokens = engine.check(request)
+    if quota_hint is not None and quota_hint.remaining <= 0:
+        exc = quota.QuotaExceeded(quota_hint)
+        with db.session() as s:
+            _refused(s, user_id, kind, exc)
+        raise exc
+    gen = engine.stream(request, cancel)
+    try:
+        call_id, state = _admit_committed(db, engine, user_id, request, kind, policy, prompt_tokens, request_id)
+    except BaseException:
+        gen.close()
+        raise
+    return gen, call_id, state, prompt_tokens
 
 
 def request_of(call: Call) -> GenerationRequest:
@@ -163,8 +213,8 @@ def record_completion(db: Database, call_id: uuid.UUID, result: Completion, atte
     conds = [Call.id == call_id, Call.status == CallStatus.RUNNING.value]
     if attempt is not None:
         conds.append(Call.attempts == attempt)
-    with db.session() as s:
-        row = s.execute(
+    with db.autocommit() as conn:  # one statement: its own transaction
+        row = conn.execute(
             update(Call)
             .where(*conds)
             .values(
@@ -258,17 +308,22 @@ def run_sync(
     kind: CallKind = CallKind.SYNC,
     request_id: str | None = None,
     cancel: threading.Event | None = None,
+    quota_hint: QuotaState | None = None,
 ) -> CallOutcome:
     """Admit, generate and record one synchronous call.
 
-    Raises ContextOverflow before charging anything; QuotaExceeded with nothing
-    written; EngineError after recording the failure and refunding the unit.
+    Raises ContextOverflow, QuotaExceeded or EngineBusy with nothing charged or
+    written (see :func:`start_call`); EngineError after recording the failure
+    and refunding the unit.
     """
-    call_id, state, prompt_tokens = open_call(db, engine, user_id, request, kind, policy, request_id)
+    gen, call_id, state, _ = start_call(db, engine, user_id, request, kind, policy, request_id=request_id,
+                                        quota_hint=quota_hint, cancel=cancel)
     with failures_recorded(db, call_id):
-        result = engine.generate(request, cancel)
-    record_completion(db, call_id, result)
-    return CallOutcome(call_id, state, result)
+        for _ in gen:
+            pass
+    assert gen.result is not None
+    record_completion(db, call_id, gen.result)
+    return CallOutcome(call_id, state, gen.result)
 
 
 class StreamingCall:
@@ -353,17 +408,20 @@ def start_stream(
     *,
     kind: CallKind,
     request_id: str | None = None,
+    quota_hint: QuotaState | None = None,
 ) -> StreamingCall:
     """Admit a streamed call and run it to its first delta.
 
-    Raises like :func:`run_sync` (ContextOverflow/QuotaExceeded before charging;
-    EngineError recorded and refunded) for everything that happens before the
-    first token, so routes can still answer those with a status code.
+    Raises like :func:`run_sync` (ContextOverflow/QuotaExceeded/EngineBusy
+    before charging; EngineError recorded and refunded) for everything that
+    happens before the first token, so routes can still answer those with a
+    status code.
     """
-    call_id, state, prompt_tokens = open_call(db, engine, user_id, request, kind, policy, request_id)
+    gen, call_id, state, prompt_tokens = start_call(db, engine, user_id, request, kind, policy,
+                                                    request_id=request_id, quota_hint=quota_hint,
+                                                    cancel=threading.Event())
     with failures_recorded(db, call_id):
-        sc = StreamingCall(db, call_id, state, engine.stream(request, threading.Event()), engine.model_name,
-                           prompt_tokens)
+        sc = StreamingCall(db, call_id, state, gen, engine.model_name, prompt_tokens)
         sc._prime()
     return sc
 

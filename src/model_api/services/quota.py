@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import Row, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from ..db import as_utc, utcnow
@@ -75,8 +75,9 @@ def state(session: Session, user_id: int, default_quota: int, window_seconds: in
     return _state_of(row, window_seconds)
 
 
-def state_of_user(user: User, default_quota: int, window_seconds: int | None) -> QuotaState:
-    """The quota state of an already-loaded user row (no query)."""
+def state_of_user(user: User | Row, default_quota: int, window_seconds: int | None) -> QuotaState:
+    """The quota state of an already-loaded user (a ``User`` or a row with its
+    ``quota``, ``used`` and ``window_started_at``; no query)."""
     limit = user.quota if user.quota is not None else default_quota
     return _state_of((limit, user.used, user.window_started_at), window_seconds)
 
