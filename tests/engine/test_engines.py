@@ -236,3 +236,26 @@ def test_scheduler_error_fails_the_request_not_the_engine(tiny_engine, monkeypat
     monkeypatch.setattr(llama_cpp, "llama_sampler_sample", real)
     assert tiny_engine.generate(chat("Hi", max_tokens=4)).completion_tokens > 0
     assert tiny_engine.stats()["active"] == 0
+
+
+def test_stop_string_ending_in_the_final_utf8_tail(tiny_engine):
+    # A sequence ends while the UTF-8 decoder still holds the first bytes of a
+    # character; they decode to U+FFFD only then, and that completes the stop
+    # string: the matcher must see them too (as in LlamaEngine), not only flush.
+    import codecs
+
+    from model_api.engine.batching import _BatchGeneration, _Sequence
+    from model_api.engine.stops import StopMatcher
+
+    params = SamplingParams(stop=("b\ufffd",))
+    seq = _Sequence(prompt=[0], params=params, cancel=threading.Event())
+    seq.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    seq.stops = StopMatcher(params.stop)
+    text = seq.stops.feed(seq.decoder.decode(b"ab" + "\u597d".encode()[:2]))
+    assert text == "a"  # "b" is held back: it may start the stop string
+    tiny_engine._emit(seq, text)
+    tiny_engine._retire(seq, "length")  # never admitted: no slot to free
+    gen = _BatchGeneration(tiny_engine, seq)
+    assert list(gen) == ["a"]
+    assert gen.result.text == "a"
+    assert gen.result.finish_reason == "stop"

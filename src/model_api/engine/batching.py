@@ -380,8 +380,13 @@ class BatchingEngine(Engine):
             seq.out.put((_ERROR, error or EngineError("generation failed")))
             return
         if reason != "cancelled" and seq.decoder is not None and seq.stops is not None:
-            tail = seq.decoder.decode(b"", final=True)
-            tail = seq.stops.flush() + tail if not seq.stops.stopped else ""
+            # The decoder's last bytes are text like any other: a stop string
+            # may end in them (as in LlamaEngine, they go through the matcher).
+            tail = seq.stops.feed(seq.decoder.decode(b"", final=True))
+            if seq.stops.stopped:
+                reason = "stop"
+            else:
+                tail += seq.stops.flush()
             if tail:
                 self._emit(seq, tail)
         if reason in ("stop", "length"):
