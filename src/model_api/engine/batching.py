@@ -6,21 +6,29 @@ scheduler step:
 
 1. drops cancelled sequences and admits waiting ones into free slots
    (one llama.cpp sequence id -- one KV stream -- per slot);
-2. builds one batch: the last sampled token of every generating sequence, plus
-   a bounded chunk of prompt tokens from sequences still reading their prompt
-   (so a long prompt delays running streams by one chunk per step, not by its
-   whole length);
-3. runs one ``llama_decode`` for all of it;
-4. samples one token per sequence that produced logits, with that sequence's
-   own sampler chain, and streams the detokenized text;
+2. decodes the last sampled token of every generating sequence in one
+   ``llama_decode``;
+3. decodes a bounded amount of prompt tokens from sequences still reading
+   their prompt (so a long prompt delays running streams by one chunk per
+   step, not by its whole length), each sequence's chunk in a ``llama_decode``
+   of its own;
+4. after each decode, samples one token per sequence that produced logits,
+   with that sequence's own sampler chain, and streams the detokenized text;
 5. retires finished sequences (end-of-generation token, stop string,
    max_tokens, end of the sequence's context, cancellation) and clears their
    KV cells so the slot can be reused.
 
 The KV cache is split per sequence (``kv_unified = False``): every sequence
 owns ``n_ctx_per_seq`` cells and attends only to its own stream, so its
-logits are bit-identical whatever else is in the batch (measured; the tests
-check the greedy text).  The unified layout is available but is not
+logits do not depend on what else is being decoded -- with one condition.
+llama.cpp's CPU attention takes another path, with other rounding, when a
+sequence has a single token in a micro-batch, and llama.cpp splits a batch
+into micro-batches of equally many tokens per sequence.  So a generated token
+(always one per sequence) is computed one way and a prompt token must always
+be computed the other way, as a whole-prompt prefill would: a prompt chunk is
+never mixed with other sequences' tokens and never a single token (unless the
+prompt is).  Then greedy text is bit-identical alone or batched (measured;
+the tests check it).  The unified layout is available but is not
 batch-invariant.
 """
 
@@ -75,7 +83,6 @@ class _Sequence:
     n_fed: int = 0  # prompt tokens already decoded
     n_gen: int = 0  # tokens generated (end-of-generation token excluded)
     last_token: int = -1  # sampled, not yet decoded
-    batch_index: int = -1  # where this sequence's logits are in the current batch
     sampler: Any = None
     decoder: Any = None
     stops: StopMatcher | None = None
@@ -110,11 +117,13 @@ class BatchingEngine(Engine):
             raise ValueError("n_parallel must be >= 1 and max_queue >= 0")
         self.model_path = model_path or default_model_path()
         self.n_parallel = n_parallel
-        self.n_batch = max(n_batch, n_parallel)
+        # At least 3, as prefill_chunk: a chunk never leaves a single prompt
+        # token for later (see _prompt_chunk), so a budget of 2 could stall.
+        self.n_batch = max(n_batch, n_parallel, 3)
         self.max_queue = max_queue
-        # Prompt tokens that may join a step in which other sequences generate
-        # (a step with no generating sequence may fill the whole batch).
-        self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch - n_parallel))
+        # Prompt tokens a step may decode while other sequences generate (a
+        # step with no generating sequence may decode a whole batch).
+        self.prefill_chunk = max(3, min(prefill_chunk, self.n_batch))
         self.n_threads = n_threads or default_threads()
 
         # As Llama(verbose=False) does: only errors from llama.cpp's log.
@@ -256,53 +265,69 @@ class BatchingEngine(Engine):
         if not active:
             return
 
-        # 2. one batch: a token from each generating sequence, then prompt chunks.
-        batch = self._batch
-        n = 0
-        for seq in active:
-            if not seq.prefilling:
-                self._put(n, seq.last_token, len(seq.prompt) + seq.n_gen - 1, seq.slot, True)
-                seq.batch_index = n
-                n += 1
-            else:
-                seq.batch_index = -1
-        budget = (self.n_batch - n) if n == 0 else min(self.prefill_chunk, self.n_batch - n)
+        # 2. one batch: a token from each generating sequence (then 4-5 for them).
+        generating = [s for s in active if not s.prefilling]
+        for i, seq in enumerate(generating):
+            self._put(i, seq.last_token, len(seq.prompt) + seq.n_gen - 1, seq.slot, True)
+        if generating and not self._decode(len(generating)):
+            return
+        for i, seq in enumerate(generating):
+            self._sample(seq, i)
+        sampled = len(generating)
+
+        # 3. prompt chunks, oldest request first, each in a batch of its own:
+        # llama.cpp would split a mixed batch into micro-batches holding one
+        # token per sequence, and compute those prompt tokens as generated
+        # ones (see the module docstring).
+        budget = self.prefill_chunk if generating else self.n_batch
         for seq in sorted((s for s in active if s.prefilling), key=lambda s: s.t_submit):
-            if budget <= 0:
+            take = self._prompt_chunk(seq, budget)
+            if take == 0:
                 break
-            take = min(budget, len(seq.prompt) - seq.n_fed)
             for i in range(take):
                 pos = seq.n_fed + i
-                last = pos == len(seq.prompt) - 1
-                self._put(n, seq.prompt[pos], pos, seq.slot, last)
-                if last:
-                    seq.batch_index = n
-                n += 1
+                self._put(i, seq.prompt[pos], pos, seq.slot, pos == len(seq.prompt) - 1)
+            if not self._decode(take):
+                return
             seq.n_fed += take
             budget -= take
-        batch.n_tokens = n
-
-        # 3. decode everything at once.
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc != 0:
-            err = EngineError(f"llama_decode failed with status {rc}")
-            for seq in active:
-                self._retire(seq, None, err)
-            return
-
-        # 4-5. sample, stream, retire.
-        sampled = 0
-        for seq in active:
-            if seq.batch_index < 0:
-                continue
-            try:
-                token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.batch_index)
+            if not seq.prefilling:
+                self._sample(seq, take - 1)  # the prompt is read: its first token
                 sampled += 1
-                self._advance(seq, token)
-            except Exception as exc:
-                log.exception("sampling failed")
-                self._retire(seq, None, EngineError(f"sampling failed: {exc}"))
         self._measure(now, sampled)
+
+    @staticmethod
+    def _prompt_chunk(seq: _Sequence, budget: int) -> int:
+        """How many prompt tokens to decode now: at most ``budget``, and never a
+        lone token, neither now nor left for later (a prompt of one token
+        excepted), so every prompt token is computed alongside another one."""
+        left = len(seq.prompt) - seq.n_fed
+        take = min(budget, left)
+        if left - take == 1:
+            take -= 1
+        return take if take >= min(2, left) else 0
+
+    def _decode(self, n: int) -> bool:
+        """Decode the first ``n`` entries of the batch; on failure fail every
+        sequence (the KV cells are in an unknown state) and return False."""
+        self._batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        if rc == 0:
+            return True
+        err = EngineError(f"llama_decode failed with status {rc}")
+        for seq in self._slots:
+            if seq is not None:
+                self._retire(seq, None, err)
+        return False
+
+    def _sample(self, seq: _Sequence, index: int) -> None:
+        """4-5. sample from the logits at ``index`` of the last decode, stream, retire."""
+        try:
+            token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, index)
+            self._advance(seq, token)
+        except Exception as exc:
+            log.exception("sampling failed")
+            self._retire(seq, None, EngineError(f"sampling failed: {exc}"))
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch
