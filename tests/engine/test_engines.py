@@ -293,3 +293,51 @@ def test_stop_string_ending_in_the_final_utf8_tail(tiny_engine):
     assert gen.result.text == "a"
     assert gen.result.finish_reason == "stop"
 
+
+
+# -- prefix reuse: a slot keeps its last prompt's KV cells ------------------------
+
+def prompt_tokens_of(engine, req: GenerationRequest) -> list[int]:
+    return engine._prompts.get(req)[1]
+
+
+def test_repeated_prompt_is_served_from_the_slot(tiny_engine, llama_engine):
+    # With only its last prompt token decoded again (a one-token decode),
+    # this prompt's greedy text changed after 4 tokens: two are decoded.
+    req = chat("Name three colours.", max_tokens=24)
+    first = tiny_engine.generate(req)
+    second = tiny_engine.generate(req)
+    assert second.text == first.text == llama_engine.generate(req).text
+    assert second.prompt_tokens == first.prompt_tokens == tiny_engine.count_prompt_tokens(req)
+    # one slot: the second request finds its whole prompt there
+    assert second.cached_tokens == second.prompt_tokens - 2
+    assert first.cached_tokens < second.cached_tokens
+
+
+def test_shared_prefix_is_reused_and_text_is_as_fresh(tiny_engine, llama_engine):
+    from model_api.engine.batching import _common_prefix
+
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    system = {"role": "system", "content": "You are a terse assistant. Answer in one sentence."}
+    q1 = {"role": "user", "content": "What is the capital of France?"}
+    first = GenerationRequest.chat([system, q1], params)
+    # a strict extension of the first prompt: the conversation goes on
+    follow_up = GenerationRequest.chat(
+        [system, q1, {"role": "assistant", "content": "Paris."},
+         {"role": "user", "content": "And of Italy?"}], params)
+    # the same system prompt, another question
+    other = GenerationRequest.chat(
+        [system, {"role": "user", "content": "Name a large river in Africa."}], params)
+
+    def run(req: GenerationRequest):
+        held = tiny_engine._slot_prompts[0]  # one idle slot: what it holds
+        prompt = prompt_tokens_of(tiny_engine, req)
+        res = tiny_engine.generate(req)
+        assert res.cached_tokens == _common_prefix(held, prompt)
+        assert res.text == llama_engine.generate(req).text  # computed from scratch
+        return res
+
+    run(first)
+    assert run(follow_up).cached_tokens == len(prompt_tokens_of(tiny_engine, first))
+    res = run(other)  # the system turn and the start of the user turn
+    assert 0 < res.cached_tokens < res.prompt_tokens - 2

@@ -5,7 +5,12 @@ prompt, queue a :class:`_Sequence` and read text deltas from its queue.  Each
 scheduler step:
 
 1. drops cancelled sequences and admits waiting ones into free slots
-   (one llama.cpp sequence id -- one KV stream -- per slot);
+   (one llama.cpp sequence id -- one KV stream -- per slot).  A free slot
+   remembers the prompt tokens its last sequence left in its KV cells; a
+   newcomer goes to the free slot whose tokens share the longest prefix with
+   its prompt, keeps those cells and decodes only the rest of its prompt
+   (chat prompts all start with the same template text, and prefill costs
+   nearly as much per token as generation);
 2. decodes the last sampled token of every generating sequence in one
    ``llama_decode``;
 3. decodes a bounded amount of prompt tokens from sequences still reading
@@ -15,8 +20,8 @@ scheduler step:
 4. after each decode, samples one token per sequence that produced logits,
    with that sequence's own sampler chain, and streams the detokenized text;
 5. retires finished sequences (end-of-generation token, stop string,
-   max_tokens, end of the sequence's context, cancellation) and clears their
-   KV cells so the slot can be reused.
+   max_tokens, end of the sequence's context, cancellation), leaving their
+   KV cells to the slot's next sequence; a failed sequence's are cleared.
 
 The KV cache is split per sequence (``kv_unified = False``): every sequence
 owns ``n_ctx_per_seq`` cells and attends only to its own stream, so its
@@ -28,7 +33,10 @@ into micro-batches of equally many tokens per sequence.  So a generated token
 be computed the other way, as a whole-prompt prefill would: a prompt chunk is
 never mixed with other sequences' tokens and never a single token (unless the
 prompt is).  Then greedy text is bit-identical alone or batched (measured;
-the tests check it).  The unified layout is available but is not
+the tests check it).  It is also why only prompt tokens' cells are reused
+(at least two tokens of every prompt are decoded): a generated token's cells
+differ from those a later prompt containing that token would compute, and
+reusing them changes the text.  The unified layout is available but is not
 batch-invariant.
 """
 
@@ -80,7 +88,8 @@ class _Sequence:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     t_submit: float = field(default_factory=time.monotonic)
     slot: int = -1
-    n_fed: int = 0  # prompt tokens already decoded
+    n_cached: int = 0  # prompt tokens whose KV cells were in the slot already
+    n_fed: int = 0  # prompt tokens in the KV cells (cached or decoded)
     n_gen: int = 0  # tokens generated (end-of-generation token excluded)
     last_token: int = -1  # sampled, not yet decoded
     sampler: Any = None
@@ -92,6 +101,15 @@ class _Sequence:
     @property
     def prefilling(self) -> bool:
         return self.n_fed < len(self.prompt)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class BatchingEngine(Engine):
@@ -178,6 +196,8 @@ class BatchingEngine(Engine):
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._slots: list[_Sequence | None] = [None] * n_parallel
+        # Per free slot: the prompt tokens whose KV cells it still holds.
+        self._slot_prompts: list[list[int]] = [[] for _ in range(n_parallel)]
         self._stopping = False
         self._closed = False
 
@@ -259,8 +279,7 @@ class BatchingEngine(Engine):
                 self._waiting.remove(seq)
                 self._send_done(seq, "cancelled")
             while self._waiting and None in self._slots:
-                seq = self._waiting.popleft()
-                self._admit(seq, self._slots.index(None))
+                self._admit(self._waiting.popleft())
         active = [s for s in self._slots if s is not None]
         if not active:
             return
@@ -337,10 +356,24 @@ class BatchingEngine(Engine):
         b.seq_id[i][0] = seq_id
         b.logits[i] = logits
 
-    def _admit(self, seq: _Sequence, slot: int) -> None:
+    def _admit(self, seq: _Sequence) -> None:
+        """Put ``seq`` in the free slot whose cells hold the longest prefix of
+        its prompt; keep that prefix's cells and drop the slot's others."""
+        shared = {i: _common_prefix(self._slot_prompts[i], seq.prompt)
+                  for i, s in enumerate(self._slots) if s is None}
+        slot = max(shared, key=shared.__getitem__)
+        # Decode at least the last two prompt tokens: the last one's logits
+        # give the first token, and a single decoded prompt token would be
+        # computed as a generated one (see the module docstring).
+        keep = max(0, min(shared[slot], len(seq.prompt) - 2))
+        if not llama_cpp.llama_memory_seq_rm(self._mem, slot, keep, -1):
+            # This memory cannot drop part of a sequence: start from nothing.
+            llama_cpp.llama_memory_seq_rm(self._mem, slot, -1, -1)
+            keep = 0
+        self._slot_prompts[slot] = []  # the cells are the sequence's now
         seq.slot = slot
+        seq.n_cached = seq.n_fed = keep
         self._slots[slot] = seq
-        llama_cpp.llama_memory_seq_rm(self._mem, slot, -1, -1)
         seq.sampler = self._make_sampler(seq.params)
         seq.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         seq.stops = StopMatcher(seq.params.stop)
@@ -391,13 +424,19 @@ class BatchingEngine(Engine):
         seq.out.put((_DELTA, text))
 
     def _retire(self, seq: _Sequence, reason: str | None, error: Exception | None = None) -> None:
-        """Free the slot (KV cells, sampler) and tell the request thread."""
+        """Free the slot and the sampler and tell the request thread.  The slot
+        keeps the cells of the prompt tokens decoded so far for a later prompt
+        with the same start, unless the sequence failed: then they are cleared."""
         if seq.slot >= 0 and self._slots[seq.slot] is seq:
             self._slots[seq.slot] = None
-            try:
-                llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
-            except Exception:
-                log.exception("could not clear a sequence's KV cells")
+            if error is None and reason is not None:
+                self._slot_prompts[seq.slot] = seq.prompt[: seq.n_fed]
+            else:
+                self._slot_prompts[seq.slot] = []
+                try:
+                    llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+                except Exception:
+                    log.exception("could not clear a sequence's KV cells")
         if seq.sampler is not None:
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None
@@ -425,6 +464,7 @@ class BatchingEngine(Engine):
             text="".join(seq.parts),
             prompt_tokens=len(seq.prompt),
             completion_tokens=seq.n_gen,
+            cached_tokens=seq.n_cached,
             finish_reason=reason,
             model=self.model_name,
             time_to_first_token=None if seq.t_first is None else seq.t_first - seq.t_submit,
