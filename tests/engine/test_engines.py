@@ -172,6 +172,39 @@ def test_greedy_identical_alone_and_batched(batching_engine):
     assert [batched.get(i) for i in range(len(reqs))] == alone
 
 
+
+# Longer than a prefill chunk: later chunks are decoded while others generate.
+LONG_PROMPT = (
+    "The API contract (endpoints, status codes, field names) is the one of the\n"
+    "original design document, so its curl and Postman examples work unchanged.\n"
+    "Beyond it: an OpenAI-compatible `/v1` API with streaming and API keys, Celery\n"
+    "workers for async jobs, Swagger UI at `/docs` (`/openapi.json`), JSON logs,\n"
+    "Prometheus `/metrics`, Docker Compose, and continuous batching of concurrent\n"
+    "requests on one in-process model.\n\n"
+    "The first `make run` builds llama-cpp-python from source (about 4 minutes on 2\n"
+    "cores, portable CPU flags; pip caches the wheel afterwards) and prints the\n"
+    "credentials of a first user, `demo`, once. Set `ADMIN_USERNAME` /\n"
+    "`ADMIN_PASSWORD` to choose them. By default everything lives in a SQLite file\n"
+    "under `instance/`; set `DATABASE_URL` to use PostgreSQL.\n\n"
+    "Summarize the text above in one sentence."
+)
+
+
+def test_long_prompt_read_while_another_generates_gives_the_same_text(
+        llama_engine, batching_engine):
+    # A prompt chunk decoded in the same llama_decode as a generating sequence's
+    # token was split by llama.cpp into a micro-batch with one token of each,
+    # which computes that prompt token as a generated one: the text changed.
+    req = chat(LONG_PROMPT, max_tokens=40)
+    # longer than a chunk, even after a system prompt reused from an earlier request
+    assert batching_engine.count_prompt_tokens(req) > batching_engine.prefill_chunk + 64
+    running = batching_engine.stream(chat("Write a long story about a dragon.", max_tokens=400))
+    next(running)  # generating until closed
+    joined = batching_engine.generate(req)
+    running.close()
+    assert joined.text == llama_engine.generate(req).text
+
+
 # -- slots, queueing, errors, edge cases ------------------------------------------
 
 def test_close_mid_stream_frees_the_slot(tiny_engine):
@@ -236,3 +269,75 @@ def test_scheduler_error_fails_the_request_not_the_engine(tiny_engine, monkeypat
     monkeypatch.setattr(llama_cpp, "llama_sampler_sample", real)
     assert tiny_engine.generate(chat("Hi", max_tokens=4)).completion_tokens > 0
     assert tiny_engine.stats()["active"] == 0
+
+
+def test_stop_string_ending_in_the_final_utf8_tail(tiny_engine):
+    # A sequence ends while the UTF-8 decoder still holds the first bytes of a
+    # character; they decode to U+FFFD only then, and that completes the stop
+    # string: the matcher must see them too (as in LlamaEngine), not only flush.
+    import codecs
+
+    from model_api.engine.batching import _BatchGeneration, _Sequence
+    from model_api.engine.stops import StopMatcher
+
+    params = SamplingParams(stop=("b\ufffd",))
+    seq = _Sequence(prompt=[0], params=params, cancel=threading.Event())
+    seq.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    seq.stops = StopMatcher(params.stop)
+    text = seq.stops.feed(seq.decoder.decode(b"ab" + "\u597d".encode()[:2]))
+    assert text == "a"  # "b" is held back: it may start the stop string
+    tiny_engine._emit(seq, text)
+    tiny_engine._retire(seq, "length")  # never admitted: no slot to free
+    gen = _BatchGeneration(tiny_engine, seq)
+    assert list(gen) == ["a"]
+    assert gen.result.text == "a"
+    assert gen.result.finish_reason == "stop"
+
+
+
+# -- prefix reuse: a slot keeps its last prompt's KV cells ------------------------
+
+def prompt_tokens_of(engine, req: GenerationRequest) -> list[int]:
+    return engine._prompts.get(req)[1]
+
+
+def test_repeated_prompt_is_served_from_the_slot(tiny_engine, llama_engine):
+    # With only its last prompt token decoded again (a one-token decode),
+    # this prompt's greedy text changed after 4 tokens: two are decoded.
+    req = chat("Name three colours.", max_tokens=24)
+    first = tiny_engine.generate(req)
+    second = tiny_engine.generate(req)
+    assert second.text == first.text == llama_engine.generate(req).text
+    assert second.prompt_tokens == first.prompt_tokens == tiny_engine.count_prompt_tokens(req)
+    # one slot: the second request finds its whole prompt there
+    assert second.cached_tokens == second.prompt_tokens - 2
+    assert first.cached_tokens < second.cached_tokens
+
+
+def test_shared_prefix_is_reused_and_text_is_as_fresh(tiny_engine, llama_engine):
+    from model_api.engine.batching import _common_prefix
+
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    system = {"role": "system", "content": "You are a terse assistant. Answer in one sentence."}
+    q1 = {"role": "user", "content": "What is the capital of France?"}
+    first = GenerationRequest.chat([system, q1], params)
+    # a strict extension of the first prompt: the conversation goes on
+    follow_up = GenerationRequest.chat(
+        [system, q1, {"role": "assistant", "content": "Paris."},
+         {"role": "user", "content": "And of Italy?"}], params)
+    # the same system prompt, another question
+    other = GenerationRequest.chat(
+        [system, {"role": "user", "content": "Name a large river in Africa."}], params)
+
+    def run(req: GenerationRequest):
+        held = tiny_engine._slot_prompts[0]  # one idle slot: what it holds
+        prompt = prompt_tokens_of(tiny_engine, req)
+        res = tiny_engine.generate(req)
+        assert res.cached_tokens == _common_prefix(held, prompt)
+        assert res.text == llama_engine.generate(req).text  # computed from scratch
+        return res
+
+    run(first)
+    assert run(follow_up).cached_tokens == len(prompt_tokens_of(tiny_engine, first))
+    res = run(other)  # the system turn and the start of the user turn
+    assert 0 < res.cached_tokens < res.prompt_tokens - 2

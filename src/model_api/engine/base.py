@@ -57,6 +57,9 @@ class Completion:
     model: str
     time_to_first_token: float | None = None
     generation_seconds: float = 0.0
+    # Prompt tokens (of prompt_tokens) whose KV cells an earlier request left
+    # behind, so they were not computed again; only BatchingEngine reuses any.
+    cached_tokens: int = 0
 
 
 class Generation(Iterator[str]):

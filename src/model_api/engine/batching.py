@@ -5,22 +5,38 @@ prompt, queue a :class:`_Sequence` and read text deltas from its queue.  Each
 scheduler step:
 
 1. drops cancelled sequences and admits waiting ones into free slots
-   (one llama.cpp sequence id -- one KV stream -- per slot);
-2. builds one batch: the last sampled token of every generating sequence, plus
-   a bounded chunk of prompt tokens from sequences still reading their prompt
-   (so a long prompt delays running streams by one chunk per step, not by its
-   whole length);
-3. runs one ``llama_decode`` for all of it;
-4. samples one token per sequence that produced logits, with that sequence's
-   own sampler chain, and streams the detokenized text;
+   (one llama.cpp sequence id -- one KV stream -- per slot).  A free slot
+   remembers the prompt tokens its last sequence left in its KV cells; a
+   newcomer goes to the free slot whose tokens share the longest prefix with
+   its prompt, keeps those cells and decodes only the rest of its prompt
+   (chat prompts all start with the same template text, and prefill costs
+   nearly as much per token as generation);
+2. decodes the last sampled token of every generating sequence in one
+   ``llama_decode``;
+3. decodes a bounded amount of prompt tokens from sequences still reading
+   their prompt (so a long prompt delays running streams by one chunk per
+   step, not by its whole length), each sequence's chunk in a ``llama_decode``
+   of its own;
+4. after each decode, samples one token per sequence that produced logits,
+   with that sequence's own sampler chain, and streams the detokenized text;
 5. retires finished sequences (end-of-generation token, stop string,
-   max_tokens, end of the sequence's context, cancellation) and clears their
-   KV cells so the slot can be reused.
+   max_tokens, end of the sequence's context, cancellation), leaving their
+   KV cells to the slot's next sequence; a failed sequence's are cleared.
 
 The KV cache is split per sequence (``kv_unified = False``): every sequence
 owns ``n_ctx_per_seq`` cells and attends only to its own stream, so its
-logits are bit-identical whatever else is in the batch (measured; the tests
-check the greedy text).  The unified layout is available but is not
+logits do not depend on what else is being decoded -- with one condition.
+llama.cpp's CPU attention takes another path, with other rounding, when a
+sequence has a single token in a micro-batch, and llama.cpp splits a batch
+into micro-batches of equally many tokens per sequence.  So a generated token
+(always one per sequence) is computed one way and a prompt token must always
+be computed the other way, as a whole-prompt prefill would: a prompt chunk is
+never mixed with other sequences' tokens and never a single token (unless the
+prompt is).  Then greedy text is bit-identical alone or batched (measured;
+the tests check it).  It is also why only prompt tokens' cells are reused
+(at least two tokens of every prompt are decoded): a generated token's cells
+differ from those a later prompt containing that token would compute, and
+reusing them changes the text.  The unified layout is available but is not
 batch-invariant.
 """
 
@@ -72,10 +88,10 @@ class _Sequence:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     t_submit: float = field(default_factory=time.monotonic)
     slot: int = -1
-    n_fed: int = 0  # prompt tokens already decoded
+    n_cached: int = 0  # prompt tokens whose KV cells were in the slot already
+    n_fed: int = 0  # prompt tokens in the KV cells (cached or decoded)
     n_gen: int = 0  # tokens generated (end-of-generation token excluded)
     last_token: int = -1  # sampled, not yet decoded
-    batch_index: int = -1  # where this sequence's logits are in the current batch
     sampler: Any = None
     decoder: Any = None
     stops: StopMatcher | None = None
@@ -85,6 +101,15 @@ class _Sequence:
     @property
     def prefilling(self) -> bool:
         return self.n_fed < len(self.prompt)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class BatchingEngine(Engine):
@@ -110,11 +135,13 @@ class BatchingEngine(Engine):
             raise ValueError("n_parallel must be >= 1 and max_queue >= 0")
         self.model_path = model_path or default_model_path()
         self.n_parallel = n_parallel
-        self.n_batch = max(n_batch, n_parallel)
+        # At least 3, as prefill_chunk: a chunk never leaves a single prompt
+        # token for later (see _prompt_chunk), so a budget of 2 could stall.
+        self.n_batch = max(n_batch, n_parallel, 3)
         self.max_queue = max_queue
-        # Prompt tokens that may join a step in which other sequences generate
-        # (a step with no generating sequence may fill the whole batch).
-        self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch - n_parallel))
+        # Prompt tokens a step may decode while other sequences generate (a
+        # step with no generating sequence may decode a whole batch).
+        self.prefill_chunk = max(3, min(prefill_chunk, self.n_batch))
         self.n_threads = n_threads or default_threads()
 
         # As Llama(verbose=False) does: only errors from llama.cpp's log.
@@ -169,6 +196,8 @@ class BatchingEngine(Engine):
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._slots: list[_Sequence | None] = [None] * n_parallel
+        # Per free slot: the prompt tokens whose KV cells it still holds.
+        self._slot_prompts: list[list[int]] = [[] for _ in range(n_parallel)]
         self._stopping = False
         self._closed = False
 
@@ -250,59 +279,74 @@ class BatchingEngine(Engine):
                 self._waiting.remove(seq)
                 self._send_done(seq, "cancelled")
             while self._waiting and None in self._slots:
-                seq = self._waiting.popleft()
-                self._admit(seq, self._slots.index(None))
+                self._admit(self._waiting.popleft())
         active = [s for s in self._slots if s is not None]
         if not active:
             return
 
-        # 2. one batch: a token from each generating sequence, then prompt chunks.
-        batch = self._batch
-        n = 0
-        for seq in active:
-            if not seq.prefilling:
-                self._put(n, seq.last_token, len(seq.prompt) + seq.n_gen - 1, seq.slot, True)
-                seq.batch_index = n
-                n += 1
-            else:
-                seq.batch_index = -1
-        budget = (self.n_batch - n) if n == 0 else min(self.prefill_chunk, self.n_batch - n)
+        # 2. one batch: a token from each generating sequence (then 4-5 for them).
+        generating = [s for s in active if not s.prefilling]
+        for i, seq in enumerate(generating):
+            self._put(i, seq.last_token, len(seq.prompt) + seq.n_gen - 1, seq.slot, True)
+        if generating and not self._decode(len(generating)):
+            return
+        for i, seq in enumerate(generating):
+            self._sample(seq, i)
+        sampled = len(generating)
+
+        # 3. prompt chunks, oldest request first, each in a batch of its own:
+        # llama.cpp would split a mixed batch into micro-batches holding one
+        # token per sequence, and compute those prompt tokens as generated
+        # ones (see the module docstring).
+        budget = self.prefill_chunk if generating else self.n_batch
         for seq in sorted((s for s in active if s.prefilling), key=lambda s: s.t_submit):
-            if budget <= 0:
+            take = self._prompt_chunk(seq, budget)
+            if take == 0:
                 break
-            take = min(budget, len(seq.prompt) - seq.n_fed)
             for i in range(take):
                 pos = seq.n_fed + i
-                last = pos == len(seq.prompt) - 1
-                self._put(n, seq.prompt[pos], pos, seq.slot, last)
-                if last:
-                    seq.batch_index = n
-                n += 1
+                self._put(i, seq.prompt[pos], pos, seq.slot, pos == len(seq.prompt) - 1)
+            if not self._decode(take):
+                return
             seq.n_fed += take
             budget -= take
-        batch.n_tokens = n
-
-        # 3. decode everything at once.
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc != 0:
-            err = EngineError(f"llama_decode failed with status {rc}")
-            for seq in active:
-                self._retire(seq, None, err)
-            return
-
-        # 4-5. sample, stream, retire.
-        sampled = 0
-        for seq in active:
-            if seq.batch_index < 0:
-                continue
-            try:
-                token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.batch_index)
+            if not seq.prefilling:
+                self._sample(seq, take - 1)  # the prompt is read: its first token
                 sampled += 1
-                self._advance(seq, token)
-            except Exception as exc:
-                log.exception("sampling failed")
-                self._retire(seq, None, EngineError(f"sampling failed: {exc}"))
         self._measure(now, sampled)
+
+    @staticmethod
+    def _prompt_chunk(seq: _Sequence, budget: int) -> int:
+        """How many prompt tokens to decode now: at most ``budget``, and never a
+        lone token, neither now nor left for later (a prompt of one token
+        excepted), so every prompt token is computed alongside another one."""
+        left = len(seq.prompt) - seq.n_fed
+        take = min(budget, left)
+        if left - take == 1:
+            take -= 1
+        return take if take >= min(2, left) else 0
+
+    def _decode(self, n: int) -> bool:
+        """Decode the first ``n`` entries of the batch; on failure fail every
+        sequence (the KV cells are in an unknown state) and return False."""
+        self._batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        if rc == 0:
+            return True
+        err = EngineError(f"llama_decode failed with status {rc}")
+        for seq in self._slots:
+            if seq is not None:
+                self._retire(seq, None, err)
+        return False
+
+    def _sample(self, seq: _Sequence, index: int) -> None:
+        """4-5. sample from the logits at ``index`` of the last decode, stream, retire."""
+        try:
+            token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, index)
+            self._advance(seq, token)
+        except Exception as exc:
+            log.exception("sampling failed")
+            self._retire(seq, None, EngineError(f"sampling failed: {exc}"))
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch
@@ -312,10 +356,24 @@ class BatchingEngine(Engine):
         b.seq_id[i][0] = seq_id
         b.logits[i] = logits
 
-    def _admit(self, seq: _Sequence, slot: int) -> None:
+    def _admit(self, seq: _Sequence) -> None:
+        """Put ``seq`` in the free slot whose cells hold the longest prefix of
+        its prompt; keep that prefix's cells and drop the slot's others."""
+        shared = {i: _common_prefix(self._slot_prompts[i], seq.prompt)
+                  for i, s in enumerate(self._slots) if s is None}
+        slot = max(shared, key=shared.__getitem__)
+        # Decode at least the last two prompt tokens: the last one's logits
+        # give the first token, and a single decoded prompt token would be
+        # computed as a generated one (see the module docstring).
+        keep = max(0, min(shared[slot], len(seq.prompt) - 2))
+        if not llama_cpp.llama_memory_seq_rm(self._mem, slot, keep, -1):
+            # This memory cannot drop part of a sequence: start from nothing.
+            llama_cpp.llama_memory_seq_rm(self._mem, slot, -1, -1)
+            keep = 0
+        self._slot_prompts[slot] = []  # the cells are the sequence's now
         seq.slot = slot
+        seq.n_cached = seq.n_fed = keep
         self._slots[slot] = seq
-        llama_cpp.llama_memory_seq_rm(self._mem, slot, -1, -1)
         seq.sampler = self._make_sampler(seq.params)
         seq.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         seq.stops = StopMatcher(seq.params.stop)
@@ -366,13 +424,19 @@ class BatchingEngine(Engine):
         seq.out.put((_DELTA, text))
 
     def _retire(self, seq: _Sequence, reason: str | None, error: Exception | None = None) -> None:
-        """Free the slot (KV cells, sampler) and tell the request thread."""
+        """Free the slot and the sampler and tell the request thread.  The slot
+        keeps the cells of the prompt tokens decoded so far for a later prompt
+        with the same start, unless the sequence failed: then they are cleared."""
         if seq.slot >= 0 and self._slots[seq.slot] is seq:
             self._slots[seq.slot] = None
-            try:
-                llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
-            except Exception:
-                log.exception("could not clear a sequence's KV cells")
+            if error is None and reason is not None:
+                self._slot_prompts[seq.slot] = seq.prompt[: seq.n_fed]
+            else:
+                self._slot_prompts[seq.slot] = []
+                try:
+                    llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+                except Exception:
+                    log.exception("could not clear a sequence's KV cells")
         if seq.sampler is not None:
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None
@@ -380,8 +444,13 @@ class BatchingEngine(Engine):
             seq.out.put((_ERROR, error or EngineError("generation failed")))
             return
         if reason != "cancelled" and seq.decoder is not None and seq.stops is not None:
-            tail = seq.decoder.decode(b"", final=True)
-            tail = seq.stops.flush() + tail if not seq.stops.stopped else ""
+            # The decoder's last bytes are text like any other: a stop string
+            # may end in them (as in LlamaEngine, they go through the matcher).
+            tail = seq.stops.feed(seq.decoder.decode(b"", final=True))
+            if seq.stops.stopped:
+                reason = "stop"
+            else:
+                tail += seq.stops.flush()
             if tail:
                 self._emit(seq, tail)
         if reason in ("stop", "length"):
@@ -395,6 +464,7 @@ class BatchingEngine(Engine):
             text="".join(seq.parts),
             prompt_tokens=len(seq.prompt),
             completion_tokens=seq.n_gen,
+            cached_tokens=seq.n_cached,
             finish_reason=reason,
             model=self.model_name,
             time_to_first_token=None if seq.t_first is None else seq.t_first - seq.t_submit,
