@@ -10,7 +10,7 @@ import time
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Row, select
+from sqlalchemy import Row, bindparam, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -81,6 +81,10 @@ class CredentialCache:
 #: counters (so a caller visibly out of quota is refused before any model work)
 ACCOUNT_COLUMNS = (User.id, User.username, User.quota, User.used, User.window_started_at)
 
+# built once: this runs on every request
+_ACCOUNT_BY_NAME = select(*ACCOUNT_COLUMNS, User.is_active, User.password_hash).where(
+    User.username == bindparam("username"))
+
 
 def authenticate(
     conn: Connection | Session, username: str, password: str, cache: CredentialCache | None = None
@@ -88,9 +92,7 @@ def authenticate(
     """The active user with these credentials (a row of :data:`ACCOUNT_COLUMNS`), or None.
 
     One indexed select of plain columns: it runs on every request."""
-    row = conn.execute(
-        select(*ACCOUNT_COLUMNS, User.is_active, User.password_hash).where(User.username == username)
-    ).first()
+    row = conn.execute(_ACCOUNT_BY_NAME, {"username": username}).first()
     if row is None or not row.is_active:
         # Spend comparable time so a missing name is not distinguishable by timing.
         verify_password(_DUMMY_HASH, password)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from ..db import Database, utcnow
@@ -207,27 +207,43 @@ def request_of(call: Call) -> GenerationRequest:
     return GenerationRequest.single_prompt(call.prompt, params)
 
 
+_RESULT_COLUMNS = ("status", "response", "finish_reason", "prompt_tokens", "completion_tokens", "model",
+                   "finished_at")
+
+
+def _record_statement(with_attempt: bool):
+    # Built once with bound parameters: constructing the statement anew each time
+    # cost more than the database round trip on this per-call hot path.
+    cond = [Call.id == bindparam("call_id"), Call.status == CallStatus.RUNNING.value]
+    if with_attempt:
+        cond.append(Call.attempts == bindparam("attempt"))
+    return (
+        update(Call)
+        .where(*cond)
+        .values(**{col: bindparam(f"new_{col}") for col in _RESULT_COLUMNS})
+        .returning(Call.kind)
+    )
+
+
+_RECORD = {False: _record_statement(False), True: _record_statement(True)}
+
+
 def record_completion(db: Database, call_id: uuid.UUID, result: Completion, attempt: int | None = None) -> bool:
     """Store the response; only the current holder of a running call may (exactly one response)."""
     status = CallStatus.CANCELLED if result.finish_reason == "cancelled" else CallStatus.COMPLETED
-    conds = [Call.id == call_id, Call.status == CallStatus.RUNNING.value]
-    if attempt is not None:
-        conds.append(Call.attempts == attempt)
+    values = {
+        "new_status": status.value,
+        "new_response": result.text,
+        "new_finish_reason": result.finish_reason,
+        "new_prompt_tokens": result.prompt_tokens,
+        "new_completion_tokens": result.completion_tokens,
+        "new_model": result.model,
+        "new_finished_at": utcnow(),
+        "call_id": call_id,
+        "attempt": attempt,
+    }
     with db.autocommit() as conn:  # one statement: its own transaction
-        row = conn.execute(
-            update(Call)
-            .where(*conds)
-            .values(
-                status=status.value,
-                response=result.text,
-                finish_reason=result.finish_reason,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                model=result.model,
-                finished_at=utcnow(),
-            )
-            .returning(Call.kind)
-        ).first()
+        row = conn.execute(_RECORD[attempt is not None], values).first()
     if row is None:
         return False
     # counted here, where a call becomes final exactly once, so every route and worker is covered
