@@ -15,7 +15,6 @@ when nothing else is busy and read the ratios rather than absolute values.
 from __future__ import annotations
 
 import argparse
-import os
 import multiprocessing
 import statistics
 import threading
@@ -96,6 +95,7 @@ def main() -> None:
     ap.add_argument("--levels", default="1,2,4,8,16")
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--raw-runs", type=int, default=3)
+    ap.add_argument("--flash-attn", action="store_true", help="the engine with flash attention (MODEL_FLASH_ATTN)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     path = default_model_path()
@@ -110,7 +110,7 @@ def main() -> None:
 
     engine = BatchingEngine(model_path=path, n_threads=args.threads,
                             n_parallel=max(8, max(levels)), n_ctx_per_seq=2048,
-                            flash_attn=bool(os.environ.get("FA")))
+                            flash_attn=args.flash_attn)
     try:
         engine.generate(GenerationRequest.single_prompt(PROMPT, SamplingParams(
             max_tokens=8, temperature=0.0)))  # warm-up

@@ -37,6 +37,7 @@ def engine_key(settings: Settings) -> tuple[Any, ...]:
         settings.model_n_batch,
         settings.model_n_parallel,
         settings.model_max_queue,
+        settings.model_flash_attn,
         settings.model_base_url,
         settings.model_api_key,
         settings.model_timeout_seconds,
@@ -62,6 +63,7 @@ def _build_engine(settings: Settings) -> Engine:
             n_threads=settings.model_n_threads,
             n_batch=settings.model_n_batch,
             model_name=settings.model_name,
+            flash_attn=settings.model_flash_attn,
         )
         if settings.model_backend == "llama":
             from .engine.llama import LlamaEngine

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     model_n_batch: int = Field(512, ge=1, description="Prompt tokens processed per llama.cpp step.")
     model_n_parallel: int = Field(8, ge=1, description="Active sequences decoded together (`batching`).")
     model_max_queue: int = Field(64, ge=1, description="Requests that may wait for a sequence slot (`batching`).")
+    model_flash_attn: bool = Field(
+        False,
+        description="llama.cpp's flash attention (`llama`, `batching`): about 15 % more tokens/s with 8 "
+        "concurrent users on 2 cores (bench/RESULTS.md), but temperature-0 text may then depend on how a "
+        "long prompt was split into chunks, so it is no longer guaranteed identical alone and batched.",
+    )
     model_base_url: str | None = Field(
         None,
         description="`openai` backend: the upstream's OpenAI API root, e.g. `http://127.0.0.1:8000/v1` "

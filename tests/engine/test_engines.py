@@ -150,8 +150,25 @@ def test_same_greedy_text_from_both_engines(llama_engine, batching_engine):
 
 
 def test_greedy_identical_alone_and_batched(batching_engine):
+    assert_greedy_identical_alone_and_batched(batching_engine)
+
+
+def test_flash_attention_serves_short_prompts_identically_alone_and_batched():
+    """MODEL_FLASH_ATTN: faster decoding; short prompts (read in one chunk) keep
+    the alone-or-batched guarantee."""
+    from model_api.engine.batching import BatchingEngine
+
+    engine = BatchingEngine(n_parallel=4, n_ctx_per_seq=512, flash_attn=True)
+    try:
+        assert_greedy_identical_alone_and_batched(engine)
+    finally:
+        engine.close()
+
+
+def assert_greedy_identical_alone_and_batched(engine):
     reqs = [chat(p, max_tokens=24) for p in PROMPTS]
-    alone = [batching_engine.generate(r).text for r in reqs]
+    alone = [engine.generate(r).text for r in reqs]
+    assert all(alone)
     batched: dict[int, str] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(len(reqs))
@@ -159,7 +176,7 @@ def test_greedy_identical_alone_and_batched(batching_engine):
     def work(i: int) -> None:
         try:
             start.wait()
-            batched[i] = batching_engine.generate(reqs[i]).text
+            batched[i] = engine.generate(reqs[i]).text
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

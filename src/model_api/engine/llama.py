@@ -100,6 +100,7 @@ class LlamaEngine(Engine):
         n_threads: int | None = None,
         n_batch: int = 512,
         model_name: str | None = None,
+        flash_attn: bool = False,
     ):
         self.model_path = model_path or default_model_path()
         self._llm = llama_cpp.Llama(
@@ -107,6 +108,7 @@ class LlamaEngine(Engine):
             n_ctx=n_ctx,
             n_threads=n_threads or default_threads(),
             n_batch=n_batch,
+            flash_attn=flash_attn,
             verbose=False,
         )
         self._lock = threading.Lock()
