@@ -125,26 +125,23 @@ def open_call(
     kind: CallKind,
     policy: QuotaPolicy,
     request_id: str | None = None,
+    prompt_tokens: int | None = None,
 ) -> tuple[uuid.UUID, QuotaState, int | None]:
-    """Check the prompt fits, then charge a unit and write the row in one committed
-    transaction. Returns (call id, quota state, prompt tokens).
+    """Check the prompt fits (unless its ``prompt_tokens`` are already known),
+    then charge a unit and write the row in one committed transaction.
+    Returns (call id, quota state, prompt tokens).
 
     ContextOverflow is raised before anything is charged or written;
     QuotaExceeded leaves nothing written either.
     """
-    prompt_tokens = engine.check(request)
-    call_id, state = _admit_committed(db, engine, user_id, request, kind, policy, prompt_tokens, request_id)
-    return call_id, state, prompt_tokens
-
-
-def _admit_committed(db: Database, engine: Engine, user_id: int, request: GenerationRequest, kind: CallKind,
-                     policy: QuotaPolicy, prompt_tokens: int, request_id: str | None) -> tuple[uuid.UUID, QuotaState]:
+    if prompt_tokens is None:
+        prompt_tokens = engine.check(request)
     with db.session() as s:
         call, state = admit(
             s, user_id, request, kind, policy, prompt_tokens=prompt_tokens, model=engine.model_name,
             request_id=request_id,
         )
-        return call.id, state
+        return call.id, state, prompt_tokens
 
 
 def start_call(
@@ -181,7 +178,7 @@ def start_call(
         raise exc
     gen = engine.stream(request, cancel)
     try:
-        call_id, state = _admit_committed(db, engine, user_id, request, kind, policy, prompt_tokens, request_id)
+        call_id, state, _ = open_call(db, engine, user_id, request, kind, policy, request_id, prompt_tokens)
     except BaseException:
         gen.close()
         raise
