@@ -124,7 +124,8 @@ def test_first_chunk_reaches_the_client_before_the_generation_ends(client, make_
     assert deltas == [" wide", " world"]
     assert rest[-3]["choices"][0]["finish_reason"] == "stop"
     assert rest[-2]["choices"] == [] and rest[-2]["usage"] == {
-        "prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        "prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 0}}
     assert rest[-1] == "[DONE]"
     row = _row(database)
     assert (row.status, row.kind, row.response, row.completion_tokens) == ("completed", "chat", "Hello wide world", 3)
@@ -249,3 +250,21 @@ def test_chat_call_rows_keep_the_conversation_and_show_in_history(client, make_u
         assert call.prompt == "Hi there" and call.params["max_tokens"] == 5
         assert (call.prompt_tokens, call.completion_tokens) == (body["usage"]["prompt_tokens"],
                                                                 body["usage"]["completion_tokens"])
+
+
+def test_usage_reports_prompt_tokens_reused_from_an_earlier_prompt(make_app, make_user):
+    """The real batching engine keeps a slot's prompt cells: asking again with the
+    same conversation reuses all but the last prompt tokens, and usage says so."""
+    app = make_app(model_backend="batching", model_n_parallel=1)
+    headers = make_user("alice")
+    client = app.test_client()
+    body = {"model": "m", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4,
+            "temperature": 0}
+    first = client.post("/v1/chat/completions", json=body, headers=headers)
+    second = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert first.status_code == second.status_code == 200
+    u1, u2 = first.json["usage"], second.json["usage"]
+    assert u1["prompt_tokens"] == u2["prompt_tokens"]
+    assert 0 < u2["prompt_tokens_details"]["cached_tokens"] < u2["prompt_tokens"]
+    assert u2["prompt_tokens_details"]["cached_tokens"] >= u1["prompt_tokens_details"]["cached_tokens"]
+    assert second.json["choices"] == first.json["choices"]  # same greedy text, cache or not

@@ -63,6 +63,16 @@ class Usage(Schema):
     total_tokens = Integer(metadata={"example": 45})
 
 
+class PromptTokensDetails(Schema):
+    cached_tokens = Integer(metadata={
+        "example": 29, "description": "Prompt tokens reused from an earlier prompt with the same start "
+        "(the chat template's system prompt, a conversation's earlier prompt), not computed again."})
+
+
+class OpenAIUsage(Usage):
+    prompt_tokens_details = Nested(PromptTokensDetails)
+
+
 class CallModelOut(Schema):
     response = String(required=True, metadata={"description": "The model's reply."})
     id = String(metadata={"description": "Id of the stored call."})
@@ -275,7 +285,7 @@ class CompletionOut(Schema):
     model = String(required=True)
     choices = List(Dict(), required=True, metadata={
         "description": "One choice: `message` (chat) or `text` (completion), and `finish_reason`."})
-    usage = Nested(Usage, required=True)
+    usage = Nested(OpenAIUsage, required=True)
     system_fingerprint = String(allow_none=True)
 
 

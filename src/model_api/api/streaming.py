@@ -38,11 +38,14 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def usage_of(c: Completion) -> dict[str, int]:
+def usage_of(c: Completion) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens the engine did not
+    have to compute (reused from an earlier prompt with the same start)."""
     return {
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens,
         "total_tokens": c.prompt_tokens + c.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
     }
 
 
