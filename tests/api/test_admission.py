@@ -1,4 +1,4 @@
-"""Admission control through the API: a full wait queue is 503 + Retry-After, refunded."""
+"""Admission control through the API: a full wait queue is 503 + Retry-After, nothing charged."""
 
 import threading
 
@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from model_api.models import Call, User
 
 
-def test_full_queue_is_503_with_retry_after_and_refunds(make_app, make_user, database):
+def test_full_queue_is_503_with_retry_after_and_charges_nothing(make_app, make_user, database):
     app = make_app(model_backend="batching", model_n_parallel=1, model_max_queue=1, default_quota=100)
     app.extensions["model_api"].engine  # load before the burst
     headers = make_user("alice")
@@ -38,7 +38,9 @@ def test_full_queue_is_503_with_retry_after_and_refunds(make_app, make_user, dat
     with database.session() as s:
         used = s.scalar(select(User.used))
         charged = s.scalar(select(func.count(Call.id)).where(Call.charged.is_(True)))
-    assert used == codes.count(201) == charged  # every refused call gave its unit back
+        rows = s.scalar(select(func.count(Call.id)))
+    # the engine refuses before the quota is charged: no unit used, no row written
+    assert used == codes.count(201) == charged == rows
 
 
 def test_out_of_quota_race_frees_the_started_sequence(make_app, make_user, database):
