@@ -110,10 +110,9 @@ def on_exit(server):
 
 def child_exit(server, worker):
     """Drop the dead worker's live gauges (its counters stay in the totals)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    from model_api.observability import metrics
 
-        multiprocess.mark_process_dead(worker.pid)
+    metrics.mark_process_dead(worker.pid)
 
 
 # gunicorn's own lines (start-up, worker boots, timeouts) in the same JSON shape as the app's

@@ -64,7 +64,8 @@ ERRORS: dict[int, tuple[str, str, str]] = {
     500: ("The model failed (the quota unit was refunded)", "model_error",
           "the model failed; your quota unit was refunded"),
     502: ("A remote model backend failed", "upstream_error", "model backend failed: ..."),
-    503: ("The model is at capacity or the job queue is unavailable (unit refunded)", "queue_unavailable",
+    503: ("The model is at capacity (nothing charged) or the job queue is unavailable (unit refunded)",
+          "queue_unavailable",
           "the job queue is unavailable; your quota unit was refunded"),
     504: ("A remote model backend timed out", "upstream_timeout", "model backend timed out: ..."),
 }

@@ -258,8 +258,10 @@ def record_failure(
     refund: bool = True,
     status: CallStatus = CallStatus.FAILED,
     partial: Completion | None = None,
+    from_states: tuple[CallStatus, ...] = (CallStatus.QUEUED, CallStatus.RUNNING),
 ) -> bool:
-    """Mark a non-final call failed (or cancelled) and, if asked, give its unit back."""
+    """Mark a call that is in one of ``from_states`` failed (or cancelled) and,
+    if asked, give its unit back. False if it was in none of them."""
     values: dict[str, Any] = {"status": status.value, "error": error, "finished_at": utcnow()}
     if partial is not None:
         values.update(
@@ -271,7 +273,7 @@ def record_failure(
     with db.session() as s:
         row = s.execute(
             update(Call)
-            .where(Call.id == call_id, Call.status.in_([CallStatus.QUEUED.value, CallStatus.RUNNING.value]))
+            .where(Call.id == call_id, Call.status.in_([st.value for st in from_states]))
             .values(**values)
             .returning(Call.kind)
         ).first()

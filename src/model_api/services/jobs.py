@@ -21,7 +21,7 @@ from ..db import Database, as_utc, utcnow
 from ..engine.base import ContextOverflow, Engine, EngineError
 from ..models import Call, CallKind, CallStatus
 from ..observability import logs, metrics
-from . import calls, quota
+from . import calls
 from .calls import CallOutcome, QuotaPolicy
 
 log = logging.getLogger(__name__)
@@ -132,12 +132,13 @@ def submit(
     return CallOutcome(job_id, state)
 
 
-def claim(db: Database, job_id: uuid.UUID, *, allow_running: bool = False) -> int | None:
-    """Move a job to running for this process; returns the attempt number, or
-    None if the job is final, unknown, or (unless ``allow_running``) already taken."""
+def claim(db: Database, job_id: uuid.UUID, *, allow_running: bool = False) -> Call | None:
+    """Move a job to running for this process; returns the claimed row (its
+    ``attempts`` is this run's number), or None if the job is final, unknown, or
+    (unless ``allow_running``) already taken."""
     states = [CallStatus.QUEUED.value] + ([CallStatus.RUNNING.value] if allow_running else [])
     with db.session() as s:
-        row = s.execute(
+        call = s.execute(
             update(Call)
             .where(Call.id == job_id, Call.status.in_(states), Call.attempts < MAX_ATTEMPTS)
             .values(
@@ -146,12 +147,12 @@ def claim(db: Database, job_id: uuid.UUID, *, allow_running: bool = False) -> in
                 started_at=utcnow(),
                 worker=calls.worker_id(),
             )
-            .returning(Call.attempts)
-        ).first()
-    if row is None:
+            .returning(Call)  # the row the run needs, in the same round trip
+        ).scalar_one_or_none()
+    if call is None:
         return None
     metrics.job_state(CallStatus.RUNNING.value)
-    return int(row[0])
+    return call
 
 
 def run_job(
@@ -169,23 +170,18 @@ def run_job(
     """
     job_uuid = uuid.UUID(str(job_id))
     with logs.log_context(job_id=str(job_uuid)):
-        attempt = claim(db, job_uuid, allow_running=allow_running)
-        if attempt is None:
+        call = claim(db, job_uuid, allow_running=allow_running)
+        if call is None:
             _fail_if_exhausted(db, job_uuid)
             log.info("job not runnable (final, taken or exhausted)")
             return None
-        with db.session() as s:
-            call = s.get(Call, job_uuid)
-            assert call is not None
-            request = calls.request_of(call)
-            request_id = call.request_id
-            cancel_requested = call.cancel_requested
-            waited = None
-            if attempt == 1 and call.started_at is not None and call.created_at is not None:
-                waited = (as_utc(call.started_at) - as_utc(call.created_at)).total_seconds()
+        attempt = call.attempts
+        waited = None
+        if attempt == 1 and call.started_at is not None and call.created_at is not None:
+            waited = (as_utc(call.started_at) - as_utc(call.created_at)).total_seconds()
         # the request that created the job: its log lines join this job's by request_id
-        with logs.log_context(request_id=request_id):
-            if cancel_requested:
+        with logs.log_context(request_id=call.request_id):
+            if call.cancel_requested:
                 # asked to stop while an earlier attempt ran, then that process died
                 calls.record_failure(db, job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED)
                 log.info("job finished", extra={"state": CallStatus.CANCELLED.value})
@@ -194,7 +190,7 @@ def run_job(
                 metrics.job_queue_wait(waited)
             log.info("job started", extra={"attempt": attempt,
                                            "queue_wait_ms": None if waited is None else round(waited * 1000, 2)})
-            status = _run_claimed(db, job_uuid, attempt, request, engine_provider, cancels)
+            status = _run_claimed(db, job_uuid, attempt, calls.request_of(call), engine_provider, cancels)
             log.info("job finished", extra={"state": status or "superseded"})
             return status
 
@@ -286,7 +282,7 @@ def cancel(db: Database, job_id: uuid.UUID, user_id: int, cancels: CancelRegistr
 
     Raises JobNotFound (unknown or another user's job) or JobFinished.
     """
-    # Two rounds: the job may move from queued to running between the read and the write.
+    # Retried: the job may move from queued to running between the read and the write.
     for _ in range(3):
         with db.session() as s:
             call = calls.get_call_for_user(s, job_id, user_id)
@@ -294,19 +290,9 @@ def cancel(db: Database, job_id: uuid.UUID, user_id: int, cancels: CancelRegistr
                 raise JobNotFound(str(job_id))
             state = call.status
         if state == CallStatus.QUEUED.value:
-            with db.session() as s:
-                # conditional on queued: a worker that claimed it meanwhile keeps it
-                done = s.execute(
-                    update(Call)
-                    .where(Call.id == job_id, Call.status == CallStatus.QUEUED.value)
-                    .values(status=CallStatus.CANCELLED.value, error="cancelled by the user", finished_at=utcnow())
-                ).rowcount
-                if done:
-                    quota.refund(s, job_id)
-            if done:
-                # final without passing through calls.record_failure: count it here
-                metrics.observe_failure(CallKind.ASYNC.value, CallStatus.CANCELLED.value)
-                metrics.job_state(CallStatus.CANCELLED.value)
+            # conditional on queued: a worker that claimed it meanwhile keeps it
+            if calls.record_failure(db, job_id, "cancelled by the user", status=CallStatus.CANCELLED,
+                                    from_states=(CallStatus.QUEUED,)):
                 return CallStatus.CANCELLED.value
         elif state == CallStatus.RUNNING.value:
             with db.session() as s:
