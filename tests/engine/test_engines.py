@@ -315,7 +315,7 @@ def test_stop_string_ending_in_the_final_utf8_tail(tiny_engine):
 # -- prefix reuse: a slot keeps its last prompt's KV cells ------------------------
 
 def prompt_tokens_of(engine, req: GenerationRequest) -> list[int]:
-    return engine._prompts.get(req)[1]
+    return engine._prompts.tokens(req)
 
 
 def test_repeated_prompt_is_served_from_the_slot(tiny_engine, llama_engine):

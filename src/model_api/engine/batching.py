@@ -213,11 +213,8 @@ class BatchingEngine(Engine):
         self._thread.start()
 
     # -- prompts ---------------------------------------------------------------
-    def prompt_text(self, request: GenerationRequest) -> str:
-        return self._prompts.get(request)[0]
-
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self._prompts.get(request)[1])
+        return len(self._prompts.tokens(request))
 
     # -- admission -------------------------------------------------------------
     def retry_after(self) -> int:
@@ -233,7 +230,7 @@ class BatchingEngine(Engine):
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Generation:
         self.check(request)
-        seq = _Sequence(prompt=self._prompts.get(request)[1], params=request.params, cancel=cancel or threading.Event())
+        seq = _Sequence(prompt=self._prompts.tokens(request), params=request.params, cancel=cancel or threading.Event())
         with self._cond:
             if self._closed:
                 raise EngineError("engine is closed")

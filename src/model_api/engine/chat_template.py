@@ -96,12 +96,11 @@ class PromptCache:
         self._model = model
         self._local = threading.local()
 
-    def get(self, messages_request: Any) -> tuple[str, list[int]]:
-        """(prompt text, prompt tokens) of a GenerationRequest."""
+    def tokens(self, request: Any) -> list[int]:
+        """The prompt tokens of a GenerationRequest (chat template applied)."""
         memo = self._local
-        if getattr(memo, "request", None) is messages_request:
-            return memo.text, memo.tokens
-        text = prompt_text(self._template, messages_request.messages, messages_request.prompt)
-        tokens = tokenize_prompt(self._model, text)  # reads only the vocabulary: no lock needed
-        memo.request, memo.text, memo.tokens = messages_request, text, tokens
-        return text, tokens
+        if getattr(memo, "request", None) is not request:
+            text = prompt_text(self._template, request.messages, request.prompt)
+            # tokenizing reads only the vocabulary: no lock needed
+            memo.request, memo.tokens = request, tokenize_prompt(self._model, text)
+        return memo.tokens

@@ -121,11 +121,8 @@ class LlamaEngine(Engine):
         self._closed = False
 
     # -- prompts ---------------------------------------------------------------
-    def prompt_text(self, request: GenerationRequest) -> str:
-        return self._prompts.get(request)[0]
-
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self._prompts.get(request)[1])
+        return len(self._prompts.tokens(request))
 
     # -- generation ------------------------------------------------------------
     def stream(
@@ -133,8 +130,9 @@ class LlamaEngine(Engine):
     ) -> Generation:
         if self._closed:
             raise EngineError("engine is closed")
-        n_prompt = self.check(request)
-        return _LlamaGeneration(self, self.prompt_text(request), n_prompt, request.params, cancel)
+        self.check(request)
+        # the tokens check() counted: llama-cpp-python takes them as they are, no second tokenize
+        return _LlamaGeneration(self, self._prompts.tokens(request), request.params, cancel)
 
     def info(self) -> dict[str, Any]:
         return local_model_info(self)
@@ -153,14 +151,13 @@ class _LlamaGeneration(Generation):
     def __init__(
         self,
         engine: LlamaEngine,
-        text: str,
-        n_prompt: int,
+        tokens: list[int],
         params: SamplingParams,
         cancel: threading.Event | None,
     ):
         self._engine = engine
-        self._text = text
-        self._n_prompt = n_prompt
+        self._tokens = tokens
+        self._n_prompt = len(tokens)
         self._params = params
         self._cancel = cancel or threading.Event()
         self._stops = StopMatcher(params.stop)
@@ -202,7 +199,7 @@ class _LlamaGeneration(Generation):
         # then differ from one identical request to the next.
         self._engine._llm.reset()
         self._chunks = self._engine._llm.create_completion(
-            self._text,
+            self._tokens,
             stream=True,
             max_tokens=p.max_tokens,
             temperature=p.temperature,
