@@ -114,8 +114,7 @@ def create_user(session: Session, username: str, password: str, quota: int | Non
         raise UserError("password must be at least 8 characters")
     if quota is not None and quota < 0:
         raise UserError("quota must be >= 0")
-    existing = session.scalar(select(User).where(User.username == username))
-    if existing is not None:
+    if _find_user(session, username) is not None:
         raise UserError(f"user {username!r} already exists")
     user = User(username=username, password_hash=hash_password(password), quota=quota)
     session.add(user)
@@ -123,8 +122,12 @@ def create_user(session: Session, username: str, password: str, quota: int | Non
     return user
 
 
+def _find_user(session: Session, username: str) -> User | None:
+    return session.scalar(select(User).where(User.username == username))
+
+
 def get_user(session: Session, username: str) -> User:
-    user = session.scalar(select(User).where(User.username == username))
+    user = _find_user(session, username)
     if user is None:
         raise UserError(f"no user {username!r}")
     return user
