@@ -358,3 +358,30 @@ def test_shared_prefix_is_reused_and_text_is_as_fresh(tiny_engine, llama_engine)
     assert run(follow_up).cached_tokens == len(prompt_tokens_of(tiny_engine, first))
     res = run(other)  # the system turn and the start of the user turn
     assert 0 < res.cached_tokens < res.prompt_tokens - 2
+
+
+def test_loading_the_batching_engine_does_not_silence_other_threads_logs():
+    """llama-cpp-python's loaders point the process's fd 2 at /dev/null while they
+    run; the server logs from other threads meanwhile (access lines of requests
+    answered while the model loads), and none of those lines may be lost."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, threading, time\n"
+        "from model_api.engine.batching import BatchingEngine\n"
+        "stop = threading.Event(); sent = 0\n"
+        "def tick():\n"
+        "    global sent\n"
+        "    while not stop.is_set():\n"
+        "        sys.stderr.write(f'tick {sent}\\n'); sys.stderr.flush(); sent += 1; time.sleep(0.0005)\n"
+        "t = threading.Thread(target=tick); t.start()\n"
+        "engine = BatchingEngine(n_parallel=2, n_ctx_per_seq=512)\n"
+        "stop.set(); t.join(); engine.close()\n"
+        "print(sent)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sent = int(out.stdout.strip().splitlines()[-1])
+    seen = sum(1 for line in out.stderr.splitlines() if line.startswith("tick "))
+    assert sent > 0 and seen == sent

@@ -57,7 +57,6 @@ from typing import Any
 import llama_cpp
 from llama_cpp import _internals
 from llama_cpp import _logger as llama_log
-from llama_cpp._utils import suppress_stdout_stderr
 
 from .base import (
     Completion,
@@ -147,9 +146,10 @@ class BatchingEngine(Engine):
         # As Llama(verbose=False) does: only errors from llama.cpp's log.
         llama_log.set_verbose(verbose)
         mparams = llama_cpp.llama_model_default_params()
-        self._model = _internals.LlamaModel(
-            path_model=self.model_path, params=mparams, verbose=False
-        )
+        # verbose=True only stops LlamaModel from pointing the process's fd 2 at
+        # /dev/null while it loads (see the context below); llama.cpp's messages
+        # are filtered by the log callback set above either way.
+        self._model = _internals.LlamaModel(path_model=self.model_path, params=mparams, verbose=True)
         self._vocab = self._model.vocab
         self.metadata = self._model.metadata()
         self.template = ChatTemplate.from_model(self._model)
@@ -177,10 +177,10 @@ class BatchingEngine(Engine):
         )
         try:
             # LlamaContext frees the context on close() (and before the model).
-            with suppress_stdout_stderr(disable=verbose):
-                self._context = _internals.LlamaContext(
-                    model=self._model, params=cparams, verbose=verbose
-                )
+            # Not inside llama-cpp-python's suppress_stdout_stderr: it points the
+            # whole process's fd 2 at /dev/null, so every other thread's log lines
+            # (the access log of requests served while the model loads) were lost.
+            self._context = _internals.LlamaContext(model=self._model, params=cparams, verbose=True)
         except Exception as exc:
             self._model.close()
             raise EngineError(f"llama.cpp could not create a context: {exc}") from exc
