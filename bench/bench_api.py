@@ -72,7 +72,7 @@ def in_own_process(fn, *args):
 def raw_single_stream(max_tokens: int) -> dict:
     from llama_cpp import Llama
 
-    from model_api.engine.llama import default_model_path
+    from model_api.engine.local import default_model_path
 
     llm = Llama(default_model_path(), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
     llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)  # warm-up
@@ -126,7 +126,7 @@ class Server:
         }
 
     def __enter__(self):
-        model_api = [sys.executable, "-m", "model_api.cli"]
+        model_api = [sys.executable, "-m", "model_api.entry"]
         subprocess.run(model_api + ["db", "upgrade"], env=self.env, check=True, capture_output=True)
         subprocess.run(model_api + ["users", "create", USER, "--password-stdin", "--quota", "1000000"],
                        input=PASSWORD + "\n", env=self.env, text=True, capture_output=True)

@@ -24,7 +24,7 @@ import llama_cpp
 
 from model_api.engine.base import GenerationRequest, SamplingParams
 from model_api.engine.batching import BatchingEngine
-from model_api.engine.llama import default_model_path, default_threads
+from model_api.engine.local import default_model_path, default_threads
 
 PROMPT = "Write a long story about a dragon who learns to cook."
 

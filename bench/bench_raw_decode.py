@@ -21,7 +21,7 @@ from llama_cpp import _internals
 from llama_cpp import _logger as llama_log
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from model_api.engine.llama import default_model_path, default_threads  # noqa: E402
+from model_api.engine.local import default_model_path, default_threads  # noqa: E402
 
 
 def decode_rate(model, n: int, steps: int, unified: bool, threads: int) -> float:

@@ -52,7 +52,7 @@ def register_extensions(app: APIFlask, settings: Settings, runtime: Runtime | No
     rt = runtime or Runtime(settings)
     app.extensions["model_api"] = rt
     if settings.model_load_at_start:
-        rt.load_engine_in_background()
+        rt.engines.load_in_background()
     if settings.recover_jobs_at_start:
         threading.Thread(target=rt.recover_jobs, name="job-recovery", daemon=True).start()
 

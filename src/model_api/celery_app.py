@@ -2,7 +2,7 @@
 
 The queue carries only job ids; PostgreSQL stays the source of truth for a
 job's state and response (no result backend). A worker runs the very same
-``jobs.run_job(job_id)`` as the in-process executor, so the two cannot drift.
+``Jobs.run(job_id)`` as the in-process executor, so the two cannot drift.
 
 Kill-safety, and why each setting is there:
 
@@ -24,22 +24,21 @@ failed after the commit, a worker killed with its prefetched message) are
 rebuilt from the database by the reconciler each worker runs at start-up and
 every RECONCILE_INTERVAL_SECONDS.
 
-Start a worker with ``model-api worker`` or ``celery -A model_api.worker worker``.
+Start a worker with ``model-api worker`` or ``celery -A model_api.worker worker``;
+the worker's own wiring (a runtime per process, signal handlers, the
+reconciler loop) lives in :mod:`model_api.worker`. This module is all a web
+process needs to publish.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from celery import Celery, signals
+from celery import Celery
 
 from .settings import Settings
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +93,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app for these settings, with the job task and the worker hooks."""
+def make_celery(settings: Settings, run_job: Callable[[str], Any] | None = None) -> Celery:
+    """A Celery app for these settings. ``run_job`` (a worker's: it runs the job
+    in the calling process) makes it consume; without it, it only publishes."""
     if not settings.celery_broker_url:
         raise ValueError("CELERY_BROKER_URL is not set")
     app = Celery("model_api", set_as_current=False)
     app.conf.update(celery_config(settings))
     app.conf.model_api_settings = settings  # read back by the worker hooks
 
-    @app.task(name=TASK_NAME, ignore_result=True)
-    def run_job(job_id: str) -> str | None:
-        """Run one async job (idempotent; see ``jobs.run_job``)."""
-        return worker_runtime(settings).run_job(job_id)
+    if run_job is not None:
+        @app.task(name=TASK_NAME, ignore_result=True)
+        def _run_job(job_id: str) -> Any:
+            """Run one async job (idempotent; see ``Jobs.run``)."""
+            return run_job(job_id)
 
     return app
 
@@ -133,116 +134,4 @@ class CeleryQueue:
         self.app.close()
 
 
-# --- worker side -------------------------------------------------------------
-# One Runtime per worker *process*: prefork children must not share the
-# parent's database connections or model, so each builds its own after fork.
-_RUNTIMES: dict[int, Runtime] = {}
-_RUNTIMES_LOCK = threading.Lock()
-
-
-def worker_runtime(settings: Settings) -> Runtime:
-    pid = os.getpid()
-    with _RUNTIMES_LOCK:
-        rt = _RUNTIMES.get(pid)
-        if rt is None:
-            from .runtime import Runtime
-
-            rt = Runtime(settings)
-            _RUNTIMES[pid] = rt
-        return rt
-
-
-def reconcile(settings: Settings) -> None:
-    """One reconciler pass (see ``Runtime.recover_jobs``)."""
-    worker_runtime(settings).recover_jobs()
-
-
-def _reconcile_loop(settings: Settings, stop: threading.Event) -> None:
-    while True:
-        try:
-            reconcile(settings)
-        except Exception:  # database or broker down: try again next interval
-            log.warning("reconciler pass failed", exc_info=True)
-        if stop.wait(settings.reconcile_interval_seconds):
-            return
-
-
-_STOP_RECONCILER = threading.Event()
-
-
-@signals.worker_ready.connect
-def _start_reconciler(sender: Any = None, **_: Any) -> None:
-    """In the worker's main process: sweep at start-up, then every interval."""
-    settings = getattr(sender.app.conf, "model_api_settings", None) if sender is not None else None
-    if settings is None:
-        return
-    _STOP_RECONCILER.clear()
-    threading.Thread(
-        target=_reconcile_loop, args=(settings, _STOP_RECONCILER), name="job-reconciler", daemon=True
-    ).start()
-
-
-@signals.worker_shutting_down.connect
-def _stop_reconciler(**_: Any) -> None:
-    _STOP_RECONCILER.set()
-
-
-@signals.worker_process_init.connect
-def _child_starts_clean(**_: Any) -> None:
-    # a forked pool child must not reuse the parent's Runtime (sockets, threads)
-    with _RUNTIMES_LOCK:
-        _RUNTIMES.clear()
-
-
-# --- worker observability ------------------------------------------------------
-# The same JSON log lines as the web server (with the request_id and job_id that
-# jobs.run_job binds), and, with WORKER_METRICS_PORT, a /metrics port that adds
-# up the parent and every pool process (their files in PROMETHEUS_MULTIPROC_DIR,
-# which model_api.worker sets up before prometheus_client is imported).
-
-
-@signals.setup_logging.connect
-def _json_logs(loglevel: Any = None, **_: Any) -> None:
-    """Replace Celery's log format with ours (connecting this signal tells Celery
-    not to configure logging itself); the level is the worker's ``-l``."""
-    from .observability.logs import configure_logging
-    from .settings import get_settings
-
-    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or "INFO")
-    configure_logging(str(level), get_settings().log_format)
-
-
-@signals.worker_ready.connect
-def _serve_metrics(sender: Any = None, **_: Any) -> None:
-    """In the worker's main process, once the pool runs (so pool processes do not
-    inherit the listening socket) and logging is set up: start the metrics port."""
-    app = getattr(sender, "app", None)
-    settings = getattr(app.conf, "model_api_settings", None) if app is not None else None
-    if settings is None or not settings.worker_metrics_port:
-        return
-    from .observability import metrics
-
-    if not metrics.multiprocess_dir():
-        log.warning("PROMETHEUS_MULTIPROC_DIR is not set: the metrics port shows the main process only "
-                    "(start the worker with `model-api worker` or `celery -A model_api.worker`)")
-    metrics.start_metrics_server(settings.worker_metrics_port, settings.worker_metrics_addr)
-    log.info("serving metrics", extra={"port": settings.worker_metrics_port, "addr": settings.worker_metrics_addr,
-                                       "multiprocess_dir": metrics.multiprocess_dir()})
-
-
-@signals.worker_process_shutdown.connect
-def _pool_process_exits(pid: int | None = None, **_: Any) -> None:
-    """A pool process exits: drop its live gauges (its counters stay in the totals)."""
-    from .observability import metrics
-
-    metrics.mark_process_dead(pid or os.getpid())
-
-
-@signals.worker_shutdown.connect
-def _remove_metrics_dir(**_: Any) -> None:
-    from .observability import multiproc
-
-    multiproc.remove_made_dir()
-
-
-__all__ = ["CeleryQueue", "TASK_NAME", "celery_config", "make_celery", "reconcile", "worker_runtime"]
+__all__ = ["CeleryQueue", "TASK_NAME", "celery_config", "make_celery"]

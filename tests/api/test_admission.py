@@ -49,7 +49,9 @@ def test_out_of_quota_race_frees_the_started_sequence(make_app, make_user, datab
     import time
 
     from model_api.engine.base import GenerationRequest, SamplingParams
-    from model_api.services import calls, quota
+    from model_api.services import quota
+
+    from ..fakes import intent_for
 
     app = make_app(model_backend="batching", model_n_parallel=1, model_max_queue=1)
     rt = app.extensions["model_api"]
@@ -60,7 +62,7 @@ def test_out_of_quota_race_frees_the_started_sequence(make_app, make_user, datab
         uid = s.scalar(select(User.id))
     req = GenerationRequest.single_prompt("Write a long story about a dragon.", SamplingParams(max_tokens=256))
     try:
-        calls.run_sync(rt.db, rt.engine, uid, req, rt.policy, quota_hint=quota.QuotaState(limit=1, remaining=1))
+        rt.calls.run(intent_for(uid, req, quota=quota.QuotaState(limit=1, remaining=1)))
     except quota.QuotaExceeded:
         pass
     else:

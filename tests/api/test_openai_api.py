@@ -16,7 +16,7 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from model_api.engine.base import Completion, Engine, EngineError, Generation, GenerationRequest
+from model_api.engine.base import Completion, Engine, EngineError, Generation, GenerationRequest, PreparedPrompt
 from model_api.models import ApiKey, Call, User
 
 from ..conftest import basic
@@ -35,10 +35,10 @@ class GatedEngine(Engine):
         self.finished = threading.Event()  # the generation's loop has ended (any reason)
         self.cancelled = threading.Event()
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return 7
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        return PreparedPrompt(request, 7)
 
-    def stream(self, request, cancel=None):
+    def stream(self, prompt, cancel=None):
         return _GatedGeneration(self, cancel or threading.Event())
 
 
@@ -81,7 +81,7 @@ class _GatedGeneration(Generation):
 @pytest.fixture
 def gated(app):
     engine = GatedEngine()
-    app.extensions["model_api"]._engine = engine  # the runtime's engine slot; no model load
+    app.extensions["model_api"].engines.install(None, engine)  # the default model's slot; no model load
     return engine
 
 
@@ -150,7 +150,7 @@ def test_closing_the_stream_stops_the_model_and_records_a_cut_short_call(client,
 def test_a_failure_mid_stream_is_an_error_event_and_is_refunded(client, make_user, app, database):
     engine = GatedEngine(fail_after_first=True)
     engine.release.set()
-    app.extensions["model_api"]._engine = engine
+    app.extensions["model_api"].engines.install(None, engine)
     headers = make_user("alice")
     resp = client.post("/v1/completions", json={"prompt": "Once", "stream": True}, headers=headers)
     events = _events([resp.data])

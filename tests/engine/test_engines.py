@@ -14,6 +14,15 @@ pytestmark = pytest.mark.model
 ENGINES = ["llama_engine", "batching_engine"]
 
 
+def start(engine, request: GenerationRequest, cancel: threading.Event | None = None):
+    """A generation of ``request``, prepared by the engine as the services do."""
+    return engine.stream(engine.prepare(request), cancel)
+
+
+def prepared_tokens(engine, request: GenerationRequest) -> int:
+    return engine.prepare(request).n_tokens
+
+
 def chat(text: str, **params) -> GenerationRequest:
     params.setdefault("temperature", 0.0)
     params.setdefault("max_tokens", 16)
@@ -45,7 +54,7 @@ def test_multi_token_prompt_generates(engine):
     )
     res = engine.generate(req)
     assert res.prompt_tokens > 20
-    assert res.prompt_tokens == engine.count_prompt_tokens(req)
+    assert res.prompt_tokens == engine.prepare(req).n_tokens
     assert res.completion_tokens > 0
     assert res.text.strip()
     assert res.finish_reason in ("stop", "length")
@@ -68,7 +77,7 @@ def test_stop_string_gives_stop_and_is_not_emitted(engine):
     cut = base.text.index(stop)
     req = chat("Write a long story about a dragon.", max_tokens=24, stop=(stop,))
     deltas = []
-    gen = engine.stream(req)
+    gen = start(engine, req)
     for d in gen:
         deltas.append(d)
     res = gen.result
@@ -85,7 +94,7 @@ def test_end_of_generation_gives_stop(engine):
 
 
 def test_streaming_is_incremental(engine):
-    gen = engine.stream(chat("Write a long story about a dragon.", max_tokens=32))
+    gen = start(engine, chat("Write a long story about a dragon.", max_tokens=32))
     t0 = time.monotonic()
     first_at = None
     n = 0
@@ -99,17 +108,17 @@ def test_streaming_is_incremental(engine):
     assert gen.result.completion_tokens == 32
 
 
-def test_context_overflow_from_check(engine):
+def test_a_prompt_that_cannot_fit_is_refused_when_prepared(engine):
     req = chat("word " * 3000)
     with pytest.raises(ContextOverflow) as exc:
-        engine.check(req)
+        prepared_tokens(engine, req)
     assert exc.value.prompt_tokens > engine.context_size
-    assert engine.check(chat("hello")) > 0
+    assert prepared_tokens(engine, chat("hello")) > 0
 
 
 def test_cancel_with_event_mid_stream(engine):
     cancel = threading.Event()
-    gen = engine.stream(chat("Write a long story about a dragon.", max_tokens=200), cancel)
+    gen = start(engine, chat("Write a long story about a dragon.", max_tokens=200), cancel)
     got = [next(gen)]
     cancel.set()
     got.extend(gen)
@@ -214,8 +223,8 @@ def test_long_prompt_read_while_another_generates_gives_the_same_text(
     # which computes that prompt token as a generated one: the text changed.
     req = chat(LONG_PROMPT, max_tokens=40)
     # longer than a chunk, even after a system prompt reused from an earlier request
-    assert batching_engine.count_prompt_tokens(req) > batching_engine.prefill_chunk + 64
-    running = batching_engine.stream(chat("Write a long story about a dragon.", max_tokens=400))
+    assert batching_engine.prepare(req).n_tokens > batching_engine.prefill_chunk + 64
+    running = start(batching_engine, chat("Write a long story about a dragon.", max_tokens=400))
     next(running)  # generating until closed
     joined = batching_engine.generate(req)
     running.close()
@@ -225,7 +234,7 @@ def test_long_prompt_read_while_another_generates_gives_the_same_text(
 # -- slots, queueing, errors, edge cases ------------------------------------------
 
 def test_close_mid_stream_frees_the_slot(tiny_engine):
-    gen = tiny_engine.stream(chat("Write a long story about a dragon.", max_tokens=300))
+    gen = start(tiny_engine, chat("Write a long story about a dragon.", max_tokens=300))
     next(gen)
     gen.close()
     assert gen.result is not None and gen.result.finish_reason == "cancelled"
@@ -237,11 +246,11 @@ def test_close_mid_stream_frees_the_slot(tiny_engine):
 
 def test_engine_busy_when_queue_full(tiny_engine):
     long = chat("Write a long story about a dragon.", max_tokens=300)
-    running = tiny_engine.stream(long)
+    running = start(tiny_engine, long)
     next(running)  # admitted: the only slot is taken
-    waiting = tiny_engine.stream(long)  # the only queue place
+    waiting = start(tiny_engine, long)  # the only queue place
     with pytest.raises(EngineBusy) as exc:
-        tiny_engine.stream(long)
+        start(tiny_engine, long)
     assert exc.value.retry_after >= 1
     running.close()
     waiting.close()
@@ -250,13 +259,13 @@ def test_engine_busy_when_queue_full(tiny_engine):
 
 def test_stream_rejects_overflowing_prompt(engine):
     with pytest.raises(ContextOverflow):
-        engine.stream(chat("word " * 3000))
+        start(engine, chat("word " * 3000))
 
 
 def test_multibyte_text_split_across_tokens(llama_engine, batching_engine):
     # SmolLM2 spells each of these CJK characters with several byte tokens.
     req = chat("Translate 'good morning' into Chinese.", max_tokens=12)
-    gen = batching_engine.stream(req)
+    gen = start(batching_engine, req)
     deltas = list(gen)
     res = gen.result
     assert any(ord(c) > 127 for c in res.text)
@@ -315,7 +324,7 @@ def test_stop_string_ending_in_the_final_utf8_tail(tiny_engine):
 # -- prefix reuse: a slot keeps its last prompt's KV cells ------------------------
 
 def prompt_tokens_of(engine, req: GenerationRequest) -> list[int]:
-    return engine._prompts.tokens(req)
+    return engine.prepare(req).tokens
 
 
 def test_repeated_prompt_is_served_from_the_slot(tiny_engine, llama_engine):
@@ -325,7 +334,7 @@ def test_repeated_prompt_is_served_from_the_slot(tiny_engine, llama_engine):
     first = tiny_engine.generate(req)
     second = tiny_engine.generate(req)
     assert second.text == first.text == llama_engine.generate(req).text
-    assert second.prompt_tokens == first.prompt_tokens == tiny_engine.count_prompt_tokens(req)
+    assert second.prompt_tokens == first.prompt_tokens == tiny_engine.prepare(req).n_tokens
     # one slot: the second request finds its whole prompt there
     assert second.cached_tokens == second.prompt_tokens - 2
     assert first.cached_tokens < second.cached_tokens

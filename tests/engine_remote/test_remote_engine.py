@@ -36,6 +36,14 @@ def _sse(*objs) -> bytes:
     return b"".join(b"data: " + (o if isinstance(o, bytes) else json.dumps(o).encode()) + b"\n\n" for o in objs)
 
 
+def start(engine, request):
+    return engine.stream(engine.prepare(request))
+
+
+def prepared_tokens(engine, request) -> int:
+    return engine.prepare(request).n_tokens
+
+
 def _engine(handler, **kw) -> OpenAIEngine:
     return OpenAIEngine("http://upstream.test/v1", transport=httpx.MockTransport(handler), **kw)
 
@@ -55,7 +63,7 @@ def test_streams_deltas_and_takes_usage_and_model_from_the_upstream():
             b"[DONE]"))
 
     eng = _engine(handler, api_key="sk-up")
-    gen = eng.stream(REQ)
+    gen = start(eng, REQ)
     assert list(gen) == ["Bon", "jour"]
     r = gen.result
     assert (r.text, r.prompt_tokens, r.completion_tokens, r.finish_reason, r.model) == (
@@ -102,9 +110,9 @@ def test_error_events_and_garbage_mid_stream_are_upstream_errors():
 
 def test_check_is_a_cheap_character_guard():
     eng = _engine(lambda r: httpx.Response(500), model_name="m", context_size=128)
-    assert eng.check(GenerationRequest.single_prompt("x" * 400, SamplingParams())) > 0  # may fit: upstream decides
+    assert prepared_tokens(eng, GenerationRequest.single_prompt("x" * 400, SamplingParams())) > 0  # may fit: upstream decides
     with pytest.raises(ContextOverflow):
-        eng.check(GenerationRequest.single_prompt("x" * 8 * 200, SamplingParams()))
+        prepared_tokens(eng, GenerationRequest.single_prompt("x" * 8 * 200, SamplingParams()))
 
 
 def test_unreachable_upstream_is_502_and_refunded(make_app, make_user, database):

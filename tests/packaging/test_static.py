@@ -214,7 +214,7 @@ def test_console_script_is_declared_and_importable():
 
 
 def _cli_help(args: list[str]):
-    from model_api.cli import main
+    from model_api.entry import main
 
     return CliRunner().invoke(main, [*args, "--help"], catch_exceptions=False)
 

@@ -13,9 +13,11 @@ from model_api.celery_app import celery_config
 from model_api.db import utcnow
 from model_api.engine.base import GenerationRequest, SamplingParams
 from model_api.models import Call, CallKind, User
-from model_api.services import auth, calls, jobs
-from model_api.services.calls import QuotaPolicy
+from model_api.services import auth, jobs
+from model_api.services.ledger import QuotaPolicy, open_call
 from model_api.settings import Settings
+
+from ..fakes import intent_for
 
 POLICY = QuotaPolicy(default_quota=5, window_seconds=None)
 
@@ -24,12 +26,16 @@ def _job(database, created_ago: float = 0.0, **values) -> uuid.UUID:
     with database.session() as s:
         user = s.scalar(select(User).where(User.username == "alice")) or auth.create_user(s, "alice", "pw-long-enough")
         s.flush()
-        call, _ = calls.admit(s, user.id, GenerationRequest.single_prompt("hi", SamplingParams(max_tokens=1)),
-                              CallKind.ASYNC, POLICY, prompt_tokens=3, model="m")
+        user_id = user.id
+    request = GenerationRequest.single_prompt("hi", SamplingParams(max_tokens=1))
+    job_id, _ = open_call(database, intent_for(user_id, request, CallKind.ASYNC), POLICY, prompt_tokens=3,
+                          model="m", worker="unused")
+    with database.session() as s:
+        call = s.get(Call, job_id)
         call.created_at = utcnow() - timedelta(seconds=created_ago)
         for k, v in values.items():
             setattr(call, k, v)
-        return call.id
+    return job_id
 
 
 def test_only_jobs_queued_too_long_are_requeued_and_only_once_per_window(database):

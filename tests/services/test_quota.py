@@ -9,10 +9,9 @@ from sqlalchemy import func, select
 from model_api.db import utcnow
 from model_api.engine.base import EngineError, GenerationRequest, SamplingParams
 from model_api.models import Call, User
-from model_api.services import calls, quota
-from model_api.services.calls import QuotaPolicy
+from model_api.services import quota
 
-from ..fakes import FakeEngine
+from ..fakes import FakeEngine, intent_for, model_calls
 
 REQ = GenerationRequest.single_prompt("hi there", SamplingParams(max_tokens=4))
 
@@ -32,7 +31,7 @@ def test_concurrent_reservations_never_over_admit(make_user, database):
     def one():
         barrier.wait()
         try:
-            calls.run_sync(database, engine, uid, REQ, QuotaPolicy(3, None))
+            model_calls(database, engine).run(intent_for(uid, REQ))
             results.append("ok")
         except quota.QuotaExceeded:
             results.append("429")
@@ -51,7 +50,7 @@ def test_failed_call_refunds_exactly_once(make_user, database):
     make_user("alice")
     uid = _user_id(database)
     with pytest.raises(EngineError):
-        calls.run_sync(database, FakeEngine(fail=True), uid, REQ, QuotaPolicy(3, None))
+        model_calls(database, FakeEngine(fail=True)).run(intent_for(uid, REQ))
     with database.session() as s:
         call = s.scalars(select(Call)).one()
         assert s.get(User, uid).used == 0 and call.charged is False
@@ -64,8 +63,7 @@ def test_quota_spent_at_sign_in_is_refused_before_the_model_starts(make_user, da
     uid = _user_id(database)
     engine = FakeEngine()
     with pytest.raises(quota.QuotaExceeded):
-        calls.run_sync(database, engine, uid, REQ, QuotaPolicy(3, None),
-                       quota_hint=quota.QuotaState(limit=1, remaining=0))
+        model_calls(database, engine).run(intent_for(uid, REQ, quota=quota.QuotaState(limit=1, remaining=0)))
     assert engine.started == []  # no model work for a caller known to be out of quota
     with database.session() as s:
         assert s.scalar(select(func.count(Call.id))) == 0 and s.get(User, uid).used == 0
@@ -76,11 +74,10 @@ def test_reservation_lost_to_a_concurrent_call_cancels_the_started_model(make_us
     meanwhile: the reservation decides, the started generation is closed, nothing is written."""
     make_user("alice", quota=1)
     uid = _user_id(database)
-    calls.run_sync(database, FakeEngine(), uid, REQ, QuotaPolicy(3, None))  # takes the last unit
+    model_calls(database, FakeEngine()).run(intent_for(uid, REQ))  # takes the last unit
     engine = FakeEngine()
     with pytest.raises(quota.QuotaExceeded):
-        calls.run_sync(database, engine, uid, REQ, QuotaPolicy(3, None),
-                       quota_hint=quota.QuotaState(limit=1, remaining=1))
+        model_calls(database, engine).run(intent_for(uid, REQ, quota=quota.QuotaState(limit=1, remaining=1)))
     [gen] = engine.started
     assert gen.closed and gen.result is None
     with database.session() as s:

@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from model_api.db import utcnow
 from model_api.models import Call, User
-from model_api.services.calls import worker_id
+from model_api.process import ProcessIdentity
 
 from ..conftest import wait_for
 
@@ -16,7 +16,7 @@ from ..conftest import wait_for
 def _dead_worker() -> str:
     p = subprocess.Popen(["true"])
     p.wait()
-    host = worker_id().split(":")[0]
+    host = ProcessIdentity()().split(":")[0]
     return f"{host}:{p.pid}:deadbeef"
 
 
@@ -58,7 +58,7 @@ def test_restart_recovers_what_a_crash_left(make_app, make_user, database):
 
 def test_live_work_of_another_process_is_left_alone(make_app, make_user, database):
     make_user("alice")
-    me = worker_id()  # this (live) process
+    me = ProcessIdentity()()  # this (live) process
     with database.session() as s:
         user = s.scalars(select(User)).one()
         other_live = _row(user.id, "async", "running", me.rsplit(":", 1)[0] + ":othernonce")

@@ -14,7 +14,7 @@ from typing import Any
 from apiflask import APIFlask
 from flask import send_from_directory
 
-from .errors import OPENAI_PREFIX, error_body
+from .errors import error_body
 from .schemas import ErrorOut, OpenAIErrorOut
 
 REQUEST_ID_HEADER = {
@@ -79,7 +79,7 @@ def error_response(status: int, description: str | None = None, headers: dict[st
     ``openai=True``, as ``/v1/*`` answers), with an example."""
     desc, code, message = ERRORS.get(status, (description or "Error", "error", description or "error"))
     # the example is rendered by the same function that renders real errors
-    example = error_body(status, code, message, path=OPENAI_PREFIX if openai else "/")
+    example = error_body(status, code, message, dialect="openai" if openai else "ours")
     schema = OpenAIErrorOut if openai else ErrorOut
     out: dict[str, Any] = {
         "description": description or desc,

@@ -1,5 +1,5 @@
 """One error helper (:func:`api_error`) for every 4xx/5xx response, rendered in
-one place. The shape follows the route's API:
+one place. The shape follows the dialect the route's blueprint declares:
 
     {"error": {"code": "quota_exceeded", "message": "...", "details": {...}}}     # seed routes
     {"error": {"message": "...", "type": "rate_limit_error", "param": null,
@@ -15,10 +15,11 @@ import logging
 from typing import Any
 
 from apiflask import APIFlask, HTTPError
-from flask import has_request_context, jsonify, request
+from flask import Blueprint, has_request_context, jsonify, request
 
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, UpstreamError, UpstreamTimeout
-from ..services.jobs import QueueUnavailable
+from ..engine.registry import UnknownModel
+from ..services.jobs import JobFinished, JobNotFound, QueueUnavailable
 from ..services.quota import QuotaExceeded, QuotaState
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,6 @@ def api_error(
     return HTTPError(status, message, detail=details, headers=headers, extra_data={"code": code or CODES.get(status)})
 
 
-#: the prefix of the OpenAI-compatible routes, whose clients (the openai SDKs) expect OpenAI's shape
-OPENAI_PREFIX = "/v1/"
-
 # status -> OpenAI error "type" (what its SDKs and docs use)
 OPENAI_TYPES = {
     401: "authentication_error",
@@ -65,17 +63,35 @@ OPENAI_TYPES = {
     429: "rate_limit_error",
 }
 
-
-def openai_style(path: str | None = None) -> bool:
-    """Whether errors on ``path`` (default: the current request's) take OpenAI's shape."""
-    if path is None:
-        path = request.path if has_request_context() else ""
-    return path.startswith(OPENAI_PREFIX) or path == OPENAI_PREFIX.rstrip("/")
+#: blueprint name -> (URL prefix, dialect) for blueprints whose clients expect
+#: another error shape than ours (see :func:`declare_dialect`)
+_DIALECTS: dict[str, tuple[str, str]] = {}
 
 
-def error_body(status: int, code: str, message: str, details: Any = None, *, path: str | None = None) -> dict:
-    """The JSON body of an error (also sent as an in-stream SSE event once a stream has begun)."""
-    if openai_style(path):
+def declare_dialect(bp: Blueprint, dialect: str) -> None:
+    """Errors on ``bp``'s routes (and on unknown URLs under its prefix) take
+    ``dialect``'s shape: ``"openai"`` is the one other than ours."""
+    _DIALECTS[bp.name] = ((bp.url_prefix or "").rstrip("/"), dialect)
+
+
+def request_dialect() -> str:
+    """The error dialect of the current request: its blueprint's, else the one
+    declared for its URL prefix (a 404 matches no blueprint), else ours."""
+    if not has_request_context():
+        return "ours"
+    declared = _DIALECTS.get(request.blueprint or "")
+    if declared is not None:
+        return declared[1]
+    for prefix, dialect in _DIALECTS.values():
+        if prefix and (request.path == prefix or request.path.startswith(prefix + "/")):
+            return dialect
+    return "ours"
+
+
+def error_body(status: int, code: str, message: str, details: Any = None, *, dialect: str | None = None) -> dict:
+    """The JSON body of an error (also sent as an in-stream SSE event once a stream
+    has begun); ``dialect`` defaults to the current request's."""
+    if (dialect or request_dialect()) == "openai":
         etype = OPENAI_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
         param = None
         if isinstance(details, dict) and details and code == "invalid_request":
@@ -141,6 +157,13 @@ def service_error(exc: Exception) -> HTTPError:
         return api_error(500, "the model failed; your quota unit was refunded", code="model_error")
     if isinstance(exc, QueueUnavailable):
         return api_error(503, "the job queue is unavailable; your quota unit was refunded", code="queue_unavailable")
+    if isinstance(exc, JobNotFound):
+        return api_error(404, "no such job", code="job_not_found")
+    if isinstance(exc, JobFinished):
+        return api_error(409, f"job is already {exc.state}; nothing to cancel", code="job_finished",
+                         details={"state": exc.state})
+    if isinstance(exc, UnknownModel):
+        return api_error(404, f"the model {exc.model_id!r} does not exist", code="model_not_found")
     raise exc
 
 
@@ -183,7 +206,7 @@ def register_error_handlers(app: APIFlask) -> None:
         return _render(api_error(400, exc.description or "bad request"))
 
     # services raise these from any route; one mapping answers them all
-    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable):
+    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel):
         app.register_error_handler(service_exc, lambda exc: _render(service_error(exc)))
 
     @app.errorhandler(Exception)

@@ -51,13 +51,13 @@ def _database_check(rt) -> Callable[[], dict[str, Any]]:
 
 def _model_check(rt) -> Callable[[], dict[str, Any]]:
     def check() -> dict[str, Any]:
-        state = rt.engine_state()
+        state = rt.engines.state()
         if state != "ready":
             if state.startswith("error"):
                 return {"status": "error", "error": state.removeprefix("error: ")[:200]}
             return {"status": state}
         engine = rt.engine
-        engine.count_prompt_tokens(_PING)  # the model answers (tokeniser loaded), without queueing a generation
+        engine.prepare(_PING)  # the model answers (tokeniser loaded), without queueing a generation
         from ..observability.metrics import quantisation_of
 
         info = dict(engine.info())

@@ -8,15 +8,16 @@ from __future__ import annotations
 import uuid
 
 from apiflask import APIBlueprint
-from flask import current_app, g
-from flask import request as http_request
 
-from ..engine.base import GenerationRequest, SamplingParams
 from ..db import as_utc
+from ..engine.base import GenerationRequest
 from ..models import CallKind, CallStatus
-from ..services import calls, jobs
-from .errors import api_error, rate_headers
+from ..services.jobs import JobNotFound
+from . import streaming
+from .context import check_prompt_size, intent, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
+from .errors import api_error, rate_headers
+from .protocol import usage
 from .schemas import (
     AsyncCallOut,
     CallModelIn,
@@ -47,32 +48,6 @@ _MODEL_ERRORS = (400, 401, 413, 422, 429, 500, 502, 503, 504)
 _ERRORS = error_responses(*_MODEL_ERRORS)  # the errors every model-call route can answer
 
 
-def _rt():
-    return current_app.extensions["model_api"]
-
-
-def sampling_params(data: dict) -> SamplingParams:
-    """Apply defaults and server-side caps to the validated request fields."""
-    s = _rt().settings
-    max_tokens = data.get("max_tokens", s.default_max_tokens)
-    if max_tokens > s.max_tokens_cap:
-        raise api_error(400, f"max_tokens must be <= {s.max_tokens_cap}", code="invalid_request",
-                        details={"max_tokens": [f"must be <= {s.max_tokens_cap}"]})
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=data.get("temperature", s.default_temperature),
-        top_p=data.get("top_p", s.default_top_p),
-        seed=data.get("seed"),
-        stop=tuple(data.get("stop") or ()),
-    )
-
-
-def _check_prompt_size(prompt: str) -> None:
-    limit = _rt().settings.max_prompt_chars
-    if len(prompt) > limit:
-        raise api_error(422, f"prompt is {len(prompt)} characters; the limit is {limit}", code="prompt_too_long")
-
-
 @bp.post("/call_model")
 @bp.auth_required(auth)
 @bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
@@ -89,49 +64,22 @@ def _check_prompt_size(prompt: str) -> None:
           "headers": RATE_HEADERS}})
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
-    _check_prompt_size(json_data["prompt"])
+    check_prompt_size(json_data["prompt"])
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
     if json_data.get("stream"):
         # the same SSE chunks as /v1/chat/completions, usage always in the last one
-        return start_stream(request, CallKind.STREAM, chat=True, include_usage=True)
-    outcome, c = run_call(request, CallKind.SYNC)
+        return streaming.start(intent(request, CallKind.STREAM), chat=True, include_usage=True)
+    outcome = runtime().calls.run(intent(request, CallKind.SYNC))
+    c = outcome.completion
+    note_usage(c)
     body = {
         "response": c.text,
         "id": str(outcome.call_id),
         "model": c.model,
         "finish_reason": c.finish_reason,
-        "usage": usage_dict(c.prompt_tokens, c.completion_tokens),
+        "usage": usage(c.prompt_tokens, c.completion_tokens),
     }
     return body, 201, rate_headers(outcome.quota)
-
-
-def run_call(gen_request: GenerationRequest, kind: CallKind):
-    """Run a non-streamed call for the signed-in user; returns (outcome, completion)."""
-    rt = _rt()
-    user = current_principal()
-    outcome = calls.run_sync(rt.db, rt.engine, user.id, gen_request, rt.policy, kind=kind,
-                             request_id=g.get("request_id"), quota_hint=user.quota)
-    c = outcome.completion
-    assert c is not None
-    g.usage = (c.prompt_tokens, c.completion_tokens, c.generation_seconds)
-    return outcome, c
-
-
-def start_stream(gen_request: GenerationRequest, kind: CallKind, *, chat: bool, include_usage: bool):
-    """Admit a streamed call for the signed-in user and answer with its SSE stream."""
-    from .streaming import stream_response
-
-    rt = _rt()
-    user = current_principal()
-    call = calls.start_stream(rt.db, rt.engine, user.id, gen_request, rt.policy,
-                              kind=kind, request_id=g.get("request_id"), quota_hint=user.quota)
-    return stream_response(call, chat=chat, include_usage=include_usage, path=http_request.path,
-                           headers=rate_headers(call.quota))
-
-
-def usage_dict(prompt_tokens: int | None, completion_tokens: int) -> dict[str, int | None]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": (prompt_tokens or 0) + completion_tokens}
 
 
 @bp.post("/async_call_model")
@@ -148,12 +96,9 @@ def usage_dict(prompt_tokens: int | None, completion_tokens: int) -> dict[str, i
 def async_call_model(json_data: dict):
     """Queue a generation and return its ``job_id`` at once; poll ``/async_call_status``.
     Uses one unit of quota (refunded if the job fails through the server's fault)."""
-    _check_prompt_size(json_data["prompt"])
-    rt = _rt()
+    check_prompt_size(json_data["prompt"])
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
-    user = current_principal()
-    outcome = jobs.submit(rt.db, rt.engine, rt.job_queue, user.id, request, rt.policy,
-                          request_id=g.get("request_id"))
+    outcome = runtime().jobs.submit(intent(request, CallKind.ASYNC))
     return {"job_id": str(outcome.call_id)}, 200, rate_headers(outcome.quota)
 
 
@@ -187,7 +132,7 @@ def job_view(call) -> dict:
     if status == CallStatus.RUNNING and call.cancel_requested:
         out["cancel_requested"] = True
     if call.completion_tokens is not None:
-        out["usage"] = usage_dict(call.prompt_tokens, call.completion_tokens)
+        out["usage"] = usage(call.prompt_tokens, call.completion_tokens)
     return out
 
 
@@ -208,13 +153,10 @@ def job_view(call) -> dict:
 @bp.doc(summary="Status of an async job", responses=error_responses(400, 401, 404, d400="job_id missing or not a UUID"))
 def async_call_status(query_data: dict):
     """``job_status`` keeps the seed's values; ``state`` gives the detailed one."""
-    job_id = _parse_job_id(query_data["job_id"])
-    rt = _rt()
-    with rt.db.session() as s:
-        call = calls.get_call_for_user(s, job_id, current_principal().id)
-        if call is None or call.kind != "async":
-            raise api_error(404, "no such job", code="job_not_found")
-        return job_view(call)
+    job = runtime().history.job(_parse_job_id(query_data["job_id"]), current_principal().id)
+    if job is None:
+        raise JobNotFound(query_data["job_id"])
+    return job_view(job)
 
 
 @bp.post("/async_call_cancel")
@@ -229,18 +171,9 @@ def async_call_status(query_data: dict):
 def async_call_cancel(json_data: dict):
     """Cancel a queued job (refunded) or stop a running one, wherever it runs."""
     job_id = _parse_job_id(json_data["job_id"])
-    rt = _rt()
-    user_id = current_principal().id
-    try:
-        state = jobs.cancel(rt.db, job_id, user_id, rt.cancels)
-    except jobs.JobNotFound:
-        raise api_error(404, "no such job", code="job_not_found") from None
-    except jobs.JobFinished as exc:
-        raise api_error(409, f"job is already {exc.state}; nothing to cancel", code="job_finished",
-                        details={"state": exc.state}) from None
-    with rt.db.session() as s:
-        view = job_view(calls.get_call_for_user(s, job_id, user_id))
-    return view, (200 if state == CallStatus.CANCELLED.value else 202)
+    rt, user_id = runtime(), current_principal().id
+    state = rt.jobs.cancel(job_id, user_id)
+    return job_view(rt.history.job(job_id, user_id)), (200 if state == CallStatus.CANCELLED.value else 202)
 
 
 __all__ = ["bp", "ErrorOut"]
@@ -262,7 +195,7 @@ def call_view(call) -> dict:
         "finished_at": _iso(call.finished_at),
     }
     if call.completion_tokens is not None:
-        view["usage"] = usage_dict(call.prompt_tokens, call.completion_tokens)
+        view["usage"] = usage(call.prompt_tokens, call.completion_tokens)
     return view
 
 
@@ -276,7 +209,5 @@ def call_history(query_data: dict):
     """Every model call you made (sync, async, streamed, /v1), with prompt and response. Uses no quota."""
     before = _parse_job_id(query_data["before"]) if query_data.get("before") else None
     limit = query_data["limit"]
-    with _rt().db.session() as s:
-        rows = calls.history(s, current_principal().id, limit, before)
-        page = [call_view(c) for c in rows]
+    page = [call_view(c) for c in runtime().history.page(current_principal().id, limit, before)]
     return {"calls": page, "next_before": page[-1]["id"] if len(page) == limit else None}

@@ -11,18 +11,20 @@ import time
 from typing import Any
 
 from apiflask import APIBlueprint
-from flask import current_app
 
 from ..engine.base import GenerationRequest
 from ..models import CallKind
-from .errors import rate_headers
-from .model_calls import _check_prompt_size, run_call, sampling_params, start_stream
+from . import streaming
+from .context import check_prompt_size, intent, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
+from .errors import declare_dialect, rate_headers
+from .protocol import completion_body
 from .schemas import ChatCompletionIn, CompletionIn, CompletionOut, ModelListOut
 from .security import auth
-from .streaming import finish_reason, usage_of
 
 bp = APIBlueprint("openai", __name__, url_prefix="/v1", tag="OpenAI-compatible")
+# its clients (the openai SDKs) expect OpenAI's error shape, here and in streams
+declare_dialect(bp, "openai")
 
 # the same situations as the seed's routes, in OpenAI's error shape
 _ERRORS = error_responses(400, 401, 413, 422, 429, 500, 502, 503, 504, openai=True,
@@ -43,10 +45,6 @@ def _ok(description: str) -> dict[str, Any]:
 _STARTED = int(time.time())
 
 
-def _rt():
-    return current_app.extensions["model_api"]
-
-
 def _params(data: dict[str, Any]):
     """OpenAI's fields → our validated SamplingParams (nulls mean 'default')."""
     clean = {k: v for k, v in data.items() if v is not None}
@@ -56,27 +54,13 @@ def _params(data: dict[str, Any]):
 
 
 def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any], *, chat: bool):
+    call = intent(gen_request, kind)
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return start_stream(gen_request, kind, chat=chat, include_usage=include_usage)
-    outcome, c = run_call(gen_request, kind)
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": c.text},
-                  "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
-        obj, prefix = "chat.completion", "chatcmpl-"
-    else:
-        choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
-        obj, prefix = "text_completion", "cmpl-"
-    body = {
-        "id": prefix + outcome.call_id.hex,
-        "object": obj,
-        "created": int(time.time()),
-        "model": c.model,
-        "choices": [choice],
-        "usage": usage_of(c),
-        "system_fingerprint": None,
-    }
-    return body, 200, rate_headers(outcome.quota)
+        return streaming.start(call, chat=chat, include_usage=include_usage)
+    outcome = runtime().calls.run(call)
+    note_usage(outcome.completion)
+    return completion_body(outcome.call_id, outcome.completion, chat=chat), 200, rate_headers(outcome.quota)
 
 
 @bp.post("/chat/completions")
@@ -93,7 +77,7 @@ def chat_completions(json_data: dict):
         {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
         for m in json_data["messages"]
     ]
-    _check_prompt_size("".join(m["content"] for m in messages))
+    check_prompt_size("".join(m["content"] for m in messages))
     gen_request = GenerationRequest.chat(messages, _params(json_data))
     return _serve(gen_request, CallKind.CHAT, json_data, chat=True)
 
@@ -105,7 +89,7 @@ def chat_completions(json_data: dict):
     200: _ok("`text_completion` object, or with `stream: true` an SSE stream of them"), **_ERRORS})
 def completions(json_data: dict):
     """Continue a raw prompt (no chat template). Uses one unit of quota; stored as kind `completion`."""
-    _check_prompt_size(json_data["prompt"])
+    check_prompt_size(json_data["prompt"])
     gen_request = GenerationRequest(prompt=json_data["prompt"], params=_params(json_data))
     return _serve(gen_request, CallKind.COMPLETION, json_data, chat=False)
 
@@ -118,6 +102,6 @@ def completions(json_data: dict):
     **error_responses(401, openai=True)})
 def list_models():
     """The one model this service serves."""
-    engine = _rt().engine
+    engine = runtime().engine
     return {"object": "list", "data": [
         {"id": engine.model_name, "object": "model", "created": _STARTED, "owned_by": "model-api"}]}

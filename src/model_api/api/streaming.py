@@ -14,17 +14,17 @@ model and records the call as cancelled.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Iterator
-from typing import Any
 
 from flask import Response
 
-from ..engine.base import Completion, EngineError
-from ..services.calls import StreamingCall
-from .errors import error_body, service_error
+from ..engine.base import EngineError
+from ..services.intent import CallIntent
+from ..services.streaming import StreamingCall
+from .context import runtime
+from .errors import error_body, rate_headers, request_dialect, service_error
+from .protocol import SSE_DONE, ChunkFormat, sse
 
 log = logging.getLogger(__name__)
 
@@ -34,66 +34,7 @@ SSE_HEADERS = {
 }
 
 
-def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def usage_of(c: Completion) -> dict[str, Any]:
-    """OpenAI's usage object; ``cached_tokens``: prompt tokens the engine did not
-    have to compute (reused from an earlier prompt with the same start)."""
-    return {
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "total_tokens": c.prompt_tokens + c.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
-    }
-
-
-def finish_reason(reason: str) -> str:
-    """OpenAI's values: our "cancelled" never reaches a client that is still there."""
-    return reason if reason in ("stop", "length") else "stop"
-
-
-class ChunkFormat:
-    """Builds the chunk objects of one stream (chat or text completion)."""
-
-    def __init__(self, call: StreamingCall, *, chat: bool):
-        self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + call.call_id.hex
-        self.created = int(time.time())
-        self.model = call.model
-        self.object = "chat.completion.chunk" if chat else "text_completion"
-
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
-
-    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if role:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-
-    def start(self) -> dict[str, Any] | None:
-        # OpenAI opens a chat stream with the assistant's role and empty content
-        return self._chunk([self._choice("", None, role=True)]) if self.chat else None
-
-    def delta(self, text: str) -> dict[str, Any]:
-        return self._chunk([self._choice(text, None)])
-
-    def final(self, c: Completion) -> dict[str, Any]:
-        self.model = c.model or self.model
-        return self._chunk([self._choice(None if self.chat else "", finish_reason(c.finish_reason))])
-
-    def usage(self, c: Completion) -> dict[str, Any]:
-        return self._chunk([], usage=usage_of(c))
-
-
-def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, path: str) -> Iterator[str]:
+def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, dialect: str) -> Iterator[str]:
     """The SSE lines of a stream; closing the iterator early cancels the call."""
     ended = False
     try:
@@ -108,15 +49,15 @@ def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, path: 
         if include_usage:
             yield sse(fmt.usage(result))
         ended = True
-        yield "data: [DONE]\n\n"
+        yield SSE_DONE
     except EngineError as exc:
-        # headers are gone: report in-stream, in the route's error shape (the call
-        # is already recorded as failed and refunded)
+        # headers are gone: report in-stream, in the route's error dialect (the
+        # call is already recorded as failed and refunded)
         ended = True
         err = service_error(exc)
         yield sse(error_body(err.status_code, (err.extra_data or {}).get("code") or "model_error",
-                             err.message, path=path))
-        yield "data: [DONE]\n\n"
+                             err.message, dialect=dialect))
+        yield SSE_DONE
     finally:
         if not ended:
             log.info("stream cut short", extra={"call_id": str(call.call_id)})
@@ -140,8 +81,17 @@ class _Body:
         self._call.cancel("client disconnected")
 
 
-def stream_response(call: StreamingCall, *, chat: bool, include_usage: bool, path: str,
+def stream_response(call: StreamingCall, *, chat: bool, include_usage: bool, dialect: str,
                     headers: dict[str, str]) -> Response:
     """A 200 ``text/event-stream`` response for a started call."""
-    body = _Body(events(call, ChunkFormat(call, chat=chat), include_usage=include_usage, path=path), call)
+    fmt = ChunkFormat(call.call_id, call.model, chat=chat)
+    body = _Body(events(call, fmt, include_usage=include_usage, dialect=dialect), call)
     return Response(body, status=200, mimetype="text/event-stream", headers={**SSE_HEADERS, **headers})
+
+
+def start(intent: CallIntent, *, chat: bool, include_usage: bool) -> Response:
+    """Admit a streamed call for the signed-in user and answer with its SSE stream
+    (both blueprints' ``stream: true``)."""
+    call = runtime().calls.stream(intent)
+    return stream_response(call, chat=chat, include_usage=include_usage, dialect=request_dialect(),
+                           headers=rate_headers(call.quota))

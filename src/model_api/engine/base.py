@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -24,6 +24,20 @@ class SamplingParams:
     top_p: float = 0.95
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (a call row stores this, and an async job is rebuilt from it)."""
+        return {**asdict(self), "stop": list(self.stop)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
+        """The inverse of :meth:`to_dict`; unknown keys are ignored, and a key a
+        row does not have takes the one default above."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "stop" in values:
+            values["stop"] = tuple(values["stop"] or ())
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,25 @@ class GenerationRequest:
     def single_prompt(cls, prompt: str, params: SamplingParams) -> GenerationRequest:
         """The seed's ``{"prompt": ...}`` is a single user turn of a chat."""
         return cls.chat([{"role": "user", "content": prompt}], params)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedPrompt:
+    """A request whose prompt an engine has rendered and tokenized, once.
+
+    Made by :meth:`Engine.prepare` and handed back to :meth:`Engine.stream` of
+    the same engine: the token count charged, stored and checked against the
+    context is the one the model then reads.
+    """
+
+    request: GenerationRequest
+    n_tokens: int
+    #: the prompt's tokens, for engines with a local tokenizer (None for remote ones)
+    tokens: list[int] | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
 
 
 @dataclass
@@ -116,28 +149,26 @@ class Engine(ABC):
     context_size: int
 
     @abstractmethod
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        """Tokens the prompt occupies after the chat template is applied."""
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        """Render and tokenize the prompt; raise :class:`ContextOverflow` (before
+        any work, and before quota is charged) when it cannot fit."""
 
-    def check(self, request: GenerationRequest) -> int:
-        """Reject before any work (and before quota is charged) a prompt that
-        cannot fit; returns the prompt's token count."""
-        n = self.count_prompt_tokens(request)
-        if n + 1 > self.context_size:
-            raise ContextOverflow(n, self.context_size)
-        return n
+    def fits(self, n_tokens: int) -> None:
+        """Raise ContextOverflow unless ``n_tokens`` leave room for one generated token."""
+        if n_tokens + 1 > self.context_size:
+            raise ContextOverflow(n_tokens, self.context_size)
 
     @abstractmethod
-    def stream(
-        self, request: GenerationRequest, cancel: threading.Event | None = None
-    ) -> Generation:
-        """Start a generation and return it; safe to call from many threads."""
+    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
+        """Start a generation of a prompt this engine prepared; safe to call from many threads."""
 
     def generate(
-        self, request: GenerationRequest, cancel: threading.Event | None = None
+        self, prompt: PreparedPrompt | GenerationRequest, cancel: threading.Event | None = None
     ) -> Completion:
-        """Run a generation to the end and return its result."""
-        gen = self.stream(request, cancel)
+        """Run a generation to the end and return its result (a bare request is prepared first)."""
+        if isinstance(prompt, GenerationRequest):
+            prompt = self.prepare(prompt)
+        gen = self.stream(prompt, cancel)
         for _ in gen:
             pass
         assert gen.result is not None

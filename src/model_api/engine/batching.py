@@ -58,17 +58,8 @@ import llama_cpp
 from llama_cpp import _internals
 from llama_cpp import _logger as llama_log
 
-from .base import (
-    Completion,
-    Engine,
-    EngineBusy,
-    EngineError,
-    Generation,
-    GenerationRequest,
-    SamplingParams,
-)
-from .chat_template import ChatTemplate, PromptCache
-from .llama import default_model_path, default_threads, local_model_info, model_name_for
+from .base import Completion, EngineBusy, EngineError, Generation, PreparedPrompt, SamplingParams
+from .local import LocalGGUFEngine, default_model_path, default_threads
 from .stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -111,7 +102,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-class BatchingEngine(Engine):
+class BatchingEngine(LocalGGUFEngine):
     """Serves up to ``n_parallel`` generations at once from one llama context."""
 
     backend = "llama.cpp (continuous batching)"
@@ -149,12 +140,8 @@ class BatchingEngine(Engine):
         # verbose=True only stops LlamaModel from pointing the process's fd 2 at
         # /dev/null while it loads (see the context below); llama.cpp's messages
         # are filtered by the log callback set above either way.
-        self._model = _internals.LlamaModel(path_model=self.model_path, params=mparams, verbose=True)
+        self._adopt(_internals.LlamaModel(path_model=self.model_path, params=mparams, verbose=True), model_name)
         self._vocab = self._model.vocab
-        self.metadata = self._model.metadata()
-        self.template = ChatTemplate.from_model(self._model)
-        self._prompts = PromptCache(self.template, self._model)
-        self.model_name = model_name or model_name_for(self.metadata, self.model_path)
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_parallel * n_ctx_per_seq
@@ -212,10 +199,6 @@ class BatchingEngine(Engine):
         )
         self._thread.start()
 
-    # -- prompts ---------------------------------------------------------------
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self._prompts.tokens(request))
-
     # -- admission -------------------------------------------------------------
     def retry_after(self) -> int:
         """Seconds until the wait queue has likely drained: the queued requests
@@ -226,11 +209,9 @@ class BatchingEngine(Engine):
         work = max(depth, 1) * self._tokens_per_request
         return max(1, math.ceil(work / max(self._tps, 1e-3)))
 
-    def stream(
-        self, request: GenerationRequest, cancel: threading.Event | None = None
-    ) -> Generation:
-        self.check(request)
-        seq = _Sequence(prompt=self._prompts.tokens(request), params=request.params, cancel=cancel or threading.Event())
+    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
+        assert prompt.tokens is not None, "a prompt prepared by this engine"
+        seq = _Sequence(prompt=prompt.tokens, params=prompt.params, cancel=cancel or threading.Event())
         with self._cond:
             if self._closed:
                 raise EngineError("engine is closed")
@@ -500,7 +481,7 @@ class BatchingEngine(Engine):
             }
 
     def info(self) -> dict[str, Any]:
-        return {**local_model_info(self), "n_parallel": self.n_parallel, "max_queue": self.max_queue}
+        return {**super().info(), "n_parallel": self.n_parallel, "max_queue": self.max_queue}
 
     def close(self) -> None:
         with self._cond:

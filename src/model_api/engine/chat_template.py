@@ -7,8 +7,6 @@ whichever engine serves it.
 
 from __future__ import annotations
 
-import threading
-
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,27 +78,3 @@ def tokenize_prompt(model: Any, text: str) -> list[int]:
     if text:
         tokens.extend(model.tokenize(text.encode("utf-8"), add_bos=False, special=True))
     return tokens
-
-
-class PromptCache:
-    """Renders and tokenizes a request's prompt once.
-
-    Services call ``engine.check(request)`` before ``engine.stream(request)``
-    with the same request object in the same thread; remembering the last
-    request per thread spares the second chat-template render and tokenize.
-    The memo holds a reference to the request, so its identity cannot be reused.
-    """
-
-    def __init__(self, template: ChatTemplate, model: Any):
-        self._template = template
-        self._model = model
-        self._local = threading.local()
-
-    def tokens(self, request: Any) -> list[int]:
-        """The prompt tokens of a GenerationRequest (chat template applied)."""
-        memo = self._local
-        if getattr(memo, "request", None) is not request:
-            text = prompt_text(self._template, request.messages, request.prompt)
-            # tokenizing reads only the vocabulary: no lock needed
-            memo.request, memo.tokens = request, tokenize_prompt(self._model, text)
-        return memo.tokens

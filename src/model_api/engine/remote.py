@@ -5,7 +5,7 @@ Every request is streamed from the upstream (``stream: true`` with
 ``stream_options.include_usage``) so deltas reach our clients as the upstream
 produces them, and closing a generation closes the upstream connection, which
 stops the upstream's work too. Token counts come from the upstream's usage;
-there is no local tokenizer, so :meth:`OpenAIEngine.check` is only a cheap
+there is no local tokenizer, so :meth:`OpenAIEngine.prepare` is only a cheap
 character-based guard and the upstream's own context errors become
 :class:`ContextOverflow` (422).
 
@@ -34,6 +34,7 @@ from .base import (
     EngineBusy,
     Generation,
     GenerationRequest,
+    PreparedPrompt,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -123,20 +124,18 @@ class OpenAIEngine(Engine):
             return self._discovered_model
 
     # --- Engine -------------------------------------------------------------
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        """An estimate (about 4 characters a token): the upstream reports the real count."""
-        return max(1, math.ceil(_prompt_chars(request) / CHARS_PER_TOKEN))
-
-    def check(self, request: GenerationRequest) -> int:
-        """Refuse only prompts that cannot fit whatever the tokenizer; the upstream
-        checks the rest (its context error becomes ContextOverflow, refunded)."""
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        """No local tokenizer: an estimate (about 4 characters a token) that the
+        upstream's usage replaces. Refuses only prompts that cannot fit whatever
+        the tokenizer; the upstream checks the rest (its context error becomes
+        ContextOverflow, refunded)."""
         chars = _prompt_chars(request)
         if chars // MAX_CHARS_PER_TOKEN + 1 > self.context_size:
             raise ContextOverflow(chars // MAX_CHARS_PER_TOKEN, self.context_size)
-        return self.count_prompt_tokens(request)
+        return PreparedPrompt(request, max(1, math.ceil(chars / CHARS_PER_TOKEN)))
 
-    def stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
-        return _RemoteGeneration(self, request, cancel)
+    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
+        return _RemoteGeneration(self, prompt, cancel)
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "backend": "openai", "base_url": self.base_url}
@@ -220,9 +219,10 @@ _FINISH = {"stop": "stop", "length": "length"}
 
 
 class _RemoteGeneration(Generation):
-    def __init__(self, engine: OpenAIEngine, request: GenerationRequest, cancel: threading.Event | None):
+    def __init__(self, engine: OpenAIEngine, prompt: PreparedPrompt, cancel: threading.Event | None):
         self._engine = engine
-        self._request = request
+        self._request = prompt.request
+        self._estimate = prompt.n_tokens
         self._cancel = cancel or threading.Event()
         self._it = self._run()
         self.result = None
@@ -236,7 +236,7 @@ class _RemoteGeneration(Generation):
 
     def _run(self) -> Iterator[str]:
         eng = self._engine
-        estimate = eng.count_prompt_tokens(self._request)
+        estimate = self._estimate
         start = time.perf_counter()
         ttft: float | None = None
         pieces: list[str] = []

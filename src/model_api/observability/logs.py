@@ -4,7 +4,7 @@ of whatever the current thread is working on.
 Context travels in a :mod:`contextvars` variable rather than Flask's ``g`` so the
 same fields reach log lines written by services, the engine and job workers,
 which know nothing about Flask. The web app binds ``request_id`` for each
-request; ``jobs.run_job`` binds the job's stored ``request_id`` and ``job_id``.
+request; ``Jobs.run`` binds the job's stored ``request_id`` and ``job_id``.
 """
 
 from __future__ import annotations

@@ -17,12 +17,15 @@ from typing import Protocol
 
 from sqlalchemy import func, select, update
 
+from .. import process
 from ..db import Database, as_utc, utcnow
-from ..engine.base import ContextOverflow, Engine, EngineError
+from ..engine.base import ContextOverflow, EngineError
+from ..engine.registry import EngineRegistry
 from ..models import Call, CallKind, CallStatus
 from ..observability import logs, metrics
-from . import calls
-from .calls import CallOutcome, QuotaPolicy
+from .calls import CallOutcome
+from .intent import CallIntent
+from .ledger import QuotaPolicy, open_call, record_completion, record_failure, refuse_if_spent, request_of
 
 log = logging.getLogger(__name__)
 
@@ -108,124 +111,170 @@ class JobFinished(Exception):
         self.state = state
 
 
-def submit(
-    db: Database,
-    engine: Engine,
-    queue: JobQueue,
-    user_id: int,
-    request,
-    policy: QuotaPolicy,
-    *,
-    request_id: str | None = None,
-) -> CallOutcome:
-    """Charge, store the job row, commit, and only then enqueue its id.
+class Jobs:
+    """Async jobs: submitted here, run by whichever process takes the id off the queue."""
 
-    If the queue refuses, the job is failed with its unit refunded and
-    QueueUnavailable is raised: nothing stays 'processing' for ever.
-    """
-    job_id, state, _ = calls.open_call(db, engine, user_id, request, CallKind.ASYNC, policy, request_id)
-    try:
-        queue.enqueue(str(job_id))
-    except Exception as exc:
-        calls.record_failure(db, job_id, f"could not enqueue: {exc}")
-        raise QueueUnavailable(str(exc)) from exc
-    return CallOutcome(job_id, state)
+    def __init__(self, db: Database, engines: EngineRegistry, policy: QuotaPolicy,
+                 queue: Callable[[], JobQueue], cancels: CancelRegistry, worker: Callable[[], str]):
+        self.db = db
+        self.engines = engines
+        self.policy = policy
+        self._queue = queue  # a provider: the queue is built on first use, and it needs run()
+        self.cancels = cancels
+        self.worker = worker
 
+    def submit(self, intent: CallIntent) -> CallOutcome:
+        """Charge, store the job row, commit, and only then enqueue its id.
 
-def claim(db: Database, job_id: uuid.UUID, *, allow_running: bool = False) -> Call | None:
-    """Move a job to running for this process; returns the claimed row (its
-    ``attempts`` is this run's number), or None if the job is final, unknown, or
-    (unless ``allow_running``) already taken."""
-    states = [CallStatus.QUEUED.value] + ([CallStatus.RUNNING.value] if allow_running else [])
-    with db.session() as s:
-        call = s.execute(
-            update(Call)
-            .where(Call.id == job_id, Call.status.in_(states), Call.attempts < MAX_ATTEMPTS)
-            .values(
-                status=CallStatus.RUNNING.value,
-                attempts=Call.attempts + 1,
-                started_at=utcnow(),
-                worker=calls.worker_id(),
-            )
-            .returning(Call)  # the row the run needs, in the same round trip
-        ).scalar_one_or_none()
-    if call is None:
-        return None
-    metrics.job_state(CallStatus.RUNNING.value)
-    return call
+        A quota visibly spent and a prompt that cannot fit are refused first,
+        nothing charged or written. If the queue refuses, the job is failed with
+        its unit refunded and QueueUnavailable is raised: nothing stays
+        'processing' for ever.
+        """
+        refuse_if_spent(self.db, intent)
+        engine = self.engines.get(intent.model)
+        prompt = engine.prepare(intent.request)
+        job_id, state = open_call(self.db, intent, self.policy, prompt_tokens=prompt.n_tokens,
+                                  model=engine.model_name, worker=self.worker())
+        try:
+            self._queue().enqueue(str(job_id))
+        except Exception as exc:
+            record_failure(self.db, job_id, f"could not enqueue: {exc}")
+            raise QueueUnavailable(str(exc)) from exc
+        return CallOutcome(job_id, state)
 
-
-def run_job(
-    job_id: str | uuid.UUID,
-    db: Database,
-    engine_provider: Callable[[], Engine],
-    *,
-    cancels: CancelRegistry | None = None,
-    allow_running: bool = False,
-) -> str | None:
-    """Run one async job to a final state. Idempotent: a final job is never run
-    again, and only the holder of the latest attempt may store a response.
-
-    Returns the final status written by this run, or None if it did nothing.
-    """
-    job_uuid = uuid.UUID(str(job_id))
-    with logs.log_context(job_id=str(job_uuid)):
-        call = claim(db, job_uuid, allow_running=allow_running)
+    def claim(self, job_id: uuid.UUID, *, allow_running: bool = False) -> Call | None:
+        """Move a job to running for this process; returns the claimed row (its
+        ``attempts`` is this run's number), or None if the job is final, unknown, or
+        (unless ``allow_running``) already taken."""
+        states = [CallStatus.QUEUED.value] + ([CallStatus.RUNNING.value] if allow_running else [])
+        with self.db.session() as s:
+            call = s.execute(
+                update(Call)
+                .where(Call.id == job_id, Call.status.in_(states), Call.attempts < MAX_ATTEMPTS)
+                .values(
+                    status=CallStatus.RUNNING.value,
+                    attempts=Call.attempts + 1,
+                    started_at=utcnow(),
+                    worker=self.worker(),
+                )
+                .returning(Call)  # the row the run needs, in the same round trip
+            ).scalar_one_or_none()
         if call is None:
-            _fail_if_exhausted(db, job_uuid)
-            log.info("job not runnable (final, taken or exhausted)")
             return None
-        attempt = call.attempts
-        waited = None
-        if attempt == 1 and call.started_at is not None and call.created_at is not None:
-            waited = (as_utc(call.started_at) - as_utc(call.created_at)).total_seconds()
-        # the request that created the job: its log lines join this job's by request_id
-        with logs.log_context(request_id=call.request_id):
-            if call.cancel_requested:
-                # asked to stop while an earlier attempt ran, then that process died
-                calls.record_failure(db, job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED)
-                log.info("job finished", extra={"state": CallStatus.CANCELLED.value})
-                return CallStatus.CANCELLED.value
-            if waited is not None:
-                metrics.job_queue_wait(waited)
-            log.info("job started", extra={"attempt": attempt,
-                                           "queue_wait_ms": None if waited is None else round(waited * 1000, 2)})
-            status = _run_claimed(db, job_uuid, attempt, calls.request_of(call), engine_provider, cancels)
-            log.info("job finished", extra={"state": status or "superseded"})
-            return status
+        metrics.job_state(CallStatus.RUNNING.value)
+        return call
 
+    def run(self, job_id: str | uuid.UUID, *, allow_running: bool = False) -> str | None:
+        """Run one async job to a final state. Idempotent: a final job is never run
+        again, and only the holder of the latest attempt may store a response.
+        The in-process executor and the Celery task both call this.
 
-def _run_claimed(db: Database, job_uuid: uuid.UUID, attempt: int, request, engine_provider, cancels) -> str | None:
-    event = cancels.register(str(job_uuid)) if cancels else None
-    try:
-        engine = engine_provider()
-        result = engine.generate(request, event)
-    except ContextOverflow as exc:
-        calls.record_failure(db, job_uuid, str(exc))
-        return CallStatus.FAILED.value
-    except EngineError as exc:
-        log.warning("job failed: model error", extra={"error": str(exc)})
-        calls.record_failure(db, job_uuid, f"model error: {exc}")
-        return CallStatus.FAILED.value
-    except Exception as exc:
-        log.exception("job crashed")
-        calls.record_failure(db, job_uuid, f"internal error: {type(exc).__name__}")
-        return CallStatus.FAILED.value
-    finally:
-        if cancels:
-            cancels.discard(str(job_uuid))
-    if result.finish_reason == "cancelled":
-        # cancelled by its owner while running: unit is kept (work was done), text kept
-        calls.record_failure(
-            db, job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED, partial=result
-        )
-        return CallStatus.CANCELLED.value
-    if calls.record_completion(db, job_uuid, result, attempt=attempt):
-        log.info("job completed", extra={"prompt_tokens": result.prompt_tokens,
-                                         "completion_tokens": result.completion_tokens,
-                                         "model_seconds": round(result.generation_seconds, 4)})
-        return CallStatus.COMPLETED.value
-    return None
+        Returns the final status written by this run, or None if it did nothing.
+        """
+        job_uuid = uuid.UUID(str(job_id))
+        with logs.log_context(job_id=str(job_uuid)):
+            call = self.claim(job_uuid, allow_running=allow_running)
+            if call is None:
+                _fail_if_exhausted(self.db, job_uuid)
+                log.info("job not runnable (final, taken or exhausted)")
+                return None
+            waited = None
+            if call.attempts == 1 and call.started_at is not None and call.created_at is not None:
+                waited = (as_utc(call.started_at) - as_utc(call.created_at)).total_seconds()
+            # the request that created the job: its log lines join this job's by request_id
+            with logs.log_context(request_id=call.request_id):
+                if call.cancel_requested:
+                    # asked to stop while an earlier attempt ran, then that process died
+                    record_failure(self.db, job_uuid, "cancelled by the user", refund=False,
+                                   status=CallStatus.CANCELLED)
+                    log.info("job finished", extra={"state": CallStatus.CANCELLED.value})
+                    return CallStatus.CANCELLED.value
+                if waited is not None:
+                    metrics.job_queue_wait(waited)
+                log.info("job started", extra={"attempt": call.attempts,
+                                               "queue_wait_ms": None if waited is None else round(waited * 1000, 2)})
+                status = self._run_claimed(call)
+                log.info("job finished", extra={"state": status or "superseded"})
+                return status
+
+    def _run_claimed(self, call: Call) -> str | None:
+        job_uuid = call.id
+        event = self.cancels.register(str(job_uuid))
+        try:
+            engine = self.engines.get()
+            result = engine.generate(engine.prepare(request_of(call)), event)
+        except ContextOverflow as exc:
+            record_failure(self.db, job_uuid, str(exc))
+            return CallStatus.FAILED.value
+        except EngineError as exc:
+            log.warning("job failed: model error", extra={"error": str(exc)})
+            record_failure(self.db, job_uuid, f"model error: {exc}")
+            return CallStatus.FAILED.value
+        except Exception as exc:
+            log.exception("job crashed")
+            record_failure(self.db, job_uuid, f"internal error: {type(exc).__name__}")
+            return CallStatus.FAILED.value
+        finally:
+            self.cancels.discard(str(job_uuid))
+        if result.finish_reason == "cancelled":
+            # cancelled by its owner while running: unit is kept (work was done), text kept
+            record_failure(self.db, job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED,
+                           partial=result)
+            return CallStatus.CANCELLED.value
+        if record_completion(self.db, job_uuid, result, attempt=call.attempts):
+            log.info("job completed", extra={"prompt_tokens": result.prompt_tokens,
+                                             "completion_tokens": result.completion_tokens,
+                                             "model_seconds": round(result.generation_seconds, 4)})
+            return CallStatus.COMPLETED.value
+        return None
+
+    def cancel(self, job_id: uuid.UUID, user_id: int) -> str:
+        """Cancel the user's async job. Returns the state it is now in:
+
+        * ``cancelled``: it was queued; it will never run and its unit is refunded;
+        * ``running``: it is generating; ``cancel_requested`` is set and the process
+          running it stops at the next token (the unit is kept: work was done) —
+          the state turns ``cancelled`` within about CANCEL_POLL_SECONDS.
+
+        Raises JobNotFound (unknown or another user's job) or JobFinished.
+        """
+        # Retried: the job may move from queued to running between the read and the write.
+        for _ in range(3):
+            with self.db.session() as s:
+                state = s.scalar(select(Call.status).where(
+                    Call.id == job_id, Call.user_id == user_id, Call.kind == CallKind.ASYNC.value))
+            if state is None:
+                raise JobNotFound(str(job_id))
+            if state == CallStatus.QUEUED.value:
+                # conditional on queued: a worker that claimed it meanwhile keeps it
+                if record_failure(self.db, job_id, "cancelled by the user", status=CallStatus.CANCELLED,
+                                  from_states=(CallStatus.QUEUED,)):
+                    return CallStatus.CANCELLED.value
+            elif state == CallStatus.RUNNING.value:
+                with self.db.session() as s:
+                    done = s.execute(
+                        update(Call)
+                        .where(Call.id == job_id, Call.status == CallStatus.RUNNING.value)
+                        .values(cancel_requested=True)
+                    ).rowcount
+                if done:
+                    self.cancels.cancel(str(job_id))  # in-process shortcut; other processes poll the flag
+                    return CallStatus.RUNNING.value
+            else:
+                raise JobFinished(state)
+        raise JobFinished(state)  # pragma: no cover - only under a pathological state flip-flop
+
+    def reconcile(self, stale_seconds: int, requeue_after: int | None) -> None:
+        """Re-queue (or fail, refunded) what a crash left behind (see :func:`recover`)."""
+        ids, failed = recover(self.db, stale_seconds, requeue_after)
+        for job_id in ids:
+            try:
+                self._queue().enqueue(job_id)
+            except Exception:
+                log.exception("could not re-enqueue recovered job", extra={"job_id": job_id})
+        if ids or failed:
+            log.info("recovered jobs", extra={"requeued": len(ids), "failed": failed})
 
 
 def _fail_if_exhausted(db: Database, job_id: uuid.UUID) -> None:
@@ -237,77 +286,18 @@ def _fail_if_exhausted(db: Database, job_id: uuid.UUID) -> None:
             and call.attempts >= MAX_ATTEMPTS
         )
     if exhausted:
-        calls.record_failure(db, job_id, f"gave up after {MAX_ATTEMPTS} attempts")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a killed worker's pool children may linger as zombies when nobody reaps
-    # them (PID 1 in a container): they answer signal 0 but run nothing
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+        record_failure(db, job_id, f"gave up after {MAX_ATTEMPTS} attempts")
 
 
 def is_orphan(call: Call, stale_seconds: int) -> bool:
     """A running call whose process is gone: dead pid on this host, or (for other
     hosts, which we cannot inspect) running for longer than ``stale_seconds``."""
-    import socket
-
     started = as_utc(call.started_at)
     if started is None or started < utcnow() - timedelta(seconds=stale_seconds):
         return True
     if not call.worker:
         return True
-    host, pid, _nonce = (call.worker.split(":") + ["", "", ""])[:3]
-    if host == socket.gethostname() and pid.isdigit():
-        return int(pid) != os.getpid() and not _pid_alive(int(pid))
-    return False
-
-
-def cancel(db: Database, job_id: uuid.UUID, user_id: int, cancels: CancelRegistry | None = None) -> str:
-    """Cancel the user's async job. Returns the state it is now in:
-
-    * ``cancelled``: it was queued; it will never run and its unit is refunded;
-    * ``running``: it is generating; ``cancel_requested`` is set and the process
-      running it stops at the next token (the unit is kept: work was done) —
-      the state turns ``cancelled`` within about CANCEL_POLL_SECONDS.
-
-    Raises JobNotFound (unknown or another user's job) or JobFinished.
-    """
-    # Retried: the job may move from queued to running between the read and the write.
-    for _ in range(3):
-        with db.session() as s:
-            call = calls.get_call_for_user(s, job_id, user_id)
-            if call is None or call.kind != CallKind.ASYNC.value:
-                raise JobNotFound(str(job_id))
-            state = call.status
-        if state == CallStatus.QUEUED.value:
-            # conditional on queued: a worker that claimed it meanwhile keeps it
-            if calls.record_failure(db, job_id, "cancelled by the user", status=CallStatus.CANCELLED,
-                                    from_states=(CallStatus.QUEUED,)):
-                return CallStatus.CANCELLED.value
-        elif state == CallStatus.RUNNING.value:
-            with db.session() as s:
-                done = s.execute(
-                    update(Call)
-                    .where(Call.id == job_id, Call.status == CallStatus.RUNNING.value)
-                    .values(cancel_requested=True)
-                ).rowcount
-            if done:
-                if cancels is not None:
-                    cancels.cancel(str(job_id))  # in-process shortcut; other processes poll the flag
-                return CallStatus.RUNNING.value
-        else:
-            raise JobFinished(state)
-    raise JobFinished(state)  # pragma: no cover - only under a pathological state flip-flop
+    return process.dead_here(call.worker) is True
 
 
 def recover(db: Database, stale_seconds: int, requeue_after: int | None = None) -> tuple[list[str], int]:
@@ -332,7 +322,7 @@ def recover(db: Database, stale_seconds: int, requeue_after: int | None = None) 
         orphans = [c for c in running if is_orphan(c, stale_seconds)]
     for c in orphans:
         if c.kind == CallKind.ASYNC.value and c.cancel_requested:
-            failed += int(calls.record_failure(
+            failed += int(record_failure(
                 db, c.id, "cancelled by the user", refund=False, status=CallStatus.CANCELLED
             ))
         elif c.kind == CallKind.ASYNC.value and c.attempts < MAX_ATTEMPTS:
@@ -349,12 +339,12 @@ def recover(db: Database, stale_seconds: int, requeue_after: int | None = None) 
             reason = "interrupted by a server restart" if c.kind != CallKind.ASYNC.value else (
                 f"gave up after {MAX_ATTEMPTS} attempts"
             )
-            failed += int(calls.record_failure(db, c.id, reason))
+            failed += int(record_failure(db, c.id, reason))
     queued_async = (Call.status == CallStatus.QUEUED.value, Call.kind == CallKind.ASYNC.value)
     with db.session() as s:
         exhausted = s.scalars(select(Call.id).where(*queued_async, Call.attempts >= MAX_ATTEMPTS)).all()
     for job in exhausted:
-        failed += int(calls.record_failure(db, job, f"gave up after {MAX_ATTEMPTS} attempts"))
+        failed += int(record_failure(db, job, f"gave up after {MAX_ATTEMPTS} attempts"))
     with db.session() as s:
         if requeue_after is None:
             queued = s.scalars(select(Call.id).where(*queued_async).order_by(Call.created_at)).all()
@@ -378,7 +368,4 @@ def recover(db: Database, stale_seconds: int, requeue_after: int | None = None) 
     return to_enqueue, failed
 
 
-__all__ = [
-    "CancelRegistry", "JobFinished", "JobNotFound", "JobQueue", "QueueUnavailable",
-    "cancel", "recover", "run_job", "submit",
-]
+__all__ = ["CancelRegistry", "JobFinished", "JobNotFound", "JobQueue", "Jobs", "QueueUnavailable", "recover"]

@@ -1,0 +1,93 @@
+"""OpenAI's wire shapes, in one place: usage, finish reasons, completion bodies
+and stream chunks (``/v1/*``, and ``/call_model`` with ``"stream": true``)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from ..engine.base import Completion
+
+
+def usage(prompt_tokens: int | None, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    """The usage object. With ``cached_tokens`` (OpenAI's ``prompt_tokens_details``):
+    prompt tokens the engine reused from an earlier prompt with the same start."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": (prompt_tokens or 0) + completion_tokens}
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
+
+
+def usage_of(c: Completion) -> dict[str, Any]:
+    return usage(c.prompt_tokens, c.completion_tokens, c.cached_tokens)
+
+
+def finish_reason(reason: str) -> str:
+    """OpenAI's values: our "cancelled" never reaches a client that is still there."""
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _id(call_id: uuid.UUID, chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + call_id.hex
+
+
+def completion_body(call_id: uuid.UUID, c: Completion, *, chat: bool) -> dict[str, Any]:
+    """A ``chat.completion`` or ``text_completion`` object."""
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": c.text},
+                  "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
+    else:
+        choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
+    return {"id": _id(call_id, chat), "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": c.model, "choices": [choice], "usage": usage_of(c),
+            "system_fingerprint": None}
+
+
+def sse(obj: Any) -> str:
+    """One Server-Sent Event carrying ``obj`` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class ChunkFormat:
+    """Builds the chunk objects of one stream (chat or text completion)."""
+
+    def __init__(self, call_id: uuid.UUID, model: str, *, chat: bool):
+        self.chat = chat
+        self.id = _id(call_id, chat)
+        self.created = int(time.time())
+        self.model = model
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+    def start(self) -> dict[str, Any] | None:
+        # OpenAI opens a chat stream with the assistant's role and empty content
+        return self._chunk([self._choice("", None, role=True)]) if self.chat else None
+
+    def delta(self, text: str) -> dict[str, Any]:
+        return self._chunk([self._choice(text, None)])
+
+    def final(self, c: Completion) -> dict[str, Any]:
+        self.model = c.model or self.model
+        return self._chunk([self._choice(None if self.chat else "", finish_reason(c.finish_reason))])
+
+    def usage(self, c: Completion) -> dict[str, Any]:
+        return self._chunk([], usage=usage_of(c))

