@@ -12,7 +12,7 @@ from model_api.models import CallKind
 from model_api.process import ProcessIdentity
 from model_api.services.calls import ModelCalls
 from model_api.services.intent import CallIntent
-from model_api.services.ledger import QuotaPolicy
+from model_api.services.ledger import Ledger, QuotaPolicy
 from model_api.services.quota import QuotaState
 from model_api.settings import ModelSettings
 
@@ -69,7 +69,7 @@ def registry_of(engine: Engine) -> EngineRegistry:
 
 def model_calls(database: Database, engine: Engine, policy: QuotaPolicy = QuotaPolicy(3, None)) -> ModelCalls:
     """The call service over a real database and the given engine."""
-    return ModelCalls(database, registry_of(engine), policy, ProcessIdentity())
+    return ModelCalls(Ledger(database), registry_of(engine), policy, ProcessIdentity())
 
 
 def intent_for(user_id: int, request: GenerationRequest, kind: CallKind = CallKind.SYNC,

@@ -3,7 +3,6 @@ error handlers → CLI. Behaviour lives in the services."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from apiflask import APIFlask
@@ -42,6 +41,13 @@ def register_config(app: APIFlask, settings: Settings) -> None:
         PROPAGATE_EXCEPTIONS=False,  # our JSON 500 handler, never a traceback
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    if settings.trusted_proxies:
+        # behind nginx (deploy/nginx.conf.template) every peer is the proxy: take the
+        # client's address from the X-Forwarded-For entries those proxies appended
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]
+                                x_proto=settings.trusted_proxies)
     configure_logging(settings.log_level, settings.log_format)
     from .api.docs import configure_docs
 
@@ -54,7 +60,7 @@ def register_extensions(app: APIFlask, settings: Settings, runtime: Runtime | No
     if settings.model_load_at_start:
         rt.engines.load_in_background()
     if settings.recover_jobs_at_start:
-        threading.Thread(target=rt.recover_jobs, name="job-recovery", daemon=True).start()
+        rt.start_reconciler()
 
 
 def register_request_hooks(app: APIFlask) -> None:

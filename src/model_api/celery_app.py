@@ -93,9 +93,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_celery(settings: Settings, run_job: Callable[[str], Any] | None = None) -> Celery:
+def make_celery(settings: Settings, run_job: Callable[[str], Any] | None = None,
+                retry_on: tuple[type[BaseException], ...] = ()) -> Celery:
     """A Celery app for these settings. ``run_job`` (a worker's: it runs the job
-    in the calling process) makes it consume; without it, it only publishes."""
+    in the calling process) makes it consume; without it, it only publishes.
+    A run that raises one of ``retry_on`` is retried by Celery with backoff."""
     if not settings.celery_broker_url:
         raise ValueError("CELERY_BROKER_URL is not set")
     app = Celery("model_api", set_as_current=False)
@@ -103,7 +105,8 @@ def make_celery(settings: Settings, run_job: Callable[[str], Any] | None = None)
     app.conf.model_api_settings = settings  # read back by the worker hooks
 
     if run_job is not None:
-        @app.task(name=TASK_NAME, ignore_result=True)
+        @app.task(name=TASK_NAME, ignore_result=True, autoretry_for=retry_on, retry_backoff=1,
+                  retry_backoff_max=30, retry_jitter=False, max_retries=None)
         def _run_job(job_id: str) -> Any:
             """Run one async job (idempotent; see ``Jobs.run``)."""
             return run_job(job_id)

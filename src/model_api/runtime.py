@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from .services.auth import CredentialCache
 from .services.calls import ModelCalls
 from .services.history import History
 from .services.jobs import CancelRegistry, JobQueue, Jobs
-from .services.ledger import QuotaPolicy
+from .services.ledger import DATABASE_UNAVAILABLE, Ledger, QuotaPolicy
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,9 @@ class Runtime:
                                       default=settings.model.name or "default", on_load=_publish_model_info)
         self.cancels = CancelRegistry(self.db, settings.cancel_poll_seconds)
         self._job_queue = job_queue
-        self.calls = ModelCalls(self.db, self.engines, self.policy, self.worker_id)
-        self.jobs = Jobs(self.db, self.engines, self.policy, lambda: self.job_queue, self.cancels, self.worker_id)
+        self.ledger = Ledger(self.db)
+        self.calls = ModelCalls(self.ledger, self.engines, self.policy, self.worker_id)
+        self.jobs = Jobs(self.ledger, self.engines, self.policy, lambda: self.job_queue, self.cancels, self.worker_id)
         self.history = History(self.db)
         # name -> callable returning {"status": "ready" | ..., ...}; the broker adds one
         self.extra_readiness_checks: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -72,20 +74,44 @@ class Runtime:
             from .executor import InProcessExecutor
 
             self._job_queue = InProcessExecutor(
-                self.jobs.run, workers=self.settings.job_workers, max_queue=self.settings.job_queue_size
+                self.jobs.run, workers=self.settings.job_workers, max_queue=self.settings.job_queue_size,
+                retry_on=DATABASE_UNAVAILABLE,
             )
         return self._job_queue
 
-    def recover_jobs(self) -> None:
+    def recover_jobs(self, *, at_start: bool = False) -> None:
         """Re-queue (or fail, refunded) what a crash left behind.
 
-        In-process, the queue died with the process, so every queued job is
-        enqueued again; with a broker, only jobs whose message looks lost
-        (queued for JOB_REQUEUE_AFTER_SECONDS since they were last enqueued).
-        Celery workers run this at start-up and every RECONCILE_INTERVAL_SECONDS.
+        A dead process's running calls are failed and refunded (sync) or queued
+        again (async). Queued jobs are enqueued again when their queue entry
+        looks lost: with a broker, those queued for JOB_REQUEUE_AFTER_SECONDS
+        since they were last enqueued; in-process, at start-up every one (the
+        queue died with the process), later the same as with a broker.
         """
         s = self.settings
-        self.jobs.reconcile(s.job_stale_seconds, s.job_requeue_after_seconds if s.celery_broker_url else None)
+        requeue_after = None if at_start and not s.celery_broker_url else s.job_requeue_after_seconds
+        self.jobs.reconcile(s.job_stale_seconds, requeue_after)
+
+    def start_reconciler(self, *, at_start: bool = True) -> threading.Event:
+        """Run :meth:`recover_jobs` now (``at_start``) and every
+        RECONCILE_INTERVAL_SECONDS in a thread, so every row reaches a final
+        state without a restart. The web app and each Celery worker run one.
+        Set the returned event to stop it."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            first = at_start
+            while True:
+                try:
+                    self.recover_jobs(at_start=first)
+                    first = False
+                except Exception:  # database or broker down: try again next interval
+                    log.warning("reconciler pass failed", exc_info=True)
+                if stop.wait(self.settings.reconcile_interval_seconds):
+                    return
+
+        threading.Thread(target=loop, name="job-reconciler", daemon=True).start()
+        return stop
 
     def close(self, wait: bool = False) -> None:
         """Stop the in-process job threads (``wait``: after their current and

@@ -125,7 +125,8 @@ class Settings(BaseSettings):
     )
 
     recover_jobs_at_start: bool = Field(
-        True, description="Re-queue or fail (refunded) jobs a crash left behind when the app starts."
+        True, description="Run the reconciler in the web app: at start, then every RECONCILE_INTERVAL_SECONDS "
+        "(re-queue or fail, refunded, what a crash left behind; re-enqueue jobs whose queue entry was lost)."
     )
     job_requeue_after_seconds: int = Field(
         300,
@@ -168,7 +169,27 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: int = Field(
         60,
         ge=1,
-        description="How often each Celery worker runs the reconciler (also once at worker start).",
+        description="How often each web process and Celery worker runs the reconciler (also once at start).",
+    )
+
+    # abuse
+    rate_limit_storage_url: str = Field(
+        "memory://",
+        description="Where sign-in throttle counters live (`limits` storage URL): `memory://` counts per "
+        "process; `redis://127.0.0.1:6379/2` shares them across processes and hosts.",
+    )
+    login_throttle_per_account: str = Field(
+        "5/minute;20/hour",
+        description="Failed password sign-ins allowed per account *and* client address before 429 + "
+        "`Retry-After` (`limits` notation). API keys are never throttled.",
+    )
+    login_throttle_per_address: str = Field(
+        "60/hour", description="Failed password sign-ins allowed per client address, whatever the account."
+    )
+    trusted_proxies: int = Field(
+        0, ge=0, le=5,
+        description="Reverse proxies in front of the app whose `X-Forwarded-For` is trusted for the client "
+        "address (1 behind the bundled nginx); 0 = the socket's peer address.",
     )
 
     # bootstrap

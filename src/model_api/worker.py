@@ -32,6 +32,7 @@ from celery import Celery, signals  # noqa: E402 - after the metrics directory, 
 
 from .celery_app import make_celery  # noqa: E402
 from .runtime import Runtime  # noqa: E402
+from .services.ledger import DATABASE_UNAVAILABLE  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +52,7 @@ def worker_runtime(settings: Settings) -> Runtime:
         return rt
 
 
-def reconcile(settings: Settings) -> None:
-    """One reconciler pass (see ``Runtime.recover_jobs``)."""
-    worker_runtime(settings).recover_jobs()
-
-
-def _reconcile_loop(settings: Settings, stop: threading.Event) -> None:
-    while True:
-        try:
-            reconcile(settings)
-        except Exception:  # database or broker down: try again next interval
-            log.warning("reconciler pass failed", exc_info=True)
-        if stop.wait(settings.reconcile_interval_seconds):
-            return
-
-
-_STOP_RECONCILER = threading.Event()
+_STOP_RECONCILER: list[threading.Event] = []
 
 
 @signals.worker_ready.connect
@@ -75,15 +61,13 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
     settings = getattr(sender.app.conf, "model_api_settings", None) if sender is not None else None
     if settings is None:
         return
-    _STOP_RECONCILER.clear()
-    threading.Thread(
-        target=_reconcile_loop, args=(settings, _STOP_RECONCILER), name="job-reconciler", daemon=True
-    ).start()
+    _STOP_RECONCILER.append(worker_runtime(settings).start_reconciler())
 
 
 @signals.worker_shutting_down.connect
 def _stop_reconciler(**_: Any) -> None:
-    _STOP_RECONCILER.set()
+    while _STOP_RECONCILER:
+        _STOP_RECONCILER.pop().set()
 
 
 @signals.worker_process_init.connect
@@ -145,8 +129,11 @@ def _remove_metrics_dir(**_: Any) -> None:
 
 
 def make_worker(settings: Settings) -> Celery:
-    """A consuming Celery app: each job runs in its pool process's own runtime."""
-    return make_celery(settings, run_job=lambda job_id: worker_runtime(settings).jobs.run(job_id))
+    """A consuming Celery app: each job runs in its pool process's own runtime;
+    a job the database was unavailable to start is retried by Celery (its row is
+    still queued), not dropped."""
+    return make_celery(settings, run_job=lambda job_id: worker_runtime(settings).jobs.run(job_id),
+                       retry_on=DATABASE_UNAVAILABLE)
 
 
 app = make_worker(_settings)

@@ -20,6 +20,7 @@ from flask import Blueprint, has_request_context, jsonify, request
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, UpstreamError, UpstreamTimeout
 from ..engine.registry import UnknownModel
 from ..services.jobs import JobFinished, JobNotFound, QueueUnavailable
+from ..services.ledger import DATABASE_UNAVAILABLE
 from ..services.quota import QuotaExceeded, QuotaState
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,11 @@ def service_error(exc: Exception) -> HTTPError:
                          details={"state": exc.state})
     if isinstance(exc, UnknownModel):
         return api_error(404, f"the model {exc.model_id!r} does not exist", code="model_not_found")
+    if isinstance(exc, DATABASE_UNAVAILABLE):
+        # the driver's message may hold the database's address: the log has it, the client does not
+        log.warning("database unavailable", extra={"error": type(exc).__name__})
+        return api_error(503, "the database is unavailable; nothing was charged, try again shortly",
+                         code="database_unavailable", headers={"Retry-After": "5"})
     raise exc
 
 
@@ -206,7 +212,8 @@ def register_error_handlers(app: APIFlask) -> None:
         return _render(api_error(400, exc.description or "bad request"))
 
     # services raise these from any route; one mapping answers them all
-    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel):
+    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel,
+                        *DATABASE_UNAVAILABLE):
         app.register_error_handler(service_exc, lambda exc: _render(service_error(exc)))
 
     @app.errorhandler(Exception)

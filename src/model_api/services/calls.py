@@ -16,11 +16,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..db import Database
 from ..engine.base import Completion, Generation
 from ..engine.registry import EngineRegistry
 from .intent import CallIntent
-from .ledger import QuotaPolicy, failures_recorded, open_call, record_completion, refuse_if_spent
+from .ledger import Ledger, QuotaPolicy, open_call, refuse_if_spent
 from .quota import QuotaState
 from .streaming import StreamingCall
 
@@ -44,8 +43,9 @@ class _Started:
 
 
 class ModelCalls:
-    def __init__(self, db: Database, engines: EngineRegistry, policy: QuotaPolicy, worker: Callable[[], str]):
-        self.db = db
+    def __init__(self, ledger: Ledger, engines: EngineRegistry, policy: QuotaPolicy, worker: Callable[[], str]):
+        self.ledger = ledger
+        self.db = ledger.db
         self.engines = engines
         self.policy = policy
         self.worker = worker
@@ -55,14 +55,16 @@ class ModelCalls:
 
         Raises ContextOverflow, QuotaExceeded or EngineBusy with nothing charged
         or written; EngineError after recording the failure and refunding the unit.
+        A database that fails after the model answered delays the row's final
+        write (:class:`DeferredWrites`), not the reply.
         """
         started = self._start(intent, cancel)
-        with failures_recorded(self.db, started.call_id):
+        with self.ledger.failures_recorded(started.call_id):
             for _ in started.gen:
                 pass
         result = started.gen.result
         assert result is not None
-        record_completion(self.db, started.call_id, result)
+        self.ledger.complete(started.call_id, result)
         return CallOutcome(started.call_id, started.quota, result)
 
     def stream(self, intent: CallIntent) -> StreamingCall:
@@ -70,8 +72,8 @@ class ModelCalls:
         before the first token (refusals as :meth:`run`; EngineError recorded and
         refunded) can still be answered with a status code."""
         started = self._start(intent, threading.Event())
-        with failures_recorded(self.db, started.call_id):
-            call = StreamingCall(self.db, started.call_id, started.quota, started.gen, started.model,
+        with self.ledger.failures_recorded(started.call_id):
+            call = StreamingCall(self.ledger, started.call_id, started.quota, started.gen, started.model,
                                  started.prompt_tokens)
             call.prime()
         return call

@@ -25,7 +25,7 @@ from ..models import Call, CallKind, CallStatus
 from ..observability import logs, metrics
 from .calls import CallOutcome
 from .intent import CallIntent
-from .ledger import QuotaPolicy, open_call, record_completion, record_failure, refuse_if_spent, request_of
+from .ledger import Ledger, QuotaPolicy, open_call, record_failure, refuse_if_spent, request_of
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,10 @@ class JobFinished(Exception):
 class Jobs:
     """Async jobs: submitted here, run by whichever process takes the id off the queue."""
 
-    def __init__(self, db: Database, engines: EngineRegistry, policy: QuotaPolicy,
+    def __init__(self, ledger: Ledger, engines: EngineRegistry, policy: QuotaPolicy,
                  queue: Callable[[], JobQueue], cancels: CancelRegistry, worker: Callable[[], str]):
-        self.db = db
+        self.ledger = ledger
+        self.db = ledger.db
         self.engines = engines
         self.policy = policy
         self._queue = queue  # a provider: the queue is built on first use, and it needs run()
@@ -186,8 +187,7 @@ class Jobs:
             with logs.log_context(request_id=call.request_id):
                 if call.cancel_requested:
                     # asked to stop while an earlier attempt ran, then that process died
-                    record_failure(self.db, job_uuid, "cancelled by the user", refund=False,
-                                   status=CallStatus.CANCELLED)
+                    self.ledger.fail(job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED)
                     log.info("job finished", extra={"state": CallStatus.CANCELLED.value})
                     return CallStatus.CANCELLED.value
                 if waited is not None:
@@ -205,24 +205,24 @@ class Jobs:
             engine = self.engines.get()
             result = engine.generate(engine.prepare(request_of(call)), event)
         except ContextOverflow as exc:
-            record_failure(self.db, job_uuid, str(exc))
+            self.ledger.fail(job_uuid, str(exc))
             return CallStatus.FAILED.value
         except EngineError as exc:
             log.warning("job failed: model error", extra={"error": str(exc)})
-            record_failure(self.db, job_uuid, f"model error: {exc}")
+            self.ledger.fail(job_uuid, f"model error: {exc}")
             return CallStatus.FAILED.value
         except Exception as exc:
             log.exception("job crashed")
-            record_failure(self.db, job_uuid, f"internal error: {type(exc).__name__}")
+            self.ledger.fail(job_uuid, f"internal error: {type(exc).__name__}")
             return CallStatus.FAILED.value
         finally:
             self.cancels.discard(str(job_uuid))
         if result.finish_reason == "cancelled":
             # cancelled by its owner while running: unit is kept (work was done), text kept
-            record_failure(self.db, job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED,
-                           partial=result)
+            self.ledger.fail(job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED,
+                             partial=result)
             return CallStatus.CANCELLED.value
-        if record_completion(self.db, job_uuid, result, attempt=call.attempts):
+        if self.ledger.complete(job_uuid, result, attempt=call.attempts) is not False:  # None: deferred
             log.info("job completed", extra={"prompt_tokens": result.prompt_tokens,
                                              "completion_tokens": result.completion_tokens,
                                              "model_seconds": round(result.generation_seconds, 4)})

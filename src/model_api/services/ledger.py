@@ -9,14 +9,17 @@ async, streamed and OpenAI-style calls.
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, exc as sa_exc, select, update
 from sqlalchemy.orm import Session
 
 from ..db import Database, utcnow
@@ -28,6 +31,72 @@ from .intent import CallIntent
 from .quota import QuotaState
 
 log = logging.getLogger(__name__)
+
+
+#: what a database that is down, refusing connections, timing out or out of
+#: pooled connections raises (as opposed to a bug in a statement)
+DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+
+
+class DeferredWrites:
+    """A call's final write that the database refused, kept until it answers.
+
+    The model's work is done and (for a sync or streamed call) already on its
+    way to the client, so losing the write would leave the row ``running`` and
+    the unit charged for ever, and failing the request would throw the reply
+    away. So the write waits here, in order, and a thread of this process
+    retries every ``retry_seconds`` until the database takes it. A write whose
+    process dies first is found by the next reconciler pass (a dead process's
+    running row is failed and refunded).
+    """
+
+    def __init__(self, retry_seconds: float = 2.0) -> None:
+        self.retry_seconds = retry_seconds
+        self._writes: collections.deque[tuple[Callable[[], Any], str]] = collections.deque()
+        self._lock = threading.Lock()
+        self._retrier: threading.Thread | None = None
+
+    def attempt(self, write: Callable[[], Any], what: str) -> Any:
+        """Run ``write``; if the database is unavailable, keep it for later and return None."""
+        try:
+            return write()
+        except DATABASE_UNAVAILABLE as exc:
+            log.warning("database unavailable; write deferred", extra={"write": what, "error": type(exc).__name__})
+            with self._lock:
+                self._writes.append((write, what))
+                if self._retrier is None or not self._retrier.is_alive():
+                    self._retrier = threading.Thread(target=self._retry, name="deferred-writes", daemon=True)
+                    self._retrier.start()
+            return None
+
+    def _retry(self) -> None:
+        while len(self):
+            time.sleep(self.retry_seconds)
+            if self.flush():
+                log.info("deferred writes applied", extra={"left": len(self)})
+
+    def flush(self) -> int:
+        """Apply the kept writes in order, stopping at the first the database
+        still refuses. Returns how many were applied."""
+        done = 0
+        while True:
+            with self._lock:
+                if not self._writes:
+                    return done
+                write, what = self._writes[0]
+            try:
+                write()
+            except DATABASE_UNAVAILABLE:
+                return done
+            except Exception:  # a write that can never succeed must not block the others
+                log.exception("deferred write failed; dropped", extra={"write": what})
+            with self._lock:
+                self._writes.popleft()
+            done += 1
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._writes)
 
 
 @dataclass(frozen=True)
@@ -196,15 +265,32 @@ def record_failure(
     return True
 
 
-@contextmanager
-def failures_recorded(db: Database, call_id: uuid.UUID) -> Iterator[None]:
-    """Around engine work for an admitted call: any exception marks the call failed
-    (its unit refunded, the server's fault) and propagates."""
-    try:
-        yield
-    except EngineError as exc:
-        record_failure(db, call_id, f"model error: {exc}")
-        raise
-    except BaseException as exc:
-        record_failure(db, call_id, f"internal error: {type(exc).__name__}")
-        raise
+class Ledger:
+    """The final writes of the calls this process runs: recorded now, or
+    deferred (:class:`DeferredWrites`) while the database is unavailable."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.deferred = DeferredWrites()
+
+    def complete(self, call_id: uuid.UUID, result: Completion, attempt: int | None = None) -> bool | None:
+        """:func:`record_completion`; None when deferred."""
+        return self.deferred.attempt(lambda: record_completion(self.db, call_id, result, attempt),
+                                     f"complete {call_id}")
+
+    def fail(self, call_id: uuid.UUID, error: str, **kwargs: Any) -> bool | None:
+        """:func:`record_failure`; None when deferred."""
+        return self.deferred.attempt(lambda: record_failure(self.db, call_id, error, **kwargs), f"fail {call_id}")
+
+    @contextmanager
+    def failures_recorded(self, call_id: uuid.UUID) -> Iterator[None]:
+        """Around engine work for an admitted call: any exception marks the call
+        failed (its unit refunded, the server's fault) and propagates."""
+        try:
+            yield
+        except EngineError as exc:
+            self.fail(call_id, f"model error: {exc}")
+            raise
+        except BaseException as exc:
+            self.fail(call_id, f"internal error: {type(exc).__name__}")
+            raise

@@ -6,10 +6,9 @@ import logging
 import uuid
 from collections.abc import Iterator
 
-from ..db import Database
 from ..engine.base import Completion, EngineError, Generation
 from ..models import CallStatus
-from .ledger import record_completion, record_failure
+from .ledger import Ledger
 from .quota import QuotaState
 
 log = logging.getLogger(__name__)
@@ -26,9 +25,9 @@ class StreamingCall:
     refunded, then re-raised for the route to report in-stream.
     """
 
-    def __init__(self, db: Database, call_id: uuid.UUID, quota_state: QuotaState, gen: Generation, model: str,
+    def __init__(self, ledger: Ledger, call_id: uuid.UUID, quota_state: QuotaState, gen: Generation, model: str,
                  prompt_tokens: int):
-        self.db = db
+        self.ledger = ledger
         self.call_id = call_id
         self.quota = quota_state
         self.model = model
@@ -57,13 +56,13 @@ class StreamingCall:
                     yield piece
         except EngineError as exc:
             self._done = True
-            record_failure(self.db, self.call_id, f"model error: {exc}", partial=self._partial("error"))
+            self.ledger.fail(self.call_id, f"model error: {exc}", partial=self._partial("error"))
             raise
         result = self._gen.result
         assert result is not None
         self.result = result
         self._done = True
-        record_completion(self.db, self.call_id, result)
+        self.ledger.complete(self.call_id, result)
 
     def _partial(self, reason: str) -> Completion:
         text = "".join(self._pieces)
@@ -83,4 +82,4 @@ class StreamingCall:
         if result is None or result.finish_reason != "cancelled":
             result = self._partial("cancelled")
         self.result = result
-        record_failure(self.db, self.call_id, why, refund=False, status=CallStatus.CANCELLED, partial=result)
+        self.ledger.fail(self.call_id, why, refund=False, status=CallStatus.CANCELLED, partial=result)
