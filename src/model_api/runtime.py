@@ -104,7 +104,7 @@ def _publish_model_info(engine: Engine) -> None:
 class Runtime:
     def __init__(self, settings: Settings, *, job_queue: jobs.JobQueue | None = None):
         self.settings = settings
-        self.db = Database(settings.sqlalchemy_url)
+        self.db = Database.from_settings(settings)
         secret = hashlib.sha256(settings.secret_key.encode()).digest() if settings.secret_key else None
         self.credentials = CredentialCache(secret=secret)
         self.cancels = jobs.CancelRegistry(self.db, settings.cancel_poll_seconds)

@@ -35,6 +35,21 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL. PostgreSQL in production "
         "(`postgresql+psycopg://user:pw@host/db`); a SQLite file under `instance/` by default.",
     )
+    database_connect_timeout_seconds: int = Field(
+        5, ge=1,
+        description="PostgreSQL: longest wait to open a connection (libpq `connect_timeout`; 2 at least); "
+        "a request that cannot reach the database answers 503 `database_unavailable`.",
+    )
+    database_statement_timeout_ms: int = Field(
+        10_000, ge=0,
+        description="PostgreSQL: longest a single SQL statement may run (`statement_timeout`; 0 = no "
+        "limit); 503 `database_unavailable` after.",
+    )
+    database_pool_timeout_seconds: float = Field(
+        5.0, gt=0,
+        description="Longest a request waits for a free pooled database connection; 503 "
+        "`database_unavailable` after.",
+    )
     default_quota: int = Field(
         3, ge=0, description="Model calls each user may make (sync and async alike), unless set per user."
     )

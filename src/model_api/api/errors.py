@@ -16,6 +16,7 @@ from typing import Any
 
 from apiflask import APIFlask, HTTPError
 from flask import has_request_context, jsonify, request
+from sqlalchemy import exc as sa_exc
 
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, UpstreamError, UpstreamTimeout
 from ..services.jobs import QueueUnavailable
@@ -100,20 +101,42 @@ def _flatten_validation(detail: Any) -> tuple[str, Any]:
     for name, msgs in fields.items():
         if name in ("_schema", "_body"):
             name = "body"
-        if isinstance(msgs, list):
-            msgs = " ".join(str(m) for m in msgs)
-        elif isinstance(msgs, dict):
-            msgs = "; ".join(f"{k}: {v}" for k, v in msgs.items())
-        parts.append(f"{name}: {msgs}")
+        parts.extend(_sentences(str(name), msgs))
     return ("invalid request: " + "; ".join(parts)) if parts else "invalid request", fields
+
+
+def _sentences(path: str, msgs: Any) -> list[str]:
+    """``messages: {0: {"content": ["bad"]}}`` -> ``["messages.0.content: bad"]``."""
+    if isinstance(msgs, dict):
+        return [s for key, sub in msgs.items() for s in _sentences(f"{path}.{key}", sub)]
+    if isinstance(msgs, list) and any(isinstance(m, dict) for m in msgs):
+        return [s for m in msgs for s in _sentences(path, m)]
+    if isinstance(msgs, list):
+        msgs = " ".join(str(m) for m in msgs)
+    return [f"{path}: {msgs}"]
 
 
 def _parses_as_json(data: bytes) -> bool:
     try:
         json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return False
     return True
+
+
+#: what a client is told to wait before retrying when the database is unreachable
+DATABASE_RETRY_AFTER = 5
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached or did not answer in time
+    (refused or timed-out connection, lost connection, statement timeout, pool
+    exhausted) rather than that our SQL was wrong."""
+    if isinstance(exc, sa_exc.TimeoutError):  # no pooled connection free within pool_timeout
+        return True
+    if isinstance(exc, sa_exc.OperationalError):  # connect failed / timed out, statement_timeout, server gone
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
 
 
 def rate_headers(state: QuotaState) -> dict[str, str]:
@@ -141,6 +164,11 @@ def service_error(exc: Exception) -> HTTPError:
         return api_error(500, "the model failed; your quota unit was refunded", code="model_error")
     if isinstance(exc, QueueUnavailable):
         return api_error(503, "the job queue is unavailable; your quota unit was refunded", code="queue_unavailable")
+    if database_unavailable(exc):
+        # the type only: a driver message may name the host, and never the statement's parameters
+        log.warning("database unavailable", extra={"error": type(exc).__name__})
+        return api_error(503, "the database is unavailable; try again shortly", code="database_unavailable",
+                         headers={"Retry-After": str(DATABASE_RETRY_AFTER)})
     raise exc
 
 
@@ -191,3 +219,12 @@ def register_error_handlers(app: APIFlask) -> None:
         # never a traceback to the client; the log has it
         log.exception("unhandled error")
         return _render(api_error(500, "internal server error"))
+
+    @app.errorhandler(sa_exc.DBAPIError)
+    @app.errorhandler(sa_exc.TimeoutError)
+    def _database_error(exc: Exception):
+        # an unreachable or slow database is a 503 the client may retry; any other
+        # database error is our bug (500, logged with the statement but never its parameters)
+        if database_unavailable(exc):
+            return _render(service_error(exc))
+        return _unhandled(exc)
