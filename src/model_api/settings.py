@@ -23,7 +23,9 @@ class Settings(BaseSettings):
 
     env: Literal["development", "production", "test"] = Field(
         "development",
-        description="`production` refuses to start without SECRET_KEY and with the SQLite default.",
+        description="`production` refuses to start with SQLite, without a SECRET_KEY of 32 characters "
+        "or more, or with any placeholder secret of `.env.example` (`change-me...`) in SECRET_KEY, "
+        "DATABASE_URL's password, ADMIN_PASSWORD or METRICS_TOKEN; the error names each.",
     )
     secret_key: str | None = Field(
         None,
@@ -201,10 +203,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _production_needs_secrets(self) -> Settings:
         if self.env == "production":
-            if not self.secret_key:
-                raise ValueError("SECRET_KEY must be set when ENV=production")
-            if self.database_url.startswith("sqlite"):
-                raise ValueError("DATABASE_URL must name a server database when ENV=production")
+            problems = production_secret_problems(self)
+            if problems:
+                raise ValueError("ENV=production refuses to start: " + "; ".join(problems))
         return self
 
     @model_validator(mode="after")
@@ -229,6 +230,58 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix):]
         return url
+
+
+#: the public placeholder values of .env.example (tests/packaging/test_static.py keeps
+#: this list in step with the file): a deployment that kept one has no secret at all
+PLACEHOLDER_SECRETS = frozenset({
+    "change-me-to-a-long-random-string",
+    "change-me-db-password",
+    "change-me-demo-password",
+})
+#: shortest SECRET_KEY accepted in production (32 characters: e.g. `openssl rand -hex 16`)
+MIN_SECRET_KEY_CHARS = 32
+
+
+def is_placeholder(value: str) -> bool:
+    """A value copied from .env.example (or any value still saying "change-me")."""
+    return value in PLACEHOLDER_SECRETS or "change-me" in value.lower()
+
+
+def _database_password(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password
+    except (ArgumentError, ValueError):
+        return None
+
+
+def production_secret_problems(s: Settings) -> list[str]:
+    """Every reason ``s`` is unfit for ENV=production, one per offending setting: a
+    missing, short or placeholder SECRET_KEY, SQLite or a placeholder password in
+    DATABASE_URL, a placeholder ADMIN_PASSWORD or METRICS_TOKEN."""
+    problems = []
+    if not s.secret_key:
+        problems.append("SECRET_KEY must be set")
+    elif is_placeholder(s.secret_key):
+        problems.append("SECRET_KEY is the public placeholder from .env.example")
+    elif len(s.secret_key) < MIN_SECRET_KEY_CHARS:
+        problems.append(f"SECRET_KEY is too short ({len(s.secret_key)} characters; at least "
+                        f"{MIN_SECRET_KEY_CHARS}, e.g. `openssl rand -hex 32`)")
+    if s.database_url.startswith("sqlite"):
+        problems.append("DATABASE_URL must name a server database, not SQLite")
+    else:
+        password = _database_password(s.database_url)
+        if password and is_placeholder(password):
+            problems.append("DATABASE_URL holds the placeholder database password from .env.example "
+                            "(change it there and in POSTGRES_PASSWORD)")
+    if s.admin_password is not None and is_placeholder(s.admin_password):
+        problems.append("ADMIN_PASSWORD is the public placeholder from .env.example")
+    if s.metrics_token is not None and is_placeholder(s.metrics_token):
+        problems.append("METRICS_TOKEN is a placeholder")
+    return problems
 
 
 @lru_cache
