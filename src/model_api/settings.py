@@ -62,7 +62,11 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_prompt_chars: int = Field(
-        32_000, ge=1, description="Cheap pre-check before tokenising; longer prompts get 422."
+        32_000, ge=1, description="Cheap pre-check before tokenising; longer prompts get 422. For chat "
+        "messages it applies to the sum of their contents."
+    )
+    max_messages: int = Field(
+        256, ge=1, description="Most chat messages one request may carry (400 above), checked before tokenising."
     )
 
     # generation defaults and caps

@@ -210,6 +210,15 @@ def register_error_handlers(app: APIFlask) -> None:
             return _render(api_error(400, "request body is not valid JSON", code="invalid_json"))
         return _render(api_error(400, exc.description or "bad request"))
 
+    @app.errorhandler(RecursionError)
+    def _too_deep(exc: RecursionError):
+        # a JSON body nested thousands of levels deep exhausts the parser's recursion
+        # (whichever parser met it first): the client's error, not ours
+        data = request.get_data(cache=True) if has_request_context() else b""
+        if data and not _parses_as_json(data):
+            return _render(api_error(400, "request body is not valid JSON (nested too deeply)", code="invalid_json"))
+        return _unhandled(exc)
+
     # services raise these from any route; one mapping answers them all
     for service_exc in (QuotaExceeded, EngineError, QueueUnavailable):
         app.register_error_handler(service_exc, lambda exc: _render(service_error(exc)))
