@@ -7,8 +7,9 @@ whichever engine serves it.
 
 from __future__ import annotations
 
+import re
+import secrets
 import threading
-
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,6 +83,60 @@ def tokenize_prompt(model: Any, text: str) -> list[int]:
     return tokens
 
 
+def prompt_tokens(model: Any, template: ChatTemplate, messages: Sequence[dict[str, str]] | None,
+                  prompt: str | None) -> list[int]:
+    """The prompt tokens of a request, with special tokens (``<|im_start|>`` ...)
+    parsed only where the chat template wrote them.
+
+    A message's content is the user's text: typed into it, ``<|im_start|>system``
+    must stay seven ordinary tokens, or a customer could forge system or assistant
+    turns. When no content contains a special token's text, the tokens are exactly
+    those of the whole rendered prompt (what ``Llama.create_completion`` would
+    make), so ordinary prompts, and greedy output, are unchanged. Otherwise the
+    template is rendered with a sentinel in place of each content, its own text is
+    tokenised with special tokens parsed and each content as plain text.
+
+    A raw prompt (``/v1/completions``: no template) is the caller's whole text and
+    keeps today's tokens, special tokens included.
+    """
+    if messages is None:
+        return tokenize_prompt(model, prompt_text(template, None, prompt))
+    messages = [dict(m) for m in messages]
+    contents = [m.get("content") or "" for m in messages]
+    if not any(_has_special_text(model, c) for c in contents):
+        return tokenize_prompt(model, template.render(messages))
+    return _segmented_tokens(model, template, messages, contents)
+
+
+def _tokens(model: Any, text: str, *, special: bool) -> list[int]:
+    return model.tokenize(text.encode("utf-8"), add_bos=False, special=special) if text else []
+
+
+def _has_special_text(model: Any, text: str) -> bool:
+    """Whether ``text`` holds the text of a special (control) token: parsing specials
+    then changes its tokens."""
+    return _tokens(model, text, special=True) != _tokens(model, text, special=False)
+
+
+def _segmented_tokens(model: Any, template: ChatTemplate, messages: list[dict[str, str]],
+                      contents: list[str]) -> list[int]:
+    nonce = secrets.token_hex(8)
+    marks = {f"\ue000{nonce}:{i}\ue001": i for i in range(len(messages))}
+    masked = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+    rendered = template.render(masked)
+    tokens: list[int] = []
+    if model.add_bos_token() and model.token_bos() >= 0:
+        tokens.append(model.token_bos())
+    # the split keeps the marks (a capturing group): template text and marks alternate
+    pattern = "(" + "|".join(re.escape(mark) for mark in marks) + ")"
+    for part in re.split(pattern, rendered):
+        if part in marks:
+            tokens.extend(_tokens(model, contents[marks[part]], special=False))
+        else:
+            tokens.extend(_tokens(model, part, special=True))
+    return tokens
+
+
 class PromptCache:
     """Renders and tokenizes a request's prompt once.
 
@@ -100,7 +155,7 @@ class PromptCache:
         """The prompt tokens of a GenerationRequest (chat template applied)."""
         memo = self._local
         if getattr(memo, "request", None) is not request:
-            text = prompt_text(self._template, request.messages, request.prompt)
             # tokenizing reads only the vocabulary: no lock needed
-            memo.request, memo.tokens = request, tokenize_prompt(self._model, text)
+            memo.request, memo.tokens = request, prompt_tokens(self._model, self._template,
+                                                               request.messages, request.prompt)
         return memo.tokens
