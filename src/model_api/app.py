@@ -3,6 +3,7 @@ error handlers → CLI. Behaviour lives in the services."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from apiflask import APIFlask
@@ -70,6 +71,19 @@ def register_request_hooks(app: APIFlask) -> None:
     _hooks(app)
 
     @app.before_request
+    def _chunked_body_within_limit() -> None:
+        # A body without Content-Length (Transfer-Encoding: chunked) has no size to
+        # check up front, and werkzeug would silently cut it at MAX_CONTENT_LENGTH:
+        # read it here, up to one byte more than allowed, so one byte over is a 413
+        # and a body within the limit is read as if it had come with its length.
+        env = request.environ
+        if request.content_length is not None or "chunked" not in env.get("HTTP_TRANSFER_ENCODING", "").lower():
+            return
+        if "wsgi.input_terminated" not in env:  # the server does not de-chunk: werkzeug reads nothing
+            return
+        read_bounded_body(env, app.config["MAX_CONTENT_LENGTH"])
+
+    @app.before_request
     def _body_is_json() -> None:
         # Every body this API takes is JSON. Read it as JSON whatever the
         # Content-Type says (curl -d sends form-encoded), so a client gets a
@@ -77,6 +91,28 @@ def register_request_hooks(app: APIFlask) -> None:
         ctype = request.environ.get("CONTENT_TYPE", "")
         if request.method in ("POST", "PUT", "PATCH") and "json" not in ctype and request.content_length:
             request.environ["CONTENT_TYPE"] = "application/json"  # before anything parses it
+
+
+def read_bounded_body(environ: dict[str, Any], limit: int) -> None:
+    """Read a body of unknown length into memory, at most ``limit`` bytes, and present
+    it to the app with its Content-Length; 413 (RequestEntityTooLarge) above ``limit``
+    (gunicorn then drains a bounded amount of the rest, or closes the connection)."""
+    from werkzeug.exceptions import RequestEntityTooLarge
+
+    stream = environ["wsgi.input"]
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(min(64 * 1024, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise RequestEntityTooLarge()
+    data = b"".join(chunks)
+    environ["wsgi.input"] = io.BytesIO(data)
+    environ["CONTENT_LENGTH"] = str(len(data))
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
 
 
 def register_blueprints(app: APIFlask) -> None:

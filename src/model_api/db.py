@@ -40,25 +40,53 @@ def as_utc(value: datetime | None) -> datetime | None:
 
 
 class Database:
-    """One engine + session factory per process."""
+    """One engine + session factory per process.
 
-    def __init__(self, url: str, **engine_kwargs: Any):
+    Nothing waits on the database for long: PostgreSQL connections open within
+    ``connect_timeout`` seconds, every statement ends within
+    ``statement_timeout_ms`` (0: no limit), and a pooled connection is handed out
+    within ``pool_timeout`` seconds. Each limit raises an SQLAlchemy
+    ``OperationalError`` / ``TimeoutError``, which the API answers with 503
+    ``database_unavailable``. Statement parameters (prompts, responses) never
+    appear in exception messages, hence never in logs (``hide_parameters``).
+    """
+
+    def __init__(self, url: str, *, connect_timeout: int = 5, statement_timeout_ms: int = 10_000,
+                 pool_timeout: float = 5.0, **engine_kwargs: Any):
         self.url = url
+        engine_kwargs.setdefault("hide_parameters", True)
         if url.startswith("sqlite"):
-            path = url.split("///", 1)[-1]
+            path = url.split("///", 1)[-1] if "///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                engine_kwargs.setdefault("pool_timeout", pool_timeout)  # a file: a QueuePool
             engine_kwargs.setdefault("connect_args", {"check_same_thread": False, "timeout": 30})
         else:
             engine_kwargs.setdefault("pool_pre_ping", True)
+            engine_kwargs.setdefault("pool_timeout", pool_timeout)
             engine_kwargs.setdefault("pool_size", 10)
             engine_kwargs.setdefault("max_overflow", 20)
+            if url.startswith("postgresql"):
+                engine_kwargs["connect_args"] = {
+                    **postgres_connect_args(connect_timeout, statement_timeout_ms),
+                    **engine_kwargs.get("connect_args", {}),
+                }
         self.engine: SAEngine = create_engine(url, **engine_kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         # Same pool; each statement commits on its own (no BEGIN/COMMIT round trips).
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Database:
+        """The database of a :class:`~model_api.settings.Settings`, with its timeouts."""
+        return cls(
+            settings.sqlalchemy_url,
+            connect_timeout=settings.database_connect_timeout_seconds,
+            statement_timeout_ms=settings.database_statement_timeout_ms,
+            pool_timeout=settings.database_pool_timeout_seconds,
+        )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -85,6 +113,15 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def postgres_connect_args(connect_timeout: int, statement_timeout_ms: int) -> dict[str, Any]:
+    """psycopg connection arguments: libpq's connect timeout, and the server-side
+    ``statement_timeout`` set once per connection at start-up (no extra round trip)."""
+    args: dict[str, Any] = {"connect_timeout": connect_timeout}
+    if statement_timeout_ms:
+        args["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
+    return args
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -29,7 +29,7 @@ def current(url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import create_engine
 
-    engine = create_engine(url)
+    engine = create_engine(url, hide_parameters=True)
     with engine.connect() as conn:
         rev = MigrationContext.configure(conn).get_current_revision()
     engine.dispose()

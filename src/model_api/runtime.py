@@ -39,7 +39,7 @@ def _publish_model_info(engine: Engine) -> None:
 class Runtime:
     def __init__(self, settings: Settings, *, job_queue: JobQueue | None = None):
         self.settings = settings
-        self.db = Database(settings.sqlalchemy_url)
+        self.db = Database.from_settings(settings)
         secret = hashlib.sha256(settings.secret_key.encode()).digest() if settings.secret_key else None
         self.credentials = CredentialCache(secret=secret)
         self.policy = QuotaPolicy(settings.default_quota, settings.quota_window_seconds)

@@ -75,7 +75,9 @@ class Settings(BaseSettings):
 
     env: Literal["development", "production", "test"] = Field(
         "development",
-        description="`production` refuses to start without SECRET_KEY and with the SQLite default.",
+        description="`production` refuses to start with SQLite, without a SECRET_KEY of 32 characters "
+        "or more, or with any placeholder secret of `.env.example` (`change-me...`) in SECRET_KEY, "
+        "DATABASE_URL's password, ADMIN_PASSWORD or METRICS_TOKEN; the error names each.",
     )
     secret_key: str | None = Field(
         None,
@@ -87,6 +89,21 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL. PostgreSQL in production "
         "(`postgresql+psycopg://user:pw@host/db`); a SQLite file under `instance/` by default.",
     )
+    database_connect_timeout_seconds: int = Field(
+        5, ge=1,
+        description="PostgreSQL: longest wait to open a connection (libpq `connect_timeout`; 2 at least); "
+        "a request that cannot reach the database answers 503 `database_unavailable`.",
+    )
+    database_statement_timeout_ms: int = Field(
+        10_000, ge=0,
+        description="PostgreSQL: longest a single SQL statement may run (`statement_timeout`; 0 = no "
+        "limit); 503 `database_unavailable` after.",
+    )
+    database_pool_timeout_seconds: float = Field(
+        5.0, gt=0,
+        description="Longest a request waits for a free pooled database connection; 503 "
+        "`database_unavailable` after.",
+    )
     default_quota: int = Field(
         3, ge=0, description="Model calls each user may make (sync and async alike), unless set per user."
     )
@@ -97,7 +114,11 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_prompt_chars: int = Field(
-        32_000, ge=1, description="Cheap pre-check before tokenising; longer prompts get 422."
+        32_000, ge=1, description="Cheap pre-check before tokenising; longer prompts get 422. For chat "
+        "messages it applies to the sum of their contents."
+    )
+    max_messages: int = Field(
+        256, ge=1, description="Most chat messages one request may carry (400 above), checked before tokenising."
     )
 
     # generation defaults and caps
@@ -227,10 +248,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _production_needs_secrets(self) -> Settings:
         if self.env == "production":
-            if not self.secret_key:
-                raise ValueError("SECRET_KEY must be set when ENV=production")
-            if self.database_url.startswith("sqlite"):
-                raise ValueError("DATABASE_URL must name a server database when ENV=production")
+            problems = production_secret_problems(self)
+            if problems:
+                raise ValueError("ENV=production refuses to start: " + "; ".join(problems))
         return self
 
     @model_validator(mode="before")
@@ -267,6 +287,58 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix):]
         return url
+
+
+#: the public placeholder values of .env.example (tests/packaging/test_static.py keeps
+#: this list in step with the file): a deployment that kept one has no secret at all
+PLACEHOLDER_SECRETS = frozenset({
+    "change-me-to-a-long-random-string",
+    "change-me-db-password",
+    "change-me-demo-password",
+})
+#: shortest SECRET_KEY accepted in production (32 characters: e.g. `openssl rand -hex 16`)
+MIN_SECRET_KEY_CHARS = 32
+
+
+def is_placeholder(value: str) -> bool:
+    """A value copied from .env.example (or any value still saying "change-me")."""
+    return value in PLACEHOLDER_SECRETS or "change-me" in value.lower()
+
+
+def _database_password(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password
+    except (ArgumentError, ValueError):
+        return None
+
+
+def production_secret_problems(s: Settings) -> list[str]:
+    """Every reason ``s`` is unfit for ENV=production, one per offending setting: a
+    missing, short or placeholder SECRET_KEY, SQLite or a placeholder password in
+    DATABASE_URL, a placeholder ADMIN_PASSWORD or METRICS_TOKEN."""
+    problems = []
+    if not s.secret_key:
+        problems.append("SECRET_KEY must be set")
+    elif is_placeholder(s.secret_key):
+        problems.append("SECRET_KEY is the public placeholder from .env.example")
+    elif len(s.secret_key) < MIN_SECRET_KEY_CHARS:
+        problems.append(f"SECRET_KEY is too short ({len(s.secret_key)} characters; at least "
+                        f"{MIN_SECRET_KEY_CHARS}, e.g. `openssl rand -hex 32`)")
+    if s.database_url.startswith("sqlite"):
+        problems.append("DATABASE_URL must name a server database, not SQLite")
+    else:
+        password = _database_password(s.database_url)
+        if password and is_placeholder(password):
+            problems.append("DATABASE_URL holds the placeholder database password from .env.example "
+                            "(change it there and in POSTGRES_PASSWORD)")
+    if s.admin_password is not None and is_placeholder(s.admin_password):
+        problems.append("ADMIN_PASSWORD is the public placeholder from .env.example")
+    if s.metrics_token is not None and is_placeholder(s.metrics_token):
+        problems.append("METRICS_TOKEN is a placeholder")
+    return problems
 
 
 @lru_cache

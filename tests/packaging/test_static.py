@@ -44,6 +44,19 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 ENV_EXAMPLE = read_env_file(ROOT / ".env.example")
 
+#: what an operator sets in .env before `docker compose up` (README "Deploy with Docker Compose")
+OPERATOR_SECRETS = {
+    "SECRET_KEY": "0123456789abcdef" * 4,
+    "POSTGRES_PASSWORD": "an-operator-db-password",
+    "DATABASE_URL": ENV_EXAMPLE["DATABASE_URL"].replace(ENV_EXAMPLE["POSTGRES_PASSWORD"], "an-operator-db-password"),
+    "ADMIN_PASSWORD": "an operator's admin password",
+}
+
+
+def deployed_env() -> dict[str, str]:
+    """.env.example as compose reads it once the operator's .env has set the secrets."""
+    return {**ENV_EXAMPLE, **OPERATOR_SECRETS}
+
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
@@ -149,7 +162,7 @@ def _seconds(duration: str) -> int:
 def test_stop_grace_period_outlasts_gunicorn_graceful_timeout(monkeypatch):
     # docker kills the container after stop_grace_period: it must leave gunicorn
     # its whole graceful_timeout, or in-flight calls are cut off
-    for key, value in ENV_EXAMPLE.items():
+    for key, value in deployed_env().items():
         monkeypatch.setenv(key, value)
     conf = _reload_gunicorn_conf()
     for name in ("api", "worker"):
@@ -178,12 +191,31 @@ def test_env_example_names_only_settings_the_code_reads():
         assert required in ENV_EXAMPLE, required
 
 
-def test_env_example_is_valid_production_settings(monkeypatch):
-    for key, value in ENV_EXAMPLE.items():
+def test_env_example_with_the_operators_secrets_is_valid_production_settings(monkeypatch):
+    for key, value in deployed_env().items():
         monkeypatch.setenv(key, value)
     s = Settings()  # raises on a bad type, or production without secrets / with SQLite
     assert s.env == "production"
     assert s.sqlalchemy_url.startswith("postgresql+psycopg://")
+
+
+def test_env_example_alone_refuses_to_start_and_names_every_placeholder(monkeypatch):
+    # its secrets are public: a stack started without changing them must not come up
+    for key, value in ENV_EXAMPLE.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError) as caught:
+        Settings()
+    for name in ("SECRET_KEY", "DATABASE_URL", "ADMIN_PASSWORD"):
+        assert name in str(caught.value), name
+
+
+def test_every_change_me_value_of_env_example_is_a_known_placeholder():
+    from model_api.settings import PLACEHOLDER_SECRETS
+
+    placeholders = {v for v in ENV_EXAMPLE.values() if "change-me" in v and "://" not in v}
+    assert placeholders <= PLACEHOLDER_SECRETS
+    assert placeholders >= {ENV_EXAMPLE["SECRET_KEY"], ENV_EXAMPLE["POSTGRES_PASSWORD"], ENV_EXAMPLE["ADMIN_PASSWORD"]}
+    assert set(OPERATOR_SECRETS) | {"POSTGRES_PASSWORD"} >= {k for k, v in ENV_EXAMPLE.items() if "change-me" in v}
 
 
 def test_database_and_broker_urls_point_at_the_compose_services():

@@ -50,7 +50,8 @@ SSE_EVENT_SCHEMA = {
 
 # status -> (description, example code, example message): the seed's situations
 ERRORS: dict[int, tuple[str, str, str]] = {
-    400: ("Invalid JSON, a non-object body, a missing/blank/non-string prompt, or a bad parameter",
+    400: ("Invalid JSON, a non-object body, a missing/blank/non-string prompt, text with a NUL or an "
+          "unpaired surrogate, or a bad parameter (every invalid field is listed)",
           "invalid_request", "invalid request: prompt: Missing data for required field."),
     401: ("Missing, malformed or wrong credentials (with WWW-Authenticate)",
           "unauthorized", "valid credentials required (HTTP Basic auth or an API key as a Bearer token)"),
@@ -64,7 +65,8 @@ ERRORS: dict[int, tuple[str, str, str]] = {
     500: ("The model failed (the quota unit was refunded)", "model_error",
           "the model failed; your quota unit was refunded"),
     502: ("A remote model backend failed", "upstream_error", "model backend failed: ..."),
-    503: ("The model is at capacity (nothing charged) or the job queue is unavailable (unit refunded)",
+    503: ("The model is at capacity (nothing charged), the job queue is unavailable (unit refunded), or "
+          "the database is unreachable or too slow (`database_unavailable`, with Retry-After)",
           "queue_unavailable",
           "the job queue is unavailable; your quota unit was refunded"),
     504: ("A remote model backend timed out", "upstream_timeout", "model backend timed out: ..."),

@@ -16,11 +16,12 @@ from typing import Any
 
 from apiflask import APIFlask, HTTPError
 from flask import Blueprint, has_request_context, jsonify, request
+from sqlalchemy import exc as sa_exc
 
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, UpstreamError, UpstreamTimeout
 from ..engine.registry import UnknownModel
 from ..services.jobs import JobFinished, JobNotFound, QueueUnavailable
-from ..services.ledger import DATABASE_UNAVAILABLE
+from ..services.ledger import database_unavailable
 from ..services.quota import QuotaExceeded, QuotaState
 
 log = logging.getLogger(__name__)
@@ -117,20 +118,31 @@ def _flatten_validation(detail: Any) -> tuple[str, Any]:
     for name, msgs in fields.items():
         if name in ("_schema", "_body"):
             name = "body"
-        if isinstance(msgs, list):
-            msgs = " ".join(str(m) for m in msgs)
-        elif isinstance(msgs, dict):
-            msgs = "; ".join(f"{k}: {v}" for k, v in msgs.items())
-        parts.append(f"{name}: {msgs}")
+        parts.extend(_sentences(str(name), msgs))
     return ("invalid request: " + "; ".join(parts)) if parts else "invalid request", fields
+
+
+def _sentences(path: str, msgs: Any) -> list[str]:
+    """``messages: {0: {"content": ["bad"]}}`` -> ``["messages.0.content: bad"]``."""
+    if isinstance(msgs, dict):
+        return [s for key, sub in msgs.items() for s in _sentences(f"{path}.{key}", sub)]
+    if isinstance(msgs, list) and any(isinstance(m, dict) for m in msgs):
+        return [s for m in msgs for s in _sentences(path, m)]
+    if isinstance(msgs, list):
+        msgs = " ".join(str(m) for m in msgs)
+    return [f"{path}: {msgs}"]
 
 
 def _parses_as_json(data: bytes) -> bool:
     try:
         json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return False
     return True
+
+
+#: what a client is told to wait before retrying when the database is unreachable
+DATABASE_RETRY_AFTER = 5
 
 
 def rate_headers(state: QuotaState) -> dict[str, str]:
@@ -165,11 +177,11 @@ def service_error(exc: Exception) -> HTTPError:
                          details={"state": exc.state})
     if isinstance(exc, UnknownModel):
         return api_error(404, f"the model {exc.model_id!r} does not exist", code="model_not_found")
-    if isinstance(exc, DATABASE_UNAVAILABLE):
-        # the driver's message may hold the database's address: the log has it, the client does not
+    if database_unavailable(exc):
+        # the type only: a driver message may name the host, and never the statement's parameters
         log.warning("database unavailable", extra={"error": type(exc).__name__})
-        return api_error(503, "the database is unavailable; nothing was charged, try again shortly",
-                         code="database_unavailable", headers={"Retry-After": "5"})
+        return api_error(503, "the database is unavailable; try again shortly", code="database_unavailable",
+                         headers={"Retry-After": str(DATABASE_RETRY_AFTER)})
     raise exc
 
 
@@ -211,9 +223,17 @@ def register_error_handlers(app: APIFlask) -> None:
             return _render(api_error(400, "request body is not valid JSON", code="invalid_json"))
         return _render(api_error(400, exc.description or "bad request"))
 
+    @app.errorhandler(RecursionError)
+    def _too_deep(exc: RecursionError):
+        # a JSON body nested thousands of levels deep exhausts the parser's recursion
+        # (whichever parser met it first): the client's error, not ours
+        data = request.get_data(cache=True) if has_request_context() else b""
+        if data and not _parses_as_json(data):
+            return _render(api_error(400, "request body is not valid JSON (nested too deeply)", code="invalid_json"))
+        return _unhandled(exc)
+
     # services raise these from any route; one mapping answers them all
-    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel,
-                        *DATABASE_UNAVAILABLE):
+    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel):
         app.register_error_handler(service_exc, lambda exc: _render(service_error(exc)))
 
     @app.errorhandler(Exception)
@@ -221,3 +241,12 @@ def register_error_handlers(app: APIFlask) -> None:
         # never a traceback to the client; the log has it
         log.exception("unhandled error")
         return _render(api_error(500, "internal server error"))
+
+    @app.errorhandler(sa_exc.DBAPIError)
+    @app.errorhandler(sa_exc.TimeoutError)
+    def _database_error(exc: Exception):
+        # an unreachable or slow database is a 503 the client may retry; any other
+        # database error is our bug (500, logged with the statement but never its parameters)
+        if database_unavailable(exc):
+            return _render(service_error(exc))
+        return _unhandled(exc)

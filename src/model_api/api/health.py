@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from ..engine.base import GenerationRequest, SamplingParams
 from .docs import error_response
+from .observability import is_operator
 from .schemas import ReadyOut
 
 bp = APIBlueprint("health", __name__, tag="Health")
@@ -70,8 +71,10 @@ def _model_check(rt) -> Callable[[], dict[str, Any]]:
 @bp.get("/ready")
 @bp.output(ReadyOut, status_code=200, description="Every component is ready")
 @bp.doc(summary="Readiness",
-        description="Database, model and (when a broker is configured) broker state, each with the "
-        "latency of its check. 503 with the same body when any component is not ready.",
+        description="Database, model and (when a broker is configured) broker state. Anyone sees "
+        "each component's `status`; loopback clients (and callers with `Authorization: Bearer "
+        "METRICS_TOKEN`) also see each check's latency, errors and the model's details. 503 with the "
+        "same body when any component is not ready.",
         responses={503: {"description": "A component is not ready (same body as 200)",
                          "content": {"application/json": {"schema": ReadyOut, "example": {
                              "status": "not ready",
@@ -84,6 +87,9 @@ def ready():
     for name, check in rt.extra_readiness_checks.items():
         components[name] = timed_check(check)
     ok = all(c.get("status") == "ready" for c in components.values())
+    if not is_operator():
+        # anyone may ask what is up; only an operator learns file paths, hosts and errors
+        components = {name: {"status": c["status"]} for name, c in components.items()}
     return {"status": "ready" if ok else "not ready", "components": components}, (200 if ok else 503)
 
 

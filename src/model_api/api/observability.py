@@ -121,15 +121,32 @@ def _is_local(addr: str | None) -> bool:
         return False
 
 
-def _check_metrics_access() -> None:
+def _local_open() -> bool:
     s = current_app.extensions["model_api"].settings
-    if s.metrics_local_open and _is_local(request.remote_addr):
-        return
+    return s.metrics_local_open and _is_local(request.remote_addr)
+
+
+def _has_metrics_token() -> bool:
+    s = current_app.extensions["model_api"].settings
     if not s.metrics_token:
+        return False
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), s.metrics_token.encode())
+
+
+def is_operator() -> bool:
+    """Whether this request may read operational details (``/metrics``, ``/ready``'s
+    paths and errors): a loopback client (unless METRICS_LOCAL_OPEN is off) or one
+    carrying METRICS_TOKEN."""
+    return _local_open() or _has_metrics_token()
+
+
+def _check_metrics_access() -> None:
+    if _local_open():
+        return
+    if not current_app.extensions["model_api"].settings.metrics_token:
         raise api_error(403, "metrics are served to local clients only (set METRICS_TOKEN to allow others)")
-    auth = request.headers.get("Authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), s.metrics_token.encode()):
+    if not _has_metrics_token():
         raise api_error(401, "a valid metrics token is required (Authorization: Bearer ...)",
                         headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
 

@@ -4,10 +4,59 @@ from __future__ import annotations
 
 from typing import Any
 
+import re
+
 from apiflask import Schema
-from apiflask.fields import Boolean, Dict, Float, Integer, List, Nested, String
+from apiflask import fields as af
+from apiflask.fields import Dict, Integer, List, Nested
 from apiflask.validators import Length, OneOf, Range
-from marshmallow import EXCLUDE, ValidationError, fields, post_load, validates
+from flask import current_app, has_app_context
+from marshmallow import EXCLUDE, ValidationError, fields, post_load, validates, validates_schema
+
+# --- input fields that take JSON's types as they are -----------------------------------
+# Request bodies are JSON: a number is a number and a boolean a boolean. marshmallow's
+# defaults would also read "0.5", "5" and "yes" (or true as 1), hiding client bugs, so
+# the fields below accept only their own JSON type. Every text field refuses what the
+# database and the tokenizer cannot take: NUL, and lone surrogates ("\ud800" is valid
+# JSON but not Unicode text).
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def check_text(value: str) -> str:
+    """Refuse text with a NUL character or an unpaired surrogate (names the problem)."""
+    bad = _UNSTORABLE.search(value)
+    if bad is not None:
+        if bad.group() == "\x00":
+            raise ValidationError("must not contain NUL characters (\\u0000)")
+        raise ValidationError("must be valid Unicode text: it contains an unpaired surrogate "
+                              f"(\\u{ord(bad.group()):04x})")
+    return value
+
+
+class String(af.String):
+    """A string field that refuses NUL and lone surrogates (see :func:`check_text`)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return check_text(super()._deserialize(value, attr, data, **kwargs))
+
+
+class Float(af.Float):
+    """A JSON number only: "0.5" and true are refused."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Boolean(af.Boolean):
+    """A JSON boolean only: "yes", "true", 1 and 0 are refused."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
 
 
 class WholeNumber(Integer):
@@ -16,9 +65,40 @@ class WholeNumber(Integer):
     true are still refused."""
 
     def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         return super()._deserialize(value, attr, data, **kwargs)
+
+
+def _settings():
+    """This app's Settings, or None outside a request (e.g. building the OpenAPI document)."""
+    return current_app.config.get("SETTINGS") if has_app_context() else None
+
+
+def _check_max_tokens(data: dict[str, Any], *names: str) -> None:
+    """max_tokens over MAX_TOKENS_CAP is a field error like any other (so a 400 lists it
+    together with every other bad field)."""
+    s = _settings()
+    if s is None:
+        return
+    errors = {name: [f"must be <= {s.max_tokens_cap}"] for name in names
+              if isinstance(data.get(name), int) and data[name] > s.max_tokens_cap}
+    if errors:
+        raise ValidationError(errors)
+
+
+def _check_prompt_chars(chars: int) -> None:
+    """The cheap length guard before any tokenising: MAX_PROMPT_CHARS over the prompt,
+    or over all messages together. 422 ``prompt_too_long``, as a prompt too long in
+    tokens, once the request is otherwise valid."""
+    s = _settings()
+    if s is not None and chars > s.max_prompt_chars:
+        from .errors import api_error
+
+        raise api_error(422, f"prompt is {chars} characters; the limit is {s.max_prompt_chars}",
+                        code="prompt_too_long")
 
 
 class CallModelIn(Schema):
@@ -55,6 +135,14 @@ class CallModelIn(Schema):
     def _not_blank(self, value: str, **_kw: object) -> None:
         if not value.strip():
             raise ValidationError("must not be blank")
+
+    @validates_schema(skip_on_field_errors=False)
+    def _within_caps(self, data: dict[str, Any], **_kw: object) -> None:
+        _check_max_tokens(data, "max_tokens")
+
+    @validates_schema  # skipped when a field is invalid: those are reported first, all at once
+    def _prompt_size(self, data: dict[str, Any], **_kw: object) -> None:
+        _check_prompt_chars(len(data["prompt"]))
 
 
 class Usage(Schema):
@@ -172,7 +260,7 @@ class StopField(fields.Field):
             raise ValidationError("must be a non-empty string or a list of non-empty strings")
         if len(value) > 4:
             raise ValidationError("at most 4 stop sequences")
-        return value
+        return [check_text(v) for v in value]
 
 
 class ContentField(fields.Field):
@@ -183,13 +271,13 @@ class ContentField(fields.Field):
         if value is None:
             return ""
         if isinstance(value, str):
-            return value
+            return check_text(value)
         if isinstance(value, list):
             texts = []
             for part in value:
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValidationError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
-                texts.append(part["text"])
+                texts.append(check_text(part["text"]))
             return "".join(texts)
         raise ValidationError("must be a string or a list of text parts")
 
@@ -252,15 +340,43 @@ class _OpenAISampling(Schema):
     stream_options = Nested(StreamOptions, allow_none=True)
 
 
+class MessageList(List):
+    """``messages``: at most MAX_MESSAGES, counted before any message is read."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        s = _settings()
+        if s is not None and isinstance(value, list) and len(value) > s.max_messages:
+            raise ValidationError(f"at most {s.max_messages} messages (got {len(value)})")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class ChatCompletionIn(_OpenAISampling):
-    messages = List(Nested(MessageIn), required=True, validate=Length(min=1))
+    messages = MessageList(Nested(MessageIn), required=True, validate=Length(min=1),
+                           metadata={"description": "The conversation: at most MAX_MESSAGES messages, "
+                                     "MAX_PROMPT_CHARS characters of content in all."})
     max_completion_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
                                         metadata={"description": "Same as max_tokens (wins if both are given)."})
+
+    @validates_schema(skip_on_field_errors=False)
+    def _within_caps(self, data: dict[str, Any], **_kw: object) -> None:
+        _check_max_tokens(data, "max_tokens", "max_completion_tokens")
+
+    @validates_schema  # skipped when a field is invalid: those are reported first, all at once
+    def _prompt_size(self, data: dict[str, Any], **_kw: object) -> None:
+        _check_prompt_chars(sum(len(m["content"]) for m in data["messages"]))
 
 
 class CompletionIn(_OpenAISampling):
     prompt = String(required=True, validate=Length(min=1),
                     metadata={"description": "Raw text the model continues (no chat template)."})
+
+    @validates_schema(skip_on_field_errors=False)
+    def _within_caps(self, data: dict[str, Any], **_kw: object) -> None:
+        _check_max_tokens(data, "max_tokens")
+
+    @validates_schema  # skipped when a field is invalid: those are reported first, all at once
+    def _prompt_size(self, data: dict[str, Any], **_kw: object) -> None:
+        _check_prompt_chars(len(data["prompt"]))
 
 
 class OpenAIErrorBody(Schema):

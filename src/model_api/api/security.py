@@ -9,20 +9,53 @@ import logging
 from dataclasses import dataclass
 
 from apiflask import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
-from flask import current_app, g
+from flask import current_app, g, request
 
 from ..observability import metrics
 from ..services import api_keys
 from ..services import auth as auth_service
 from ..services import quota
+from ..services.auth import USERNAME_MAX
 from ..services.quota import QuotaState
 
 log = logging.getLogger(__name__)
 
 REALM = "ML Model API"
 
-basic_auth = HTTPBasicAuth(realm=REALM, description="Your username and password (HTTP Basic).")
-token_auth = HTTPTokenAuth(
+
+
+def _scheme_of(headers) -> str:
+    """The scheme word of the Authorization header, lower-cased ("" if none)."""
+    return headers.get("Authorization", "").strip().partition(" ")[0].lower()
+
+
+class _Scheme:
+    """Schemes are case-insensitive (RFC 9110 §11.1): ``basic`` and ``BEARER`` select
+    their scheme as ``Basic`` and ``Bearer`` do."""
+
+    scheme: str
+
+    def is_compatible_auth(self, headers) -> bool:
+        return _scheme_of(headers) == self.scheme.lower()
+
+
+class BasicAuth(_Scheme, HTTPBasicAuth):
+    """HTTP Basic that reads credentials only from a ``Basic`` header. (Flask-HTTPAuth's
+    parser takes the base64 ``user:password`` after *any* scheme word, so ``Foo
+    <base64>`` would sign in; here any scheme but Basic and Bearer is no credentials.)"""
+
+    def get_auth(self):
+        if _scheme_of(request.headers) != "basic":
+            return None
+        return super().get_auth()
+
+
+class TokenAuth(_Scheme, HTTPTokenAuth):
+    pass
+
+
+basic_auth = BasicAuth(realm=REALM, description="Your username and password (HTTP Basic).")
+token_auth = TokenAuth(
     scheme="Bearer", realm=REALM,
     description="An API key from `model-api keys create` (`Authorization: Bearer mk-...`).",
 )
@@ -45,8 +78,18 @@ def _verify(username: str, password: str) -> Principal | None:
     if not username and not password:
         auth_failed("basic", "missing", None)
         return None
+    if not possible_username(username):
+        # no such user can exist: refuse without asking the database (which
+        # would refuse a NUL character with an error of its own)
+        auth_failed("basic", "invalid", username[:USERNAME_MAX])
+        return None
     return _principal("basic", username,
                       lambda s, rt: auth_service.authenticate(s, username, password, rt.credentials))
+
+
+def possible_username(username: str) -> bool:
+    """Whether a user could have this name (what ``create_user`` accepts and the database stores)."""
+    return 0 < len(username) <= USERNAME_MAX and "\x00" not in username
 
 
 def auth_failed(scheme: str, reason: str, username: str | None) -> None:

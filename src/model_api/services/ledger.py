@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached or did not answer in time
+    (refused or timed-out connection, lost connection, statement timeout, pool
+    exhausted) rather than that our SQL was wrong."""
+    if isinstance(exc, sa_exc.TimeoutError):  # no pooled connection free within pool_timeout
+        return True
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):  # connect failed / timed out,
+        return True  # statement_timeout, server gone, connection closed under us
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
 class DeferredWrites:
     """A call's final write that the database refused, kept until it answers.
 
@@ -60,7 +71,9 @@ class DeferredWrites:
         """Run ``write``; if the database is unavailable, keep it for later and return None."""
         try:
             return write()
-        except DATABASE_UNAVAILABLE as exc:
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
             log.warning("database unavailable; write deferred", extra={"write": what, "error": type(exc).__name__})
             with self._lock:
                 self._writes.append((write, what))
@@ -86,9 +99,10 @@ class DeferredWrites:
                 write, what = self._writes[0]
             try:
                 write()
-            except DATABASE_UNAVAILABLE:
-                return done
-            except Exception:  # a write that can never succeed must not block the others
+            except Exception as exc:
+                if database_unavailable(exc):
+                    return done
+                # a write that can never succeed must not block the others
                 log.exception("deferred write failed; dropped", extra={"write": what})
             with self._lock:
                 self._writes.popleft()
