@@ -21,6 +21,7 @@ from .services.auth import CredentialCache
 from .services.calls import ModelCalls
 from .services.history import History
 from .services.jobs import CancelRegistry, JobQueue, Jobs
+from .services.throttle import LoginThrottle
 from .services.ledger import DATABASE_UNAVAILABLE, Ledger, QuotaPolicy
 from .settings import Settings
 
@@ -53,6 +54,8 @@ class Runtime:
         self.calls = ModelCalls(self.ledger, self.engines, self.policy, self.worker_id)
         self.jobs = Jobs(self.ledger, self.engines, self.policy, lambda: self.job_queue, self.cancels, self.worker_id)
         self.history = History(self.db)
+        self.login_throttle = LoginThrottle(settings.rate_limit_storage_url, settings.login_throttle_per_account,
+                                            settings.login_throttle_per_address)
         # name -> callable returning {"status": "ready" | ..., ...}; the broker adds one
         self.extra_readiness_checks: dict[str, Callable[[], dict[str, Any]]] = {}
         if settings.celery_broker_url:

@@ -17,11 +17,11 @@ from ..services import auth as auth_service
 from ..services import quota
 from ..services.auth import USERNAME_MAX
 from ..services.quota import QuotaState
+from .errors import api_error
 
 log = logging.getLogger(__name__)
 
 REALM = "ML Model API"
-
 
 
 def _scheme_of(headers) -> str:
@@ -83,8 +83,19 @@ def _verify(username: str, password: str) -> Principal | None:
         # would refuse a NUL character with an error of its own)
         auth_failed("basic", "invalid", username[:USERNAME_MAX])
         return None
-    return _principal("basic", username,
-                      lambda s, rt: auth_service.authenticate(s, username, password, rt.credentials))
+    rt = current_app.extensions["model_api"]
+    address = request.remote_addr or ""
+    wait = rt.login_throttle.wait(username, address)
+    if wait:
+        # refused before the password is checked: a guesser gets no answer and costs no argon2 work
+        auth_failed("basic", "throttled", username)
+        raise api_error(429, "too many failed sign-ins; try again later (API keys are not affected)",
+                        code="too_many_sign_in_failures", headers={"Retry-After": str(wait)})
+    principal = _principal("basic", username,
+                           lambda s, rt: auth_service.authenticate(s, username, password, rt.credentials))
+    if principal is None:
+        rt.login_throttle.failed(username, address)
+    return principal
 
 
 def possible_username(username: str) -> bool:
@@ -94,7 +105,7 @@ def possible_username(username: str) -> bool:
 
 def auth_failed(scheme: str, reason: str, username: str | None) -> None:
     """Log (warning, with the user name and never the password) and count a refused
-    request. ``reason``: missing or invalid. Other schemes (API keys) call this too."""
+    request. ``reason``: missing, invalid or throttled. Other schemes (API keys) call this too."""
     log.warning("auth failed", extra={"user": username, "auth_scheme": scheme, "reason": reason})
     metrics.auth_failed(scheme, reason)
     g.auth_failure = reason

@@ -140,7 +140,7 @@ def quota_refused(kind: str) -> None:
 
 
 def auth_failed(scheme: str, reason: str) -> None:
-    """``scheme``: basic or bearer; ``reason``: missing or invalid."""
+    """``scheme``: basic or bearer; ``reason``: missing, invalid or throttled (password guessing)."""
     AUTH_FAILURES.labels(scheme, reason).inc()
 
 
