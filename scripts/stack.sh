@@ -15,7 +15,8 @@
 # Other knobs: BIN (virtualenv bin dir, default .venv/bin), STACK_RUN_DIR (pid
 # files and logs, default run/stack), STACK_WORKER (auto|on|off; auto starts the
 # worker when `model-api worker` exists), STACK_READY_TIMEOUT (s, default 180),
-# STACK_STOP_TIMEOUT (s, default 330: longer than gunicorn's graceful_timeout).
+# STACK_STOP_TIMEOUT (s, default 330: longer than gunicorn's graceful_timeout),
+# STACK_CONNECT_TIMEOUT (s, default 30: wait for PostgreSQL and Redis to listen).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +24,7 @@ BIN="${BIN:-$ROOT/.venv/bin}"
 RUN_DIR="${STACK_RUN_DIR:-$ROOT/run/stack}"
 READY_TIMEOUT="${STACK_READY_TIMEOUT:-180}"
 STOP_TIMEOUT="${STACK_STOP_TIMEOUT:-330}"
+CONNECT_TIMEOUT="${STACK_CONNECT_TIMEOUT:-30}"
 STACK_WORKER="${STACK_WORKER:-auto}"
 COMPONENTS=(worker api)
 
@@ -132,11 +134,11 @@ wait_for_tcp() {  # url-ish "scheme://user@host:port/..." with a default port
   hostport="$(printf '%s' "$url" | sed -E 's#^[a-z+]+://([^@/]*@)?([^/?]*).*#\2#')"
   host="${hostport%:*}"; port="${hostport##*:}"
   [[ "$hostport" == *:* ]] || { host="$hostport"; port="$default_port"; }
-  for _ in $(seq 1 30); do
+  for _ in $(seq 1 "$CONNECT_TIMEOUT"); do
     (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null && return 0
     sleep 1
   done
-  die "$3 is not reachable at $host:$port after 30 s ($4): start it there, or set $4"
+  die "$3 is not reachable at $host:$port after $CONNECT_TIMEOUT s ($4): start it there, or set $4"
 }
 
 worker_available() { "$BIN/model-api" worker --help >/dev/null 2>&1; }
