@@ -3,7 +3,7 @@
 Reads the same environment as the server (CELERY_BROKER_URL, DATABASE_URL,
 ...). ``model-api worker`` does the same with the queue filled in. With
 WORKER_METRICS_PORT set, the worker serves Prometheus metrics of itself and its
-pool processes on that port (README, "Operating it").
+pool processes on that port (docs/operations.md, "Metrics").
 """
 
 from .settings import get_settings
