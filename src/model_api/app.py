@@ -74,8 +74,9 @@ def register_request_hooks(app: APIFlask) -> None:
 
 
 def register_blueprints(app: APIFlask) -> None:
-    from .api import health, model_calls, observability, openai_api
+    from .api import health, index, model_calls, observability, openai_api
 
+    app.register_blueprint(index.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(model_calls.bp)
     app.register_blueprint(openai_api.bp)
