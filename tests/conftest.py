@@ -167,3 +167,13 @@ def live_server(db_url, tmp_path):
                           log_path=tmp_path / f"server-{len(list(tmp_path.iterdir()))}.log")
 
     return _make
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Measured times of the Docker image test (tests/packaging/test_image.py), if it ran."""
+    from pathlib import Path
+
+    times = Path(__file__).resolve().parents[1] / "run" / "image-test-times.txt"
+    if times.is_file():
+        terminalreporter.write_sep("-", "Docker image test times (run/image-test-times.txt)")
+        terminalreporter.write(times.read_text())

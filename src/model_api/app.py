@@ -116,8 +116,9 @@ def read_bounded_body(environ: dict[str, Any], limit: int) -> None:
 
 
 def register_blueprints(app: APIFlask) -> None:
-    from .api import health, model_calls, observability, openai_api
+    from .api import health, index, model_calls, observability, openai_api
 
+    app.register_blueprint(index.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(model_calls.bp)
     app.register_blueprint(openai_api.bp)

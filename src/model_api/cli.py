@@ -1,11 +1,16 @@
-"""``model-api``: Flask's CLI for this app plus user and database management.
+"""The commands of ``model-api`` (the group itself is in :mod:`model_api.entry`):
+user, key and database management, the first user, the Celery worker.
 
     model-api users create NAME [--password-stdin | --password PW] [--quota N]
-    model-api users set-quota NAME N | set-password NAME | list | delete NAME
+    model-api users set-quota NAME N | set-password NAME | list | delete NAME [--yes]
     model-api keys create NAME [--name LABEL] | list [NAME] | revoke ID_OR_PREFIX
     model-api db upgrade | current
     model-api bootstrap            # first user for `make run`
     model-api worker [-c N]        # Celery worker for async jobs (CELERY_BROKER_URL)
+
+A database that is missing, unreachable or not migrated is one sentence saying
+what to do, never a traceback (and a missing SQLite file is never created as a
+side effect of asking).
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from .models import Call, User
@@ -32,11 +40,84 @@ def _rt():
     return current_app.extensions["model_api"]
 
 
+def _where(url: str) -> str:
+    """The database a URL names, without its password."""
+    u = make_url(url)
+    if u.drivername.startswith("sqlite"):
+        return f"the SQLite file {u.database}"
+    return f"{u.database or '(default)'} on {u.host or 'localhost'}:{u.port or 5432} as {u.username or '(default)'}"
+
+
+def _connection_hint(url: str, exc: BaseException) -> str:
+    """One sentence for a database we cannot use, with what to do about it."""
+    msg = str(getattr(exc, "orig", None) or exc).strip()
+    # psycopg: 'connection failed: connection to server at "...", port 5432 failed: FATAL:  role "x" ...'
+    reason = msg.rsplit("FATAL:", 1)[-1].strip().splitlines()[0] if msg else type(exc).__name__
+    u = make_url(url)
+    if "role" in reason and "does not exist" in reason:
+        todo = (f"create it (e.g. `createuser -h {u.host or 'localhost'} -U postgres --pwprompt {u.username}`) "
+                "or set DATABASE_URL to an existing role")
+    elif "database" in reason and "does not exist" in reason:
+        todo = (f"create it (e.g. `createdb -h {u.host or 'localhost'} -U postgres -O {u.username} {u.database}`) "
+                "or set DATABASE_URL to an existing database")
+    elif "password authentication failed" in reason:
+        todo = "check the password in DATABASE_URL"
+    elif "refused" in reason or "could not translate host name" in reason or "timeout" in reason:
+        todo = "is the database server running there? (or set DATABASE_URL)"
+    else:
+        todo = "check DATABASE_URL"
+    return f"cannot use the database {_where(url)}: {reason}; {todo}"
+
+
+@contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    try:
+        yield
+    except OperationalError as exc:
+        if "no such table" in str(exc) or ("relation" in str(exc) and "does not exist" in str(exc)):
+            raise click.ClickException(_not_migrated(url)) from None
+        raise click.ClickException(_connection_hint(url, exc)) from None
+    except ProgrammingError as exc:
+        if "relation" in str(exc) and "does not exist" in str(exc):
+            raise click.ClickException(_not_migrated(url)) from None
+        raise
+
+
+def _not_migrated(url: str) -> str:
+    return (f"{_where(url)} has no tables yet: run `model-api db upgrade` (or `make migrate`) first, "
+            "or set DATABASE_URL to the database you meant")
+
+
+def _sqlite_path(url: str) -> Path | None:
+    u = make_url(url)
+    if u.drivername.startswith("sqlite") and u.database and u.database != ":memory:":
+        return Path(u.database)
+    return None
+
+
+def require_schema() -> None:
+    """Refuse, in one sentence, a database that is missing, unreachable or not migrated."""
+    from .migrate import current
+
+    url = _rt().settings.sqlalchemy_url
+    path = _sqlite_path(url)
+    if path is not None and not path.exists():
+        raise click.ClickException(
+            f"there is no database at {path}: create it with `model-api db upgrade` (or `make migrate`), "
+            "or set DATABASE_URL (or INSTANCE_DIR) to the one you meant")
+    with _database_errors(url):
+        revision = current(url)
+    if revision is None:
+        raise click.ClickException(_not_migrated(url))
+
+
 @contextmanager
 def _session() -> Iterator[Session]:
-    """A committed session; a refused user operation becomes a clean CLI error."""
+    """A committed session on a migrated database; a refused user operation
+    becomes a clean CLI error."""
+    require_schema()
     try:
-        with _rt().db.session() as s:
+        with _database_errors(_rt().settings.sqlalchemy_url), _rt().db.session() as s:
             yield s
     except UserError as exc:
         raise click.ClickException(str(exc)) from None
@@ -99,7 +180,7 @@ def users_set_password(name: str, password: str | None, password_stdin: bool) ->
 def users_list() -> None:
     """List users with their quota and usage."""
     rt = _rt()
-    with rt.db.session() as s:
+    with _session() as s:
         rows = s.execute(
             select(User, func.count(Call.id)).outerjoin(Call).group_by(User.id).order_by(User.username)
         ).all()
@@ -183,7 +264,9 @@ def db_upgrade(revision: str) -> None:
     """Apply migrations."""
     from .migrate import upgrade
 
-    upgrade(_rt().settings.sqlalchemy_url, revision)
+    url = _rt().settings.sqlalchemy_url
+    with _database_errors(url):
+        upgrade(url, revision)
     click.echo("database is up to date")
 
 
@@ -193,23 +276,44 @@ def db_current() -> None:
     """Show the applied migration."""
     from .migrate import current
 
-    click.echo(current(_rt().settings.sqlalchemy_url) or "(none)")
+    url = _rt().settings.sqlalchemy_url
+    path = _sqlite_path(url)
+    if path is not None and not path.exists():
+        click.echo(f"(none: no database at {path})")
+        return
+    with _database_errors(url):
+        click.echo(current(url) or "(none)")
 
 
 @click.command("bootstrap")
 @with_appcontext
 def bootstrap() -> None:
-    """Create the first user when there is none, printing its credentials once."""
-    rt = _rt()
-    s_ = rt.settings
+    """Create the first user when there is none, printing its credentials once.
+
+    Its name is ADMIN_USERNAME (default `demo`), its password ADMIN_PASSWORD
+    (random when unset: shown this once), its quota ADMIN_QUOTA (default 100,
+    enough for the README's examples; customers get DEFAULT_QUOTA).
+    """
+    result = create_first_user(_rt())
+    if result is None:
+        click.echo("users exist; nothing to do")
+        return
+    name, pw, generated = result
+    click.echo(f"created user {name!r} with quota {_rt().settings.admin_quota}"
+               + (f" and password {pw!r} (shown once)" if generated else ""))
+
+
+def create_first_user(rt) -> tuple[str, str, bool] | None:
+    """(name, password, generated) of the user made now; None when users exist."""
+    settings = rt.settings
     with _session() as s:
         if s.scalar(select(func.count(User.id))):
-            click.echo("users exist; nothing to do")
-            return
-        name = s_.admin_username or "demo"
-        pw, generated = (s_.admin_password, False) if s_.admin_password else (auth_service.generate_password(), True)
-        auth_service.create_user(s, name, pw)
-    click.echo(f"created user {name!r}" + (f" with password {pw!r} (shown once)" if generated else ""))
+            return None
+        name = settings.admin_username or "demo"
+        pw, generated = ((settings.admin_password, False) if settings.admin_password
+                         else (auth_service.generate_password(), True))
+        auth_service.create_user(s, name, pw, settings.admin_quota)
+    return name, pw, generated
 
 
 @click.command(

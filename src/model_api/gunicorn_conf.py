@@ -9,7 +9,8 @@ wait for the model (and poll job status) at once.
 
 | Env var | Default | Meaning |
 |---|---|---|
-| `BIND` | `0.0.0.0:$PORT` | listen address |
+| `BIND` | `$WEB_HOST:$PORT` | listen address |
+| `WEB_HOST` | `127.0.0.1` | interface when BIND is unset; the image sets `0.0.0.0` |
 | `PORT` | `5000` | port when BIND is unset |
 | `WEB_WORKERS` | `1` | processes (each loads the model) |
 | `WEB_THREADS` | `16` | request threads per process |
@@ -29,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 
+from model_api.listen import bind_from_env
 from model_api.settings import Settings
 
 
@@ -44,7 +46,9 @@ def longest_generation_seconds() -> int:
     return math.ceil(cap / speed)
 
 
-bind = os.environ.get("BIND") or f"0.0.0.0:{os.environ.get('PORT') or '5000'}"
+# 127.0.0.1 unless told otherwise: a development server is not for the network.
+# The image sets WEB_HOST=0.0.0.0 (model_api/listen.py).
+bind = bind_from_env()
 workers = _int_env("WEB_WORKERS", 1)
 threads = _int_env("WEB_THREADS", 16)
 worker_class = "gthread"

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
+# alembic announces each of its autogenerate plugins at INFO as it is imported:
+# noise in front of every CLI command's output (and of its one-line errors)
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -29,8 +34,15 @@ def current(url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import create_engine
 
+    # a read: alembic's "Context impl ..." INFO lines would only be noise here
+    log = logging.getLogger("alembic.runtime.migration")
+    level = log.level
+    log.setLevel(logging.WARNING)
     engine = create_engine(url, hide_parameters=True)
-    with engine.connect() as conn:
-        rev = MigrationContext.configure(conn).get_current_revision()
-    engine.dispose()
+    try:
+        with engine.connect() as conn:
+            rev = MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+        log.setLevel(level)
     return rev

@@ -2,7 +2,7 @@
 the same name in upper case (``DATABASE_URL``, ``DEFAULT_QUOTA``, ...).
 
 Tests and embedders pass overrides straight into ``create_app(overrides)``.
-The README's configuration table is generated from this class
+The configuration table in docs/configuration.md is generated from this class
 (``model-api settings-table``), so docs cannot drift from behaviour.
 """
 
@@ -15,7 +15,23 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-INSTANCE_DIR = Path.cwd() / "instance"
+
+def _default_instance_dir() -> Path:
+    """``instance/`` of the project checkout this code runs from (an editable
+    install, ``make run``), so the CLI finds the same SQLite file from any
+    directory; installed as a plain package (the image), ``instance/`` of the
+    working directory (``/app/instance`` there)."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "src" / "model_api").is_dir():
+        return checkout / "instance"
+    return Path.cwd() / "instance"
+
+
+INSTANCE_DIR = _default_instance_dir()
+
+
+def _default_database_url(data: dict) -> str:
+    return f"sqlite:///{Path(data.get('instance_dir') or INSTANCE_DIR) / 'model_api.sqlite3'}"
 
 
 class ModelSettings(BaseSettings):
@@ -84,10 +100,16 @@ class Settings(BaseSettings):
         description="Keys the credential cache and signs nothing else; required in production "
         "(a random per-process key is used otherwise).",
     )
+    instance_dir: str | None = Field(
+        None,
+        description="Directory of the default SQLite database; unset = `instance/` of the project checkout "
+        "(whatever the working directory), or of the working directory when installed as a package.",
+    )
     database_url: str = Field(
-        f"sqlite:///{INSTANCE_DIR / 'model_api.sqlite3'}",
+        default_factory=_default_database_url,
         description="SQLAlchemy URL. PostgreSQL in production "
-        "(`postgresql+psycopg://user:pw@host/db`); a SQLite file under `instance/` by default.",
+        "(`postgresql+psycopg://user:pw@host/db`); by default the SQLite file `model_api.sqlite3` in "
+        "INSTANCE_DIR.",
     )
     database_connect_timeout_seconds: int = Field(
         5, ge=1,
@@ -216,11 +238,15 @@ class Settings(BaseSettings):
     # bootstrap
     admin_username: str | None = Field(None, description="`make run` creates this user when none exists.")
     admin_password: str | None = Field(None, description="Password for ADMIN_USERNAME; random and printed once if unset.")
+    admin_quota: int = Field(
+        100, ge=0,
+        description="Model calls of the first user (enough for the README's examples); customers get DEFAULT_QUOTA.",
+    )
 
     # logging and metrics
     log_level: str = Field("INFO", description="Python log level.")
     log_format: Literal["json", "text"] = Field(
-        "json", description="`json`: one JSON object per line (see README, \"Operating it\"); `text` for humans."
+        "json", description="`json`: one JSON object per line (see docs/operations.md, \"Logs\"); `text` for humans."
     )
     metrics_token: str | None = Field(
         None,
@@ -347,12 +373,12 @@ def get_settings() -> Settings:
 
 
 def settings_table() -> str:
-    """The README's configuration table, generated from the fields above."""
+    """docs/configuration.md's table, generated from the fields above."""
     rows = ["| Env var | Default | Description |", "|---|---|---|"]
     for env, field in _env_fields():
         default = field.default
         if env == "DATABASE_URL":
-            default = "sqlite:///instance/model_api.sqlite3"
+            default = "sqlite:///<INSTANCE_DIR>/model_api.sqlite3"
         shown = "(unset)" if default is None else f"`{default}`"
         rows.append(f"| `{env}` | {shown} | {field.description} |")
     return "\n".join(rows)

@@ -7,7 +7,7 @@ runtime per pool process, the reconciler loop, JSON logs, the metrics port.
 Reads the same environment as the server (CELERY_BROKER_URL, DATABASE_URL,
 ...). ``model-api worker`` does the same with the queue filled in. With
 WORKER_METRICS_PORT set, the worker serves Prometheus metrics of itself and its
-pool processes on that port (README, "Operating it").
+pool processes on that port (docs/operations.md, "Metrics").
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ a graceful stop that lets in-flight calls finish.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import subprocess
@@ -25,12 +24,10 @@ from sqlalchemy import create_engine, select
 from model_api.models import Call, User
 
 from ..conftest import free_port, need, port_open, wait_for
+from .postman import MAIN_QUOTA, NEWMAN, run_newman
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "scripts" / "stack.sh"
-NEWMAN = ROOT / "postman" / "node_modules" / ".bin" / "newman"
-COLLECTION = ROOT / "postman" / "model-api.postman_collection.json"
-ENVIRONMENT = ROOT / "postman" / "model-api.postman_environment.json"
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.model, pytest.mark.slow]
 
@@ -112,26 +109,12 @@ def test_up_runs_migrate_bootstrap_and_a_ready_api(stack):
 
 
 def test_postman_collection_passes_with_newman(stack):
-    main_user, main_pw = stack.create_user("main", quota=3)
-    other_user, other_pw = stack.create_user("other", quota=3)
-    report = stack.run_dir / "newman.json"
-    r = subprocess.run(
-        [str(NEWMAN), "run", str(COLLECTION), "-e", str(ENVIRONMENT),
-         "--env-var", f"baseUrl={stack.url}",
-         "--env-var", f"username={main_user}", "--env-var", f"password={main_pw}",
-         "--env-var", f"otherUsername={other_user}", "--env-var", f"otherPassword={other_pw}",
-         "--env-var", "pollDelayMs=300", "--env-var", "pollLimit=200",
-         "--reporters", "cli,json", "--reporter-json-export", str(report), "--color", "off"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert r.returncode == 0, f"newman failed:\n{r.stdout[-6000:]}\n{r.stderr}"
-    run = json.loads(report.read_text())["run"]
-    assert run["stats"]["assertions"]["failed"] == 0 and run["failures"] == []
-    # every request of the collection ran (none skipped by a broken setNextRequest chain)
-    names = {item["name"] for folder in json.loads(COLLECTION.read_text())["item"] for item in folder["item"]}
-    executed = {e["item"]["name"] for e in run["executions"]}
-    assert executed == names
-    assert run["stats"]["assertions"]["total"] >= 3 * len(names)
+    main = stack.create_user("main", quota=MAIN_QUOTA)
+    other = stack.create_user("other", quota=3)
+    r = subprocess.run([str(Path(stack.env["BIN"]) / "model-api"), "keys", "create", main[0], "--name", "newman"],
+                       env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    run_newman(stack.url, main, other, r.stdout.strip().splitlines()[-1], report_dir=stack.run_dir)
 
 
 def _as_utc_timestamp(dt) -> float:

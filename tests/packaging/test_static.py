@@ -78,11 +78,47 @@ DOCKERFILE = dockerfile_instructions()
 
 
 def gunicorn_conf_env_names() -> set[str]:
-    src = (ROOT / "src/model_api/gunicorn_conf.py").read_text()
+    src = "".join((ROOT / "src/model_api" / name).read_text() for name in ("gunicorn_conf.py", "listen.py"))
     return set(re.findall(r"""(?:_int_env|environ\.get)\(\s*["']([A-Z_]+)["']""", src))
 
 
 # --- compose ---------------------------------------------------------------------
+
+
+def _vendored_schema(name: str) -> dict:
+    """A JSON schema vendored in the pinned check-jsonschema (its `vendor.NAME` builtin)."""
+    from importlib.resources import files
+
+    return json.loads(files("check_jsonschema.builtin_schemas.vendor").joinpath(f"{name}.json").read_text())
+
+
+def _schema_errors(schema: dict, document) -> list[str]:
+    from jsonschema import Draft7Validator, validators
+
+    cls = validators.validator_for(schema, default=Draft7Validator)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+            for e in cls(schema, format_checker=cls.FORMAT_CHECKER).iter_errors(document)]
+
+
+def test_compose_file_is_valid_against_the_compose_specification():
+    # `docker compose config` is not installable here; the Compose specification's
+    # JSON schema (compose-spec.json, as vendored by check-jsonschema) is what it checks against
+    schema = _vendored_schema("compose-spec")
+    assert "compose-spec" in schema.get("$id", "") or "Compose Specification" in schema.get("title", "")
+    assert _schema_errors(schema, COMPOSE) == []
+    # and the check can fail: a misspelt key and a bad restart policy are caught
+    broken = json.loads(json.dumps(COMPOSE))
+    broken["services"]["api"]["depend_on"] = broken["services"]["api"].pop("depends_on")
+    broken["services"]["worker"]["stop_grace_period"] = {"seconds": 5}
+    errors = _schema_errors(schema, broken)
+    assert any("depend_on" in e for e in errors) and any("stop_grace_period" in e for e in errors), errors
+
+
+def test_github_workflow_is_valid_against_its_schema():
+    wf = yaml.safe_load((ROOT / ".github/workflows/ci.yml").read_text())
+    # PyYAML reads the key `on` as True (YAML 1.1); the schema wants the string
+    wf["on"] = wf.pop(True)
+    assert _schema_errors(_vendored_schema("github-workflows"), wf) == []
 
 
 def test_compose_has_the_seed_topology():
@@ -297,7 +333,8 @@ def test_gunicorn_defaults_one_process_with_threads(monkeypatch):
     longest = conf.longest_generation_seconds()
     assert longest == Settings().max_tokens_cap / 4
     assert conf.timeout > longest and conf.graceful_timeout > longest
-    assert conf.bind == "0.0.0.0:5000"
+    # development listens on loopback only; the image opts in to every interface
+    assert conf.bind == "127.0.0.1:5000"
     assert conf.control_socket_disable is True  # no shared $HOME/.gunicorn/gunicorn.ctl
 
 
@@ -309,14 +346,29 @@ def test_gunicorn_reads_counts_from_env_and_scales_timeouts_with_the_token_cap(m
     monkeypatch.setenv("WEB_THREADS", "4")
     monkeypatch.setenv("PORT", "6001")
     monkeypatch.delenv("BIND", raising=False)
+    monkeypatch.delenv("WEB_HOST", raising=False)
     monkeypatch.delenv("WEB_TIMEOUT", raising=False)
     monkeypatch.delenv("WEB_GRACEFUL_TIMEOUT", raising=False)
     monkeypatch.setenv("MAX_TOKENS_CAP", "4096")
     conf = _reload_gunicorn_conf()
-    assert (conf.workers, conf.threads, conf.bind) == (3, 4, "0.0.0.0:6001")
+    assert (conf.workers, conf.threads, conf.bind) == (3, 4, "127.0.0.1:6001")
     assert conf.timeout > 1024 and conf.graceful_timeout > 1024  # 4096 tokens at 4 tokens/s
     monkeypatch.setenv("WEB_GRACEFUL_TIMEOUT", "7")
     assert _reload_gunicorn_conf().graceful_timeout == 7
+
+
+def test_the_image_listens_on_every_interface_and_development_on_loopback(monkeypatch):
+    env = dict(a.split("=", 1) for ins, args in DOCKERFILE if ins == "ENV" for a in args.split())
+    assert env["WEB_HOST"] == "0.0.0.0"
+    for name in ("BIND", "WEB_HOST", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WEB_HOST", env["WEB_HOST"])
+    monkeypatch.setenv("PORT", env["PORT"])
+    assert _reload_gunicorn_conf().bind == "0.0.0.0:5000"
+    monkeypatch.setenv("BIND", "127.0.0.1:7000")  # BIND still wins
+    assert _reload_gunicorn_conf().bind == "127.0.0.1:7000"
+    # compose does not override it: the api container listens where its port is published
+    assert "WEB_HOST" not in ENV_EXAMPLE and "BIND" not in ENV_EXAMPLE
 
 
 @pytest.fixture(autouse=True)
@@ -392,23 +444,27 @@ def test_github_workflow_matches_ci_run():
     assert "make newman" in ci_run and "make test" in ci_run
 
 
-# --- README -------------------------------------------------------------------------
+# --- docs -----------------------------------------------------------------------------
 
 
-def _readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return " ".join(text[start:end if end != -1 else None].split())  # line breaks do not matter
+def _doc_section(page: str, title: str | None = None) -> str:
+    """A `## title` section of docs/PAGE (the whole page without a title), line breaks ignored."""
+    text = (ROOT / "docs" / page).read_text()
+    if title is not None:
+        start = text.index(f"## {title}\n")
+        end = text.find("\n## ", start + 1)
+        text = text[start:end if end != -1 else None]
+    return " ".join(text.split())
 
 
-def test_readme_deploy_section_matches_the_files():
-    section = _readme_section("Deploy with Docker Compose")
+def test_deploy_docs_match_the_files():
+    section = _doc_section("operations.md", "Deploy with Docker Compose")
     for name in SERVICES:
         assert f"`{name}`" in section, name
-    # gunicorn's own variables (the app settings it also reads are in "Configuration")
+    # gunicorn's own variables (the app settings it also reads are in the settings table)
+    gunicorn_docs = _doc_section("configuration.md", "gunicorn")
     for name in gunicorn_conf_env_names() - {f.upper() for f in Settings.model_fields}:
-        assert f"`{name}`" in section, f"gunicorn setting {name} is not documented"
+        assert f"`{name}`" in gunicorn_docs, f"gunicorn setting {name} is not documented"
     for name in ("api", "worker"):
         assert f"{_seconds(SERVICES[name]['stop_grace_period'])} s for `{name}`" in section, name
     base = dict(a.split("=", 1) for ins, a in DOCKERFILE if ins == "ARG" and "=" in a)["PYTHON_IMAGE"]
@@ -417,8 +473,8 @@ def test_readme_deploy_section_matches_the_files():
         assert cmd in section
 
 
-def test_readme_postman_section_names_the_files_and_variables():
-    section = _readme_section("Testing with Postman")
+def test_postman_docs_name_the_files_and_variables():
+    section = _doc_section("postman.md")
     for path in (COLLECTION_PATH, ENVIRONMENT_PATH):
         assert f"postman/{path.name}" in section
     env = json.loads(ENVIRONMENT_PATH.read_text())
@@ -441,6 +497,10 @@ def _requests(collection: dict) -> list[dict]:
     return out
 
 
+def _auth_of(item: dict, folder: dict, collection: dict) -> dict:
+    return item["request"].get("auth") or folder.get("auth") or collection["auth"]
+
+
 def test_postman_collection_covers_every_endpoint_and_error_case_with_tests():
     collection = json.loads(COLLECTION_PATH.read_text())
     assert collection["info"]["schema"].endswith("/collection/v2.1.0/collection.json")
@@ -451,18 +511,30 @@ def test_postman_collection_covers_every_endpoint_and_error_case_with_tests():
         path = "/" + "/".join(req["url"]["path"])
         tests = " ".join(line for e in item["event"] if e["listen"] == "test" for line in e["script"]["exec"])
         status = re.search(r"to\.have\.status\((\d+)\)", tests)
-        assert status or "oneOf([201, 429])" in tests, f"{item['name']}: no status code test"
-        if status:
-            covered.add((req["method"], path, int(status.group(1))))
+        either = re.search(r"oneOf\(\[(\d+(?:, \d+)+)\]\)", tests)
+        assert status or either, f"{item['name']}: no status code test"
+        for code in [status.group(1)] if status else either.group(1).split(", "):
+            covered.add((req["method"], path, int(code)))
     for expected in [("GET", "/health_check", 204), ("GET", "/ready", 200), ("POST", "/call_model", 201),
                      ("POST", "/call_model", 401), ("POST", "/call_model", 400), ("POST", "/call_model", 429),
                      ("POST", "/async_call_model", 200), ("GET", "/async_call_status", 200),
-                     ("GET", "/async_call_status", 404), ("GET", "/async_call_status", 400)]:
+                     ("GET", "/async_call_status", 404), ("GET", "/async_call_status", 400),
+                     ("GET", "/v1/models", 200), ("POST", "/v1/chat/completions", 200),
+                     ("POST", "/v1/chat/completions", 401), ("POST", "/v1/chat/completions", 400),
+                     ("POST", "/v1/completions", 200), ("GET", "/calls", 200), ("GET", "/calls", 400),
+                     ("POST", "/async_call_cancel", 200), ("POST", "/async_call_cancel", 202),
+                     ("POST", "/async_call_cancel", 404), ("POST", "/async_call_cancel", 409)]:
         assert expected in covered, expected
     # the 404 for another user's job uses the second user's credentials
     other = [i for i in items if i["request"].get("auth", {}).get("type") == "basic"
              and "{{otherUsername}}" in json.dumps(i["request"]["auth"])]
     assert any("404" in i["name"] for i in other)
+    # every /v1 success goes through an API key as a Bearer token
+    for folder in collection["item"]:
+        for item in folder["item"]:
+            if item["request"]["url"]["path"][0] == "v1" and "(200" in item["name"]:
+                auth = _auth_of(item, folder, collection)
+                assert auth["type"] == "bearer" and "{{apiKey}}" in json.dumps(auth), item["name"]
     env_keys = {v["key"] for v in json.loads(ENVIRONMENT_PATH.read_text())["values"]}
-    used = set(re.findall(r"\{\{(\w+)\}\}", COLLECTION_PATH.read_text())) - {"jobId"}
+    used = set(re.findall(r"\{\{(\w+)\}\}", COLLECTION_PATH.read_text())) - {"jobId", "cancelJobId"}
     assert used <= env_keys, used - env_keys

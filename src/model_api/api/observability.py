@@ -154,7 +154,7 @@ def _check_metrics_access() -> None:
 @bp.get("/metrics")
 @bp.doc(
     summary="Prometheus metrics",
-    description="Prometheus text exposition of every process's metrics (see README, \"Operating it\"). "
+    description="Prometheus text exposition of every process's metrics (see docs/operations.md, \"Metrics\"). "
     "Open to loopback clients; others need `Authorization: Bearer METRICS_TOKEN`.",
     responses={
         200: {"description": "Metrics in Prometheus text format",
