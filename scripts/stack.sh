@@ -16,7 +16,10 @@
 # files and logs, default run/stack), STACK_WORKER (auto|on|off; auto starts the
 # worker when `model-api worker` exists), STACK_READY_TIMEOUT (s, default 180),
 # STACK_STOP_TIMEOUT (s, default 330: longer than gunicorn's graceful_timeout),
-# STACK_CONNECT_TIMEOUT (s, default 30: wait for PostgreSQL and Redis to listen).
+# STACK_CONNECT_TIMEOUT (s, default 30: wait for PostgreSQL and Redis to listen),
+# STACK_PROXY (auto|on|off; auto puts nginx in front of gunicorn when nginx is
+# installed, as compose's `proxy` service does: gunicorn then listens on PORT+1
+# and only nginx, on PORT, talks to clients; see deploy/nginx.conf.template).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +29,8 @@ READY_TIMEOUT="${STACK_READY_TIMEOUT:-180}"
 STOP_TIMEOUT="${STACK_STOP_TIMEOUT:-330}"
 CONNECT_TIMEOUT="${STACK_CONNECT_TIMEOUT:-30}"
 STACK_WORKER="${STACK_WORKER:-auto}"
-COMPONENTS=(worker api)
+STACK_PROXY="${STACK_PROXY:-auto}"
+COMPONENTS=(worker api proxy)
 
 log() { printf 'stack: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -143,6 +147,27 @@ wait_for_tcp() {  # url-ish "scheme://user@host:port/..." with a default port
 
 worker_available() { "$BIN/model-api" worker --help >/dev/null 2>&1; }
 
+nginx_bin() { command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true; }
+
+proxy_wanted() {
+  case "$STACK_PROXY" in
+    on) [[ -n "$(nginx_bin)" ]] || die "STACK_PROXY=on but nginx is not installed (apt-get install nginx-light)"; return 0 ;;
+    auto) [[ -n "$(nginx_bin)" ]] ;;
+    off) return 1 ;;
+    *) die "STACK_PROXY must be auto, on or off" ;;
+  esac
+}
+
+start_proxy() {  # listen upstream
+  local prefix="$RUN_DIR/nginx"
+  mkdir -p "$prefix"
+  sed -e "s#\${LISTEN}#$1#g" -e "s#\${UPSTREAM}#$2#g" -e "s#\${PREFIX}#$prefix#g" \
+    "$ROOT/deploy/nginx.conf.template" >"$prefix/nginx.conf"
+  "$(nginx_bin)" -t -c "$prefix/nginx.conf" -p "$prefix" >"$RUN_DIR/proxy.log" 2>&1 \
+    || step_failed "proxy (nginx rejected its configuration)" "$RUN_DIR/proxy.log"
+  start_bg proxy "$(nginx_bin)" -c "$prefix/nginx.conf" -p "$prefix" -g "daemon off;"
+}
+
 # --- commands -------------------------------------------------------------------
 cmd_up() {
   [[ -x "$BIN/gunicorn" ]] || die "no gunicorn in $BIN (run make install, or set BIN)"
@@ -183,8 +208,20 @@ cmd_up() {
     *) die "STACK_WORKER must be auto, on or off" ;;
   esac
 
-  start_bg api "$BIN/gunicorn" -c python:model_api.gunicorn_conf model_api.wsgi:app
-  echo "http://127.0.0.1:$(api_port)" >"$RUN_DIR/api.url"
+  local port; port="$(api_port)"
+  if proxy_wanted; then
+    # slow clients meet nginx, never a gunicorn thread (deploy/nginx.conf.template)
+    : >"$RUN_DIR/proxy.log"
+    BIND="127.0.0.1:$((port + 1))" TRUSTED_PROXIES=1 \
+      start_bg api "$BIN/gunicorn" -c python:model_api.gunicorn_conf model_api.wsgi:app
+    local host="127.0.0.1"
+    [[ -z "${BIND:-}" ]] || host="${BIND%:*}"
+    start_proxy "$host:$port" "127.0.0.1:$((port + 1))"
+  else
+    rm -f "$RUN_DIR/proxy.pid"
+    start_bg api "$BIN/gunicorn" -c python:model_api.gunicorn_conf model_api.wsgi:app
+  fi
+  echo "http://127.0.0.1:$port" >"$RUN_DIR/api.url"
 
   local url deadline=$((SECONDS + READY_TIMEOUT)) code=0
   url="http://127.0.0.1:$(api_port)/ready"

@@ -122,7 +122,7 @@ def test_github_workflow_is_valid_against_its_schema():
 
 
 def test_compose_has_the_seed_topology():
-    assert set(SERVICES) == {"postgres", "redis", "migrate", "bootstrap", "api", "worker"}
+    assert set(SERVICES) == {"postgres", "redis", "migrate", "bootstrap", "api", "worker", "proxy"}
     assert SERVICES["api"]["command"] == GUNICORN_CMD
     assert SERVICES["migrate"]["command"] == ["model-api", "db", "upgrade"]
     assert SERVICES["bootstrap"]["command"] == ["model-api", "bootstrap"]
@@ -176,7 +176,7 @@ def test_redis_never_evicts_and_persists():
 
 
 def test_third_party_images_are_pinned_to_a_version():
-    for name in ("postgres", "redis"):
+    for name in ("postgres", "redis", "proxy"):
         image = SERVICES[name]["image"]
         repo, _, tag = image.partition(":")
         assert re.match(r"\d+\.\d+(\.\d+)?", tag), f"{name}: {image} is not pinned to a version"
@@ -185,7 +185,12 @@ def test_third_party_images_are_pinned_to_a_version():
 def test_api_healthcheck_publishes_and_stop_grace_fit_the_app():
     api = SERVICES["api"]
     assert "/health_check" in " ".join(api["healthcheck"]["test"])
-    assert api["ports"][0].endswith(":5000")
+    # only the proxy is published: slow clients meet nginx, never a gunicorn thread
+    assert "ports" not in api and api["environment"]["TRUSTED_PROXIES"] == "1"
+    proxy = SERVICES["proxy"]
+    assert proxy["ports"][0].endswith(":8080") and proxy["environment"]["UPSTREAM"] == "api:5000"
+    assert proxy["volumes"][0].startswith("./deploy/nginx.conf.template:")
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
     assert SERVICES["worker"]["healthcheck"] == {"disable": True}
 
 
