@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -12,6 +17,8 @@ from sqlalchemy import JSON, DateTime, MetaData, create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 # Named constraints make Alembic migrations reproducible across databases.
 NAMING_CONVENTION = {
@@ -72,6 +79,10 @@ class Database:
                     **engine_kwargs.get("connect_args", {}),
                 }
         self.engine: SAEngine = create_engine(url, **engine_kwargs)
+        if url.startswith("postgresql") and statement_timeout_ms:
+            # the server's statement_timeout plus a grace: the watchdog only acts
+            # when the server itself cannot (it no longer answers at all)
+            SilentServerWatchdog(statement_timeout_ms / 1000 + 2.0).watch(self.engine)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
@@ -113,6 +124,79 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class SilentServerWatchdog:
+    """Ends a statement the server never answers: a client-side statement timeout.
+
+    ``statement_timeout`` is the server's, and ``connect_timeout`` covers only
+    opening a connection, so an open connection to a server that stopped
+    answering (a network path that swallows traffic, a frozen host) would hold
+    its request thread, and soon every thread, for as long as TCP takes to give
+    up. A statement (or the pool's pre-ping) still running ``limit`` seconds
+    after it began has its socket shut down from this thread: the driver then
+    fails it at once ("server closed the connection"), SQLAlchemy invalidates
+    the connection, and the API answers 503 ``database_unavailable``.
+    """
+
+    def __init__(self, limit: float):
+        self.limit = limit
+        self._running: dict[int, tuple[float, int]] = {}  # id(dbapi connection) -> (deadline, socket fd)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._thread_pid = -1
+
+    def watch(self, engine: SAEngine) -> None:
+        event.listen(engine, "before_cursor_execute", lambda conn, *_: self._begin(conn.connection.dbapi_connection))
+        event.listen(engine, "after_cursor_execute", lambda conn, *_: self._end(conn.connection.dbapi_connection))
+        event.listen(engine, "handle_error", lambda ctx: self._end(getattr(ctx.connection, "connection", None)
+                                                                    and ctx.connection.connection.dbapi_connection))
+        ping = engine.dialect.do_ping
+
+        def guarded_ping(dbapi_connection: Any) -> bool:
+            self._begin(dbapi_connection)
+            try:
+                return ping(dbapi_connection)
+            finally:
+                self._end(dbapi_connection)
+
+        engine.dialect.do_ping = guarded_ping  # type: ignore[method-assign]
+
+    def _begin(self, dbapi_connection: Any) -> None:
+        fd = getattr(getattr(dbapi_connection, "pgconn", None), "socket", None)
+        if fd is None:
+            return
+        with self._lock:
+            self._running[id(dbapi_connection)] = (time.monotonic() + self.limit, fd)
+            if self._thread is None or not self._thread.is_alive() or self._thread_pid != os.getpid():
+                self._thread_pid = os.getpid()  # threads do not survive a fork: start one per process
+                self._thread = threading.Thread(target=self._run, name="db-watchdog", daemon=True)
+                self._thread.start()
+
+    def _end(self, dbapi_connection: Any) -> None:
+        if dbapi_connection is not None:
+            with self._lock:
+                self._running.pop(id(dbapi_connection), None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(min(0.5, self.limit / 4))
+            now = time.monotonic()
+            # under the lock: the statement's own thread cannot return the
+            # connection (whose fd could then be reused) while we shut it down
+            with self._lock:
+                for key, (deadline, fd) in list(self._running.items()):
+                    if deadline > now:
+                        continue
+                    del self._running[key]
+                    log.warning("database did not answer a statement in time; dropping its connection",
+                                extra={"limit_seconds": self.limit})
+                    try:
+                        # a duplicate: shutting it down ends the connection, closing it leaves libpq's fd alone
+                        with socket.socket(fileno=os.dup(fd)) as sock:
+                            sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
 
 def postgres_connect_args(connect_timeout: int, statement_timeout_ms: int) -> dict[str, Any]:

@@ -89,3 +89,37 @@ def test_a_ten_second_outage_leaves_every_row_final_and_every_unit_accounted(
         assert used == charged
         assert completed >= 50  # every job ran once the database was back
     print(f"settled {time.monotonic() - recovered_at:.1f} s after the database came back")
+
+
+def _timed(method, url: str, **kw) -> tuple[int, float]:
+    t0 = time.monotonic()
+    r = method(url, timeout=60, **kw)
+    return r.status_code, time.monotonic() - t0
+
+
+def test_a_database_that_stops_answering_gets_quick_503s_while_health_stays_live(pg_proxy, live_server, make_user):
+    """The proxy keeps every connection open and forwards nothing, like a network
+    path that swallows traffic: open pooled connections would wait for ever."""
+    proxy, proxied_url = pg_proxy
+    make_user("alice", quota=100)
+    with live_server(threads=16, DATABASE_URL=proxied_url, DATABASE_STATEMENT_TIMEOUT_MS="2000",
+                     DATABASE_CONNECT_TIMEOUT_SECONDS="2", DATABASE_POOL_TIMEOUT_SECONDS="2") as srv:
+        body = {"prompt": "Hi", "max_tokens": 1}
+        with ThreadPoolExecutor(8) as pool:  # pooled connections exist, then the database goes silent
+            assert list(pool.map(lambda _: _post(srv.url, "/call_model", body), range(8))) == [201] * 8
+            proxy.freeze()
+            calls = [pool.submit(_timed, requests.post, srv.url + "/call_model", json=body, auth=AUTH)
+                     for _ in range(8)]
+            time.sleep(0.5)
+            health = [_timed(requests.get, srv.url + "/health_check") for _ in range(5)]
+            ready = _timed(requests.get, srv.url + "/ready")
+            answered = [f.result() for f in calls]
+        proxy.refuse()
+        proxy.restore()
+        after = _post(srv.url, "/call_model", body)
+
+    assert all(code == 204 and seconds < 1.0 for code, seconds in health), health
+    assert ready[0] == 503 and ready[1] < 15, ready
+    # statement limit 2 s + the watchdog's 2 s grace, or connect timeout 2 s, or pool timeout 2 s
+    assert all(code == 503 and seconds < 15 for code, seconds in answered), answered
+    assert after == 201  # the pool heals by itself once the database answers again
