@@ -1,5 +1,6 @@
 """Real HTTP to a real gunicorn server process (two worker processes)."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -43,3 +44,19 @@ def test_seed_examples_over_real_http(live_server, make_user):
         r = requests.get(srv.url + "/async_call_status", params={"job_id": job_id}, auth=auth, timeout=60)
         assert r.status_code == 200 and r.json()["job_status"] in ("processing", "completed")
         assert "response" in r.json()
+
+
+def test_thirty_thousand_messages_from_a_user_without_quota_cost_nothing(live_server, make_user):
+    """Cheapest checks first: such a body took 15 s of tokenizer CPU before its 422."""
+    make_user("broke", password="correct horse battery", quota=0)
+    make_user("alice", password="correct horse battery")
+    body = {"model": "m", "messages": [{"role": "user", "content": "a"}] * 30000}
+    with live_server(threads=8) as srv:
+        t0 = time.monotonic()
+        r = requests.post(srv.url + "/v1/chat/completions", json=body, auth=("broke", "correct horse battery"),
+                          timeout=60)
+        refused_in = time.monotonic() - t0
+        normal = requests.post(srv.url + "/call_model", json={"prompt": "Hi", "max_tokens": 2},
+                               auth=("alice", "correct horse battery"), timeout=60)
+    assert r.status_code in (400, 429) and refused_in < 3, (r.status_code, refused_in)
+    assert normal.status_code == 201
