@@ -55,6 +55,8 @@ def register_extensions(app: APIFlask, settings: Settings, runtime: Runtime | No
         rt.engines.load_in_background()
     if settings.recover_jobs_at_start:
         threading.Thread(target=rt.recover_jobs, name="job-recovery", daemon=True).start()
+    if not settings.celery_broker_url:
+        rt.webhooks.start()  # this process runs the jobs, so it delivers their webhooks (Celery workers do otherwise)
 
 
 def register_request_hooks(app: APIFlask) -> None:

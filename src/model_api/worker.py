@@ -79,6 +79,8 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
     threading.Thread(
         target=_reconcile_loop, args=(settings, _STOP_RECONCILER), name="job-reconciler", daemon=True
     ).start()
+    # job-end webhooks are delivered from the outbox by the worker's main process
+    worker_runtime(settings).webhooks.start()
 
 
 @signals.worker_shutting_down.connect
