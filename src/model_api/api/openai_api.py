@@ -18,6 +18,7 @@ from . import streaming
 from .context import check_prompt_size, intent, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .errors import declare_dialect, rate_headers
+from .idempotency import idempotent
 from .protocol import completion_body
 from .schemas import ChatCompletionIn, CompletionIn, CompletionOut, ModelListOut
 from .security import auth
@@ -70,6 +71,7 @@ def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any],
 @bp.doc(summary="Chat completion (OpenAI-compatible)", responses={
     200: _ok("`chat.completion` object, or with `stream: true` an SSE stream of `chat.completion.chunk`s"),
     **_ERRORS})
+@idempotent
 def chat_completions(json_data: dict):
     """Reply to a conversation. Uses one unit of quota; stored as a call of kind `chat`."""
     messages = [
@@ -87,6 +89,7 @@ def chat_completions(json_data: dict):
 @bp.input(CompletionIn, location="json", example={"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time"})
 @bp.doc(summary="Text completion (OpenAI-compatible)", responses={
     200: _ok("`text_completion` object, or with `stream: true` an SSE stream of them"), **_ERRORS})
+@idempotent
 def completions(json_data: dict):
     """Continue a raw prompt (no chat template). Uses one unit of quota; stored as kind `completion`."""
     check_prompt_size(json_data["prompt"])
