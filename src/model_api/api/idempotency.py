@@ -50,7 +50,7 @@ def _split(rv: Any) -> tuple[Any, int, dict[str, str]]:
     """A view's return value as (body, status, headers); a Response is not replayable."""
     if not isinstance(rv, tuple):
         return rv, 200, {}
-    body, status, headers = (list(rv) + [200, {}])[:3]
+    body, status, headers = (list(rv) + [200, {}][len(rv) - 1:])[:3]
     return body, int(status), dict(headers or {})
 
 
