@@ -117,12 +117,12 @@ def async_call_model(json_data: dict):
     return {"job_id": str(outcome.call_id)}, 200, rate_headers(outcome.quota)
 
 
-def _parse_job_id(raw: str) -> uuid.UUID:
+def _parse_job_id(raw: str, field: str = "job_id") -> uuid.UUID:
     try:
         return uuid.UUID(raw.strip())
     except (ValueError, AttributeError):
-        raise api_error(400, "job_id must be a UUID", code="invalid_request",
-                        details={"job_id": ["not a valid UUID"]}) from None
+        raise api_error(400, f"{field} must be a UUID", code="invalid_request",
+                        details={field: ["not a valid UUID"]}) from None
 
 
 def _iso(value) -> str | None:
@@ -230,7 +230,7 @@ def call_history(query_data: dict):
 def list_jobs(query_data: dict):
     """Your async jobs (each as ``/async_call_status`` shows it), newest first, ``state`` to filter,
     ``before`` to page: how a client that lost a job id finds it again. Uses no quota."""
-    before = _parse_job_id(query_data["before"]) if query_data.get("before") else None
+    before = _parse_job_id(query_data["before"], "before") if query_data.get("before") else None
     limit = query_data["limit"]
     rt = runtime()
     jobs = rt.history.jobs(current_principal().id, limit, before, query_data.get("state"))
