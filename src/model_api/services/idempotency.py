@@ -8,7 +8,8 @@ repeat with the same key and the same request replays that response; a repeat
 while the first still runs is told so (409, retry later); the same key with a
 different request is refused (422). Only successful (2xx) responses are
 stored: an error charged nothing (failures are refunded), so the key is
-released and a retry runs again. Keys expire after IDEMPOTENCY_TTL_SECONDS.
+released and a retry runs again. A stored response is kept for
+IDEMPOTENCY_TTL_SECONDS; after that the key runs a new request.
 
 A claim whose holder died (its process is gone on this host, or it has held
 the key for longer than ``stale_seconds``) is taken over by the next request.
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 
 from .. import process
 from ..db import Database, as_utc, utcnow
@@ -112,9 +113,9 @@ class Idempotency:
                 row = conn.execute(select(_T).where(_T.c.user_id == user_id, _T.c.key == key)).first()
                 if row is None:
                     continue  # released between our INSERT and SELECT: try to claim it again
-                if as_utc(row.expires_at) <= now:
+                if row.response_status is not None and as_utc(row.expires_at) <= now:
                     # expired: a new request, as if the key had never been seen
-                    if self._take(conn, row, fresh, _T.c.expires_at <= now):
+                    if self._take(conn, row, fresh, _T.c.token == row.token):
                         return Claim(row.id, token)
                     continue
                 if row.fingerprint != fp:
@@ -140,11 +141,13 @@ class Idempotency:
         return conn.execute(update(_T).where(_T.c.id == row.id, condition).values(**fresh)).rowcount == 1
 
     def finish(self, claim: Claim, status: int, body: Any, headers: dict[str, str]) -> None:
-        """Store the response to replay; a no-op if the claim was lost meanwhile."""
+        """Store the response to replay for the next IDEMPOTENCY_TTL_SECONDS; a no-op
+        if the claim was lost meanwhile."""
         with self.db.autocommit() as conn:
             n = conn.execute(
                 update(_T).where(_T.c.id == claim.id, _T.c.token == claim.token)
-                .values(response_status=status, response_body=json.dumps(body), response_headers=headers)
+                .values(response_status=status, response_body=json.dumps(body), response_headers=headers,
+                        expires_at=utcnow() + self.ttl)
             ).rowcount
         if n != 1:
             log.warning("idempotency claim lost before its response was stored", extra={"key_id": claim.id})
@@ -155,9 +158,12 @@ class Idempotency:
             conn.execute(delete(_T).where(_T.c.id == claim.id, _T.c.token == claim.token))
 
     def purge_expired(self) -> int:
-        """Delete expired keys (housekeeping; an expired key is reclaimed anyway)."""
+        """Delete expired keys (housekeeping; an expired key is reclaimed anyway), and
+        claims abandoned for longer than both the TTL and ``stale_seconds``."""
+        now = utcnow()
+        finished_or_abandoned = or_(_T.c.response_status.is_not(None), _T.c.created_at < now - self.stale)
         with self.db.autocommit() as conn:
-            return conn.execute(delete(_T).where(and_(_T.c.expires_at <= utcnow()))).rowcount
+            return conn.execute(delete(_T).where(and_(_T.c.expires_at <= now, finished_or_abandoned))).rowcount
 
 
 __all__ = ["Claim", "Idempotency", "KeyReused", "Replay", "RequestInProgress", "fingerprint"]
