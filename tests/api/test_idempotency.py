@@ -4,6 +4,7 @@ processes: tests/api/test_idempotency_live.py.)"""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -14,6 +15,8 @@ from sqlalchemy import func, select, update
 from model_api.db import as_utc
 from model_api.models import Call, IdempotencyKey, User
 from model_api.services.idempotency import RequestInProgress, fingerprint
+
+from ..conftest import wait_for
 
 HELLO = {"prompt": "Say hello.", "max_tokens": 2, "temperature": 0}
 CHAT = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 2, "temperature": 0}
@@ -165,14 +168,71 @@ def test_invalid_input_never_touches_the_key(client, make_user, database):
     assert client.post("/call_model", json=HELLO, headers=headers).status_code == 201
 
 
-@pytest.mark.parametrize("route,body", [("/call_model", HELLO), ("/v1/chat/completions", CHAT),
-                                        ("/v1/completions", COMPLETION)], ids=["seed", "chat", "completions"])
-def test_a_stream_with_a_key_is_refused_up_front_because_it_cannot_be_replayed(client, make_user, database,
-                                                                              route, body):
-    r = client.post(route, json={**body, "stream": True}, headers=keyed(make_user("alice"), "s-1"))
-    assert r.status_code == 400 and error_code(r) == "idempotency_key_with_stream"
-    assert r.mimetype == "application/json"
-    assert calls(database) == 0 and used(database) == 0
+def streamed_text(r) -> str:
+    """The text of an SSE reply, from its chunks' deltas (chat) or texts (completions)."""
+    text = ""
+    for line in r.get_data(as_text=True).splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[len("data: "):]).get("choices", []):
+                text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+    return text
+
+
+#: (route, body, replay's status, the replay's text) of each route that streams
+STREAMING = [
+    ("/call_model", HELLO, 201, lambda b: b["response"]),
+    ("/v1/chat/completions", CHAT, 200, lambda b: b["choices"][0]["message"]["content"]),
+    ("/v1/completions", COMPLETION, 200, lambda b: b["choices"][0]["text"]),
+]
+
+
+@pytest.mark.parametrize("route,body,status,text_of", STREAMING, ids=[r for r, *_ in STREAMING])
+def test_a_repeated_stream_gets_the_streamed_text_as_the_routes_json_reply_without_a_second_charge(
+        client, make_user, database, route, body, status, text_of):
+    headers = keyed(make_user("alice"), "s-1")
+    first = client.post(route, json={**body, "stream": True}, headers=headers)
+    assert first.status_code == 200 and first.mimetype == "text/event-stream"
+    streamed = streamed_text(first)
+
+    again = client.post(route, json={**body, "stream": True}, headers=headers)
+    assert again.status_code == status and again.mimetype == "application/json", again.get_data(as_text=True)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert text_of(again.json) == streamed and streamed
+    assert again.headers["X-RateLimit-Remaining"] == first.headers["X-RateLimit-Remaining"] == "2"
+    assert calls(database) == 1 and used(database) == 1
+
+
+def test_a_stream_repeated_while_it_still_streams_is_409_then_replayed(client, make_user, database):
+    headers = keyed(make_user("alice"), "s-1")
+    body = {**HELLO, "max_tokens": 8, "stream": True}
+    first = client.post("/call_model", json=body, headers=headers, buffered=False)  # not read yet: still running
+    during = client.post("/call_model", json=body, headers=headers)
+    assert during.status_code == 409 and error_code(during) == "request_in_progress"
+    streamed = streamed_text(first)
+    after = client.post("/call_model", json=body, headers=headers)
+    assert after.status_code == 201 and after.json["response"] == streamed
+    assert used(database) == 1
+
+
+def test_a_stream_cut_off_by_the_client_is_replayed_with_the_text_it_had_and_not_charged_again(
+        client, make_user, database):
+    headers = keyed(make_user("alice"), "s-1")
+    body = {**HELLO, "max_tokens": 64, "temperature": 1.0, "seed": 3, "stream": True}
+    first = client.post("/call_model", json=body, headers=headers, buffered=False)
+    next(first.response)  # the first event, then the client goes away
+    first.close()
+    wait_for(lambda: _state(database) == "cancelled", timeout=30, what="the stream recorded as cancelled")
+    again = client.post("/call_model", json=body, headers=headers)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json["finish_reason"] == "cancelled"
+    with database.session() as s:
+        assert again.json["response"] == s.scalar(select(Call.response))
+    assert used(database) == 1  # the cut-off stream kept its unit, as every cut-off stream does; no second one
+
+
+def _state(database) -> str | None:
+    with database.session() as s:
+        return s.scalar(select(Call.status))
 
 
 @pytest.mark.parametrize("key", ["", "   ", "x" * 256, "caf\u00e9", "tab\there"],

@@ -57,9 +57,9 @@ IDEMPOTENCY_PARAMETER = {
     f"`{REPLAYED}: true`) without running or charging again; a repeat while the first still runs is a 409 "
     "`request_in_progress` (with `Retry-After`); the same key with another body is a 422 "
     "`idempotency_key_reused`. Keys are per user and expire after IDEMPOTENCY_TTL_SECONDS. Only successful "
-    "responses are stored: after an error, the same key runs again. Not with `\"stream\": true` (400 "
-    "`idempotency_key_with_stream`: a stream cannot be replayed).",
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+    "responses are stored: after an error, the same key runs again. With `\"stream\": true` the first "
+    "request streams; a repeat gets the stream's text as this route's JSON reply (a stream cannot be sent twice).",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[!-~]([ -~]*[!-~])?$"},
 }
 REPLAYED_HEADER = {"description": "`true` when this is the stored response of an earlier request with the same "
                    "Idempotency-Key (nothing ran or was charged this time)",
@@ -259,7 +259,7 @@ def configure_docs(app: APIFlask) -> None:
         # limits that are settings, so the document states this deployment's (400 above them)
         settings = app.config["SETTINGS"]
         schemas = spec.get("components", {}).get("schemas", {})
-        for name in ("CallModelIn", "ChatCompletionIn", "CompletionIn"):
+        for name in ("CallModelIn", "AsyncCallModelIn", "ChatCompletionIn", "CompletionIn"):
             props = schemas.get(name, {}).get("properties", {})
             for field in ("max_tokens", "max_completion_tokens"):
                 if field in props:

@@ -54,6 +54,12 @@ _MODEL_ERRORS = (400, 401, 413, 422, 429, 500, 502, 503, 504)
 _ERRORS = error_responses(*_MODEL_ERRORS)  # the errors every model-call route can answer
 
 
+def _stream_reply(call) -> tuple[dict, int]:
+    """A repeated streamed /call_model with an Idempotency-Key: the stream's text as the 201 body."""
+    return {"response": call.response or "", "id": str(call.id), "model": call.model,
+            "finish_reason": call.finish_reason, "usage": usage(call.prompt_tokens, call.completion_tokens or 0)}, 201
+
+
 @bp.post("/call_model")
 @bp.auth_required(auth)
 @bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
@@ -68,7 +74,7 @@ _ERRORS = error_responses(*_MODEL_ERRORS)  # the errors every model-call route c
           "`data: {\"error\": ...}` event.",
           "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA, "example": SSE_EXAMPLE}},
           "headers": RATE_HEADERS}})
-@idempotent
+@idempotent(stream_reply=_stream_reply)
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
     check_prompt_size(json_data["prompt"])

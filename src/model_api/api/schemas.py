@@ -64,7 +64,9 @@ class AsyncCallModelIn(CallModelIn):
                   "failed or cancelled), signed with your webhook secret (Standard Webhooks headers "
                   "`webhook-id`, `webhook-timestamp`, `webhook-signature`). `https` (and `http` outside "
                   "production); hosts resolving to loopback, private or link-local addresses are refused.",
-                  "format": "uri", "example": "https://example.com/hooks/model-api"},
+                  "format": "uri", "example": "https://example.com/hooks/model-api",
+                  # what the server can accept at all (the address rules are checked on the resolved host)
+                  "pattern": r"^https?://[A-Za-z0-9.-]+(:[1-9][0-9]{0,3})?(/[!-~]*)?$"},
     )
 
 

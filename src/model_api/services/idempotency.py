@@ -65,6 +65,8 @@ class Replay:
     status: int
     body: Any
     headers: dict[str, str]
+    id: int = 0
+    token: str = ""
 
 
 def fingerprint(method: str, path: str, body: Any) -> str:
@@ -122,7 +124,7 @@ class Idempotency:
                     raise KeyReused(key)
                 if row.response_status is not None:
                     return Replay(row.response_status, json.loads(row.response_body or "null"),
-                                  dict(row.response_headers or {}))
+                                  dict(row.response_headers or {}), row.id, row.token)
                 if self._abandoned(row, now):
                     log.warning("idempotency key taken over from a dead holder", extra={"holder": row.worker})
                     if self._take(conn, row, fresh, _T.c.token == row.token):
@@ -156,6 +158,12 @@ class Idempotency:
         """Forget the key (the request failed; nothing to replay): a retry runs again."""
         with self.db.autocommit() as conn:
             conn.execute(delete(_T).where(_T.c.id == claim.id, _T.c.token == claim.token))
+
+    def forget(self, replay: Replay) -> None:
+        """Drop a stored response that turned out not to be one (a stream whose call
+        failed, refunded): the next request with the key runs."""
+        with self.db.autocommit() as conn:
+            conn.execute(delete(_T).where(_T.c.id == replay.id, _T.c.token == replay.token))
 
     def purge_expired(self) -> int:
         """Delete expired keys (housekeeping; an expired key is reclaimed anyway), and
