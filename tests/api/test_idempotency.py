@@ -230,6 +230,18 @@ def test_a_stream_cut_off_by_the_client_is_replayed_with_the_text_it_had_and_not
     assert used(database) == 1  # the cut-off stream kept its unit, as every cut-off stream does; no second one
 
 
+def test_a_stream_whose_model_failed_runs_again_on_a_repeat(client, make_user, database):
+    headers = keyed(make_user("alice", quota=5), "s-1")
+    body = {**HELLO, "stream": True}
+    assert client.post("/call_model", json=body, headers=headers).status_code == 200
+    with database.session() as s:  # as the ledger records a model failure (refunded)
+        s.execute(update(Call).values(status="failed", error="model error: boom"))
+    again = client.post("/call_model", json=body, headers=headers)
+    assert again.status_code == 200 and again.mimetype == "text/event-stream"
+    assert "Idempotent-Replayed" not in again.headers and streamed_text(again)
+    assert calls(database) == 2
+
+
 def _state(database) -> str | None:
     with database.session() as s:
         return s.scalar(select(Call.status))

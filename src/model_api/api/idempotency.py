@@ -100,11 +100,15 @@ def idempotent(view: Callable[..., Any] | None = None, *, stream_reply: StreamRe
         keys = runtime().idempotency
         fp = fingerprint(request.method, request.path, request.get_json(silent=True))
         outcome = keys.begin(current_principal().id, key, fp)
-        if isinstance(outcome, Replay) and isinstance(outcome.body, dict) and _STREAM in outcome.body:
+        for _ in range(3):  # a stream whose call failed is forgotten: claim the key again
+            if not (isinstance(outcome, Replay) and isinstance(outcome.body, dict) and _STREAM in outcome.body):
+                break
             replied = _stream_replay(outcome, stream_reply)
             if replied is not None:
                 return replied[0], replied[1], {**outcome.headers, REPLAYED: "true"}
             outcome = keys.begin(current_principal().id, key, fp)
+        else:  # pragma: no cover - three failed streams forgotten in a row under our feet
+            raise RequestInProgress(key)
         if isinstance(outcome, Replay):
             return outcome.body, outcome.status, {**outcome.headers, REPLAYED: "true"}
         g.pop("stream_call_id", None)
