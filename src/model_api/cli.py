@@ -3,6 +3,7 @@ user, key and database management, the first user, the Celery worker.
 
     model-api users create NAME [--password-stdin | --password PW] [--quota N]
     model-api users set-quota NAME N | set-password NAME | list | delete NAME [--yes]
+    model-api users webhook-secret NAME [--rotate]
     model-api keys create NAME [--name LABEL] | list [NAME] | revoke ID_OR_PREFIX
     model-api db upgrade | current
     model-api bootstrap            # first user for `make run`
@@ -207,6 +208,17 @@ def users_delete(name: str, yes: bool) -> None:
         # free the name for reuse while keeping history attached to the old row
         user.username = f"{user.username}#deleted-{user.id}"
     click.echo(f"deleted user {name} (calls kept)")
+
+
+@users.command("webhook-secret")
+@click.argument("name")
+@click.option("--rotate", is_flag=True, help="Replace it with a new secret (the old one stops verifying at once).")
+@with_appcontext
+def users_webhook_secret(name: str, rotate: bool) -> None:
+    """Print the secret a user's job-end webhooks are signed with (made on first use)."""
+    with _session() as s:
+        user_id = auth_service.get_user(s, name).id
+    click.echo(_rt().webhooks.secret_of(user_id, rotate=rotate))
 
 
 keys = click.Group("keys", help="Manage API keys (Authorization: Bearer).")

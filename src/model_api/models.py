@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, Uuid, false, true
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, Uuid, false, true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .db import Base, utcnow
@@ -118,3 +118,70 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
     user: Mapped[User] = relationship(back_populates="api_keys")
+
+
+class IdempotencyKey(Base):
+    """One ``Idempotency-Key`` a user sent, and once its request finished, the
+    response to replay. The unique (user_id, key) pair is the lock: the first
+    request's INSERT wins, every concurrent one finds the row (see
+    ``services/idempotency.py``)."""
+
+    __tablename__ = "idempotency_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    # SHA-256 of method, path and the canonical JSON body: the same key with another request is refused
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # a fresh value per claim, so a holder that lost its claim (expired, taken over) cannot store a reply
+    token: Mapped[str] = mapped_column(String(32))
+    # "host:pid:nonce" of the process running the first request (a dead holder's claim is taken over)
+    worker: Mapped[str | None] = mapped_column(String(255), default=None)
+    # NULL while the first request runs
+    response_status: Mapped[int | None] = mapped_column(default=None)
+    response_body: Mapped[str | None] = mapped_column(Text, default=None)
+    response_headers: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+    __table_args__ = (UniqueConstraint("user_id", "key"),)
+
+
+class WebhookSecret(Base):
+    """The key a user's webhook deliveries are signed with (``whsec_`` + base64, as Standard Webhooks)."""
+
+    __tablename__ = "webhook_secrets"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookState(enum.StrEnum):
+    WAITING = "waiting"  # the job has not ended yet
+    PENDING = "pending"  # the job ended: to be delivered (again) at next_attempt_at
+    DELIVERED = "delivered"
+    FAILED = "failed"  # WEBHOOK_MAX_ATTEMPTS spent, or the URL was refused at delivery
+
+
+class WebhookDelivery(Base):
+    """The outbox: one row per async job with a ``callback_url``, written with the
+    job row and armed (``pending``) in the transaction that writes the job's final
+    state, so a job's end and its delivery can never be separated by a crash."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)  # the webhook-id
+    call_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("calls.id", ondelete="CASCADE"), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default=WebhookState.WAITING.value)
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    # a claimed attempt's lease: a process that died mid-attempt leaves it to expire
+    locked_until: Mapped[datetime | None] = mapped_column(default=None)
+    last_status: Mapped[int | None] = mapped_column(default=None)  # HTTP status; NULL: no answer
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("ix_webhook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),)

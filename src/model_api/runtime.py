@@ -20,9 +20,11 @@ from .process import ProcessIdentity
 from .services.auth import CredentialCache
 from .services.calls import ModelCalls
 from .services.history import History
+from .services.idempotency import Idempotency
 from .services.jobs import CancelRegistry, JobQueue, Jobs
-from .services.throttle import LoginThrottle
 from .services.ledger import DATABASE_UNAVAILABLE, Ledger, QuotaPolicy
+from .services.throttle import LoginThrottle
+from .services.webhooks import WebhookPolicy, Webhooks
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,13 @@ class Runtime:
         self.history = History(self.db)
         self.login_throttle = LoginThrottle(settings.rate_limit_storage_url, settings.login_throttle_per_account,
                                             settings.login_throttle_per_address)
+        self.idempotency = Idempotency(self.db, settings.idempotency_ttl_seconds, settings.job_stale_seconds,
+                                       self.worker_id)
+        self.webhooks = Webhooks(self.db, WebhookPolicy(
+            max_attempts=settings.webhook_max_attempts, backoff=tuple(settings.webhook_backoff),
+            timeout=settings.webhook_timeout_seconds, allow_private=settings.webhook_allow_private,
+            production=settings.env == "production", poll_seconds=settings.webhook_poll_seconds,
+        ), housekeeping=[self.idempotency.purge_expired])
         # name -> callable returning {"status": "ready" | ..., ...}; the broker adds one
         self.extra_readiness_checks: dict[str, Callable[[], dict[str, Any]]] = {}
         if settings.celery_broker_url:
@@ -119,6 +128,7 @@ class Runtime:
     def close(self, wait: bool = False) -> None:
         """Stop the in-process job threads (``wait``: after their current and
         queued jobs, as gunicorn's graceful shutdown does) and close the pool."""
+        self.webhooks.stop()
         q = self._job_queue
         if q is not None and hasattr(q, "shutdown"):
             q.shutdown(wait=wait)  # type: ignore[attr-defined]

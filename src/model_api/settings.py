@@ -235,6 +235,34 @@ class Settings(BaseSettings):
         "address (1 behind the bundled nginx); 0 = the socket's peer address.",
     )
 
+    # integrators: Idempotency-Key and job-end webhooks
+    idempotency_ttl_seconds: int = Field(
+        86400,
+        ge=1,
+        description="How long an `Idempotency-Key` is remembered (its stored response replayed); after this "
+        "the same key runs a new request.",
+    )
+    webhook_max_attempts: int = Field(
+        11, ge=1, description="Delivery attempts of a job-end webhook before it is given up (`failed`)."
+    )
+    webhook_backoff_seconds: str = Field(
+        "0,5,30,120,600,1800,3600,7200,14400,28800,28800",
+        description="Comma-separated waits (s) before each delivery attempt: the first after the job ends, "
+        "each next one after the previous attempt failed; the last repeats. The default spreads 11 attempts "
+        "over about a day.",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest wait for a webhook receiver to connect and answer; a timeout is a failed attempt."
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow `callback_url`s that resolve to loopback, private, link-local or other non-public "
+        "addresses (SSRF guard; checked at submit and again at each delivery). For development and tests.",
+    )
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, description="How often a process that delivers webhooks looks for due deliveries."
+    )
+
     # bootstrap
     admin_username: str | None = Field(None, description="`make run` creates this user when none exists.")
     admin_password: str | None = Field(None, description="Password for ADMIN_USERNAME; random and printed once if unset.")
@@ -304,6 +332,22 @@ class Settings(BaseSettings):
         if self.celery_visibility_timeout <= self.celery_task_time_limit:
             raise ValueError("CELERY_VISIBILITY_TIMEOUT must be longer than CELERY_TASK_TIME_LIMIT")
         return self
+
+    @model_validator(mode="after")
+    def _backoff_is_a_list_of_seconds(self) -> Settings:
+        _ = self.webhook_backoff  # raises on a malformed list
+        return self
+
+    @property
+    def webhook_backoff(self) -> list[float]:
+        """WEBHOOK_BACKOFF_SECONDS as numbers."""
+        try:
+            waits = [float(x) for x in self.webhook_backoff_seconds.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError("WEBHOOK_BACKOFF_SECONDS must be comma-separated numbers of seconds") from None
+        if not waits or any(w < 0 for w in waits):
+            raise ValueError("WEBHOOK_BACKOFF_SECONDS must list at least one wait, none negative")
+        return waits
 
     @property
     def sqlalchemy_url(self) -> str:

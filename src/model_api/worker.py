@@ -62,6 +62,8 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
     if settings is None:
         return
     _STOP_RECONCILER.append(worker_runtime(settings).start_reconciler())
+    # job-end webhooks are delivered from the outbox by the worker's main process
+    worker_runtime(settings).webhooks.start()
 
 
 @signals.worker_shutting_down.connect

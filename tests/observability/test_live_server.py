@@ -46,6 +46,8 @@ def fuzz_server(db_url, tmp_path_factory):
         "MODEL_N_THREADS": "1",
         "JOB_WORKERS": "1",
         "RECOVER_JOBS_AT_START": "false",
+        # the fuzzer's callback_urls name hosts that resolve nowhere (or privately): accept them
+        "WEBHOOK_ALLOW_PRIVATE": "1",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
     }
@@ -143,6 +145,6 @@ def test_schemathesis_finds_no_failures(fuzz_server):
         "--output-sanitize", "false",
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=fuzz_server["tmp"],
-                       env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
+                       env={**os.environ, "SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("schemathesis_hooks.py"))})
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
     assert "No issues found" in r.stdout, r.stdout[-3000:]

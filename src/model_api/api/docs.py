@@ -15,6 +15,8 @@ from apiflask import APIFlask
 from flask import send_from_directory
 
 from .errors import error_body
+from .idempotency import HEADER as IDEMPOTENCY_HEADER
+from .idempotency import IDEMPOTENT_VIEWS, MAX_KEY_LENGTH, REPLAYED
 from .schemas import ErrorOut, OpenAIErrorOut
 
 REQUEST_ID_HEADER = {
@@ -47,6 +49,53 @@ SSE_EVENT_SCHEMA = {
         "event": {"type": "string", "description": "Always the default, `message`."},
     },
 }
+
+IDEMPOTENCY_PARAMETER = {
+    "in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
+    "description": "A unique key (e.g. a UUID) per logical request, to retry it safely: the first request with "
+    "a key runs; a repeat with the same key and the same body returns the stored response (marked "
+    f"`{REPLAYED}: true`) without running or charging again; a repeat while the first still runs is a 409 "
+    "`request_in_progress` (with `Retry-After`); the same key with another body is a 422 "
+    "`idempotency_key_reused`. Keys are per user and expire after IDEMPOTENCY_TTL_SECONDS. Only successful "
+    "responses are stored: after an error, the same key runs again. With `\"stream\": true` the first "
+    "request streams; a repeat gets the stream's text as this route's JSON reply (a stream cannot be sent twice).",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[!-~]([ -~]*[!-~])?$"},
+}
+REPLAYED_HEADER = {"description": "`true` when this is the stored response of an earlier request with the same "
+                   "Idempotency-Key (nothing ran or was charged this time)",
+                   "schema": {"type": "string", "enum": ["true"]}}
+#: the idempotency refusals, added to the operations that take the header
+IDEMPOTENCY_ERRORS = {
+    409: ("request_in_progress", "a request with this Idempotency-Key is still in progress; retry after a moment",
+          "A request with the same Idempotency-Key is still running (retry after `Retry-After`)"),
+    422: ("idempotency_key_reused", "this Idempotency-Key was already used with a different request",
+          "The Idempotency-Key was used with a different request body"),
+}
+
+WEBHOOK_HEADERS = [
+    {"in": "header", "name": "webhook-id", "required": True, "schema": {"type": "string", "format": "uuid"},
+     "description": "The delivery's id, the same on every retry: de-duplicate on it (delivery is at least once)."},
+    {"in": "header", "name": "webhook-timestamp", "required": True, "schema": {"type": "integer"},
+     "description": "Unix time of this attempt; refuse ones far from now (replays)."},
+    {"in": "header", "name": "webhook-signature", "required": True, "schema": {"type": "string"},
+     "description": "`v1,` + base64 HMAC-SHA256, keyed with your webhook secret (`whsec_...`, base64 after the "
+     "prefix), of `{webhook-id}.{webhook-timestamp}.{body}` (Standard Webhooks)."},
+]
+
+
+def job_end_callback(status_schema: dict) -> dict:
+    """The OpenAPI ``callbacks`` entry of /async_call_model: what its callback_url receives."""
+    return {"jobEnded": {"{$request.body#/callback_url}": {"post": {
+        "summary": "The job ended (completed, failed or cancelled)",
+        "description": "The same JSON as `GET /async_call_status` at the job's end (without `webhook`). "
+        "Answer 2xx to acknowledge; anything else (or no answer within WEBHOOK_TIMEOUT_SECONDS) is retried "
+        "after WEBHOOK_BACKOFF_SECONDS, up to WEBHOOK_MAX_ATTEMPTS.",
+        "parameters": WEBHOOK_HEADERS,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": status_schema}}},
+        "responses": {"2XX": {"description": "Delivered"},
+                      "default": {"description": "Not delivered: retried with backoff"}},
+    }}}}
+
 
 # status -> (description, example code, example message): the seed's situations
 ERRORS: dict[int, tuple[str, str, str]] = {
@@ -167,14 +216,52 @@ def configure_docs(app: APIFlask) -> None:
                                    "job). One that is not printable ASCII of at most 64 characters is "
                                    "replaced by a generated id, not refused.",
                                    "schema": {"type": "string"}})
+        _idempotency(spec)
         _deployment_limits(spec)
         return spec
+
+    def _idempotency(spec: dict) -> None:
+        # the header, its refusals and the replay marker on the routes @idempotent decorates
+        paths = spec.get("paths", {})
+        for rule in app.url_map.iter_rules():
+            if rule.endpoint.rsplit(".", 1)[-1] not in IDEMPOTENT_VIEWS or "POST" not in (rule.methods or ()):
+                continue
+            op = paths.get(rule.rule, {}).get("post")
+            if op is None:
+                continue
+            op["parameters"].insert(0, IDEMPOTENCY_PARAMETER)
+            openai = rule.rule.startswith("/v1/")
+            for status, (code, message, desc) in IDEMPOTENCY_ERRORS.items():
+                resp = op["responses"].get(str(status))
+                if resp is None:
+                    schema = _schema_name(spec, "OpenAIErrorOut" if openai else "ErrorOut")
+                    resp = op["responses"][str(status)] = {"description": desc, "content": {"application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{schema}"},
+                        "example": error_body(status, code, message, dialect="openai" if openai else "ours")}},
+                        "headers": {"X-Request-ID": REQUEST_ID_HEADER}}
+                else:
+                    resp["description"] += f"; or `{code}`: {desc}"
+                if status == 409:
+                    resp.setdefault("headers", {})["Retry-After"] = RETRY_AFTER_HEADER
+            for status, resp in op["responses"].items():
+                if status.startswith("2"):
+                    resp.setdefault("headers", {})[REPLAYED] = REPLAYED_HEADER
+            if rule.rule == "/async_call_model":
+                op["callbacks"] = job_end_callback(
+                    {"$ref": f"#/components/schemas/{_schema_name(spec, 'StatusOut')}"})
+
+    def _schema_name(spec: dict, wanted: str) -> str:
+        schemas = spec.get("components", {}).get("schemas", {})
+        for name in (wanted, wanted.removesuffix("Out")):
+            if name in schemas:
+                return name
+        return wanted
 
     def _deployment_limits(spec: dict) -> None:
         # limits that are settings, so the document states this deployment's (400 above them)
         settings = app.config["SETTINGS"]
         schemas = spec.get("components", {}).get("schemas", {})
-        for name in ("CallModelIn", "ChatCompletionIn", "CompletionIn"):
+        for name in ("CallModelIn", "AsyncCallModelIn", "ChatCompletionIn", "CompletionIn"):
             props = schemas.get(name, {}).get("properties", {})
             for field in ("max_tokens", "max_completion_tokens"):
                 if field in props:

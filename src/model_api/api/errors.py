@@ -20,9 +20,11 @@ from sqlalchemy import exc as sa_exc
 
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, UpstreamError, UpstreamTimeout
 from ..engine.registry import UnknownModel
+from ..services.idempotency import KeyReused, RequestInProgress
 from ..services.jobs import JobFinished, JobNotFound, QueueUnavailable
 from ..services.ledger import database_unavailable
 from ..services.quota import QuotaExceeded, QuotaState
+from ..services.webhooks import CallbackRefused
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,15 @@ def service_error(exc: Exception) -> HTTPError:
     if isinstance(exc, JobFinished):
         return api_error(409, f"job is already {exc.state}; nothing to cancel", code="job_finished",
                          details={"state": exc.state})
+    if isinstance(exc, RequestInProgress):
+        return api_error(409, "a request with this Idempotency-Key is still in progress; retry after a moment",
+                         code="request_in_progress", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, KeyReused):
+        return api_error(422, "this Idempotency-Key was already used with a different request",
+                         code="idempotency_key_reused")
+    if isinstance(exc, CallbackRefused):
+        return api_error(400, f"callback_url: {exc}", code="invalid_callback_url",
+                         details={"callback_url": [str(exc)]})
     if isinstance(exc, UnknownModel):
         return api_error(404, f"the model {exc.model_id!r} does not exist", code="model_not_found")
     if database_unavailable(exc):
@@ -233,7 +244,8 @@ def register_error_handlers(app: APIFlask) -> None:
         return _unhandled(exc)
 
     # services raise these from any route; one mapping answers them all
-    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel):
+    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel,
+                        RequestInProgress, KeyReused, CallbackRefused):
         app.register_error_handler(service_exc, lambda exc: _render(service_error(exc)))
 
     @app.errorhandler(Exception)

@@ -5,6 +5,7 @@ Routes parse, call a service, and shape the reply; nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 from apiflask import APIBlueprint
@@ -12,13 +13,16 @@ from apiflask import APIBlueprint
 from ..db import as_utc
 from ..engine.base import GenerationRequest
 from ..models import CallKind, CallStatus
+from ..services.history import job_view as _job_view
 from ..services.jobs import JobNotFound
 from . import streaming
 from .context import check_prompt_size, intent, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .errors import api_error, rate_headers
+from .idempotency import idempotent
 from .protocol import usage
 from .schemas import (
+    AsyncCallModelIn,
     AsyncCallOut,
     CallModelIn,
     CallModelOut,
@@ -26,6 +30,8 @@ from .schemas import (
     ErrorOut,
     HistoryOut,
     HistoryQuery,
+    JobsOut,
+    JobsQuery,
     StatusOut,
     StatusQuery,
 )
@@ -48,6 +54,12 @@ _MODEL_ERRORS = (400, 401, 413, 422, 429, 500, 502, 503, 504)
 _ERRORS = error_responses(*_MODEL_ERRORS)  # the errors every model-call route can answer
 
 
+def _stream_reply(call) -> tuple[dict, int]:
+    """A repeated streamed /call_model with an Idempotency-Key: the stream's text as the 201 body."""
+    return {"response": call.response or "", "id": str(call.id), "model": call.model,
+            "finish_reason": call.finish_reason, "usage": usage(call.prompt_tokens, call.completion_tokens or 0)}, 201
+
+
 @bp.post("/call_model")
 @bp.auth_required(auth)
 @bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
@@ -62,6 +74,7 @@ _ERRORS = error_responses(*_MODEL_ERRORS)  # the errors every model-call route c
           "`data: {\"error\": ...}` event.",
           "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA, "example": SSE_EXAMPLE}},
           "headers": RATE_HEADERS}})
+@idempotent(stream_reply=_stream_reply)
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
     check_prompt_size(json_data["prompt"])
@@ -84,7 +97,7 @@ def call_model(json_data: dict):
 
 @bp.post("/async_call_model")
 @bp.auth_required(auth)
-@bp.input(CallModelIn, location="json", example={"prompt": "Hello, world!"})
+@bp.input(AsyncCallModelIn, location="json", example={"prompt": "Hello, world!"})
 @bp.output(AsyncCallOut, status_code=200, description="The job was stored and queued",
            example={"job_id": "6fde421b-5079-4c22-ad78-e65a6fefaaaf"},
            # tells clients (and schemathesis's stateful phase) where the job id goes next
@@ -92,22 +105,30 @@ def call_model(json_data: dict):
                                    "parameters": {"job_id": "$response.body#/job_id"}},
                   "CancelJob": {"operationRef": "#/paths/~1async_call_cancel/post",
                                 "requestBody": {"job_id": "$response.body#/job_id"}}})
-@bp.doc(summary="Call the model asynchronously", responses={**_ERRORS, 200: {"headers": RATE_HEADERS}})
+@bp.doc(summary="Call the model asynchronously",
+        responses={**_ERRORS, 200: {"headers": RATE_HEADERS}})
+@idempotent
 def async_call_model(json_data: dict):
-    """Queue a generation and return its ``job_id`` at once; poll ``/async_call_status``.
+    """Queue a generation and return its ``job_id`` at once; poll ``/async_call_status``, list
+    ``/jobs``, or give a ``callback_url`` to be called when it ends.
     Uses one unit of quota (refunded if the job fails through the server's fault)."""
     check_prompt_size(json_data["prompt"])
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
-    outcome = runtime().jobs.submit(intent(request, CallKind.ASYNC))
+    rt = runtime()
+    callback = json_data.get("callback_url")
+    if callback is not None:
+        rt.webhooks.check(callback)  # before anything is charged: CallbackRefused is a 400
+    call = dataclasses.replace(intent(request, CallKind.ASYNC), callback_url=callback)
+    outcome = rt.jobs.submit(call)
     return {"job_id": str(outcome.call_id)}, 200, rate_headers(outcome.quota)
 
 
-def _parse_job_id(raw: str) -> uuid.UUID:
+def _parse_job_id(raw: str, field: str = "job_id") -> uuid.UUID:
     try:
         return uuid.UUID(raw.strip())
     except (ValueError, AttributeError):
-        raise api_error(400, "job_id must be a UUID", code="invalid_request",
-                        details={"job_id": ["not a valid UUID"]}) from None
+        raise api_error(400, f"{field} must be a UUID", code="invalid_request",
+                        details={field: ["not a valid UUID"]}) from None
 
 
 def _iso(value) -> str | None:
@@ -115,24 +136,15 @@ def _iso(value) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
-def job_view(call) -> dict:
-    status = CallStatus(call.status)
-    out = {
-        "job_id": str(call.id),
-        "job_status": status.seed_status,
-        "state": status.value,
-        "response": call.response if status == CallStatus.COMPLETED else None,
-        "created_at": _iso(call.created_at),
-        "finished_at": _iso(call.finished_at),
-    }
-    if status == CallStatus.CANCELLED:
-        out["response"] = call.response
-    if status in (CallStatus.FAILED, CallStatus.CANCELLED):
-        out["error"] = call.error
-    if status == CallStatus.RUNNING and call.cancel_requested:
-        out["cancel_requested"] = True
-    if call.completion_tokens is not None:
-        out["usage"] = usage(call.prompt_tokens, call.completion_tokens)
+def job_view(call, webhooks: dict | None = None) -> dict:
+    """The job as ``/async_call_status`` shows it (``services.history.job_view``, which
+    its webhook also sends) plus, if it has one, where its webhook stands
+    (``webhooks``: already read for a page of jobs)."""
+    out = _job_view(call)
+    if webhooks is None:
+        webhooks = runtime().webhooks.statuses_of([call.id])
+    if call.id in webhooks:
+        out["webhook"] = webhooks[call.id]
     return out
 
 
@@ -167,7 +179,9 @@ def async_call_status(query_data: dict):
     202: {"description": "The job is running; it stops at its next token (state turns `cancelled`; unit kept)",
           "content": {"application/json": {"schema": StatusOut}}},
     **error_responses(400, 401, 404, 409, d400="job_id missing or not a UUID",
-                      d409="The job already finished (completed, failed or cancelled)")})
+                      d409="The job already finished (completed, failed or cancelled), or (`request_in_progress`) "
+                      "a request with this Idempotency-Key is still running")})
+@idempotent
 def async_call_cancel(json_data: dict):
     """Cancel a queued job (refunded) or stop a running one, wherever it runs."""
     job_id = _parse_job_id(json_data["job_id"])
@@ -211,3 +225,21 @@ def call_history(query_data: dict):
     limit = query_data["limit"]
     page = [call_view(c) for c in runtime().history.page(current_principal().id, limit, before)]
     return {"calls": page, "next_before": page[-1]["id"] if len(page) == limit else None}
+
+
+@bp.get("/jobs")
+@bp.auth_required(auth)
+@bp.input(JobsQuery, location="query")
+@bp.output(JobsOut, status_code=200, description="Your async jobs, newest first")
+@bp.doc(summary="Your async jobs",
+        responses=error_responses(400, 401, d400="Bad state or limit, or a cursor that is not a UUID"))
+def list_jobs(query_data: dict):
+    """Your async jobs (each as ``/async_call_status`` shows it), newest first, ``state`` to filter,
+    ``before`` to page: how a client that lost a job id finds it again. Uses no quota."""
+    before = _parse_job_id(query_data["before"], "before") if query_data.get("before") else None
+    limit = query_data["limit"]
+    rt = runtime()
+    jobs = rt.history.jobs(current_principal().id, limit, before, query_data.get("state"))
+    webhooks = rt.webhooks.statuses_of([j.id for j in jobs])
+    page = [job_view(j, webhooks) for j in jobs]
+    return {"jobs": page, "next_before": page[-1]["job_id"] if len(page) == limit else None}

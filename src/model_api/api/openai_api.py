@@ -12,12 +12,13 @@ from typing import Any
 
 from apiflask import APIBlueprint
 
-from ..engine.base import GenerationRequest
+from ..engine.base import Completion, GenerationRequest
 from ..models import CallKind
 from . import streaming
 from .context import check_prompt_size, intent, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .errors import declare_dialect, rate_headers
+from .idempotency import idempotent
 from .protocol import completion_body
 from .schemas import ChatCompletionIn, CompletionIn, CompletionOut, ModelListOut
 from .security import auth
@@ -63,6 +64,17 @@ def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any],
     return completion_body(outcome.call_id, outcome.completion, chat=chat), 200, rate_headers(outcome.quota)
 
 
+def _stream_reply(*, chat: bool):
+    """A repeated streamed request with an Idempotency-Key: the stream's text as one JSON reply."""
+
+    def reply(call) -> tuple[dict[str, Any], int]:
+        c = Completion(call.response or "", call.prompt_tokens or 0, call.completion_tokens or 0,
+                       call.finish_reason or "stop", call.model or "")
+        return completion_body(call.id, c, chat=chat), 200
+
+    return reply
+
+
 @bp.post("/chat/completions")
 @bp.auth_required(auth)
 @bp.input(ChatCompletionIn, location="json",
@@ -70,6 +82,7 @@ def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any],
 @bp.doc(summary="Chat completion (OpenAI-compatible)", responses={
     200: _ok("`chat.completion` object, or with `stream: true` an SSE stream of `chat.completion.chunk`s"),
     **_ERRORS})
+@idempotent(stream_reply=_stream_reply(chat=True))
 def chat_completions(json_data: dict):
     """Reply to a conversation. Uses one unit of quota; stored as a call of kind `chat`."""
     messages = [
@@ -87,6 +100,7 @@ def chat_completions(json_data: dict):
 @bp.input(CompletionIn, location="json", example={"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time"})
 @bp.doc(summary="Text completion (OpenAI-compatible)", responses={
     200: _ok("`text_completion` object, or with `stream: true` an SSE stream of them"), **_ERRORS})
+@idempotent(stream_reply=_stream_reply(chat=False))
 def completions(json_data: dict):
     """Continue a raw prompt (no chat template). Uses one unit of quota; stored as kind `completion`."""
     check_prompt_size(json_data["prompt"])

@@ -145,6 +145,19 @@ class CallModelIn(Schema):
         _check_prompt_chars(len(data["prompt"]))
 
 
+class AsyncCallModelIn(CallModelIn):
+    callback_url = String(
+        validate=Length(min=1, max=2048),
+        metadata={"description": "Where to POST the job's `/async_call_status` JSON when it ends (completed, "
+                  "failed or cancelled), signed with your webhook secret (Standard Webhooks headers "
+                  "`webhook-id`, `webhook-timestamp`, `webhook-signature`). `https` (and `http` outside "
+                  "production); hosts resolving to loopback, private or link-local addresses are refused.",
+                  "format": "uri", "example": "https://example.com/hooks/model-api",
+                  # what the server can accept at all (the address rules are checked on the resolved host)
+                  "pattern": r"^https?://[A-Za-z0-9.-]+(:[1-9][0-9]{0,3})?(/[!-~]*)?$"},
+    )
+
+
 class Usage(Schema):
     prompt_tokens = Integer(metadata={"example": 36})
     completion_tokens = Integer(metadata={"example": 9})
@@ -185,6 +198,16 @@ class CancelIn(Schema):
     job_id = String(required=True, metadata={"example": "6fde421b-5079-4c22-ad78-e65a6fefaaaf", "format": "uuid"})
 
 
+class WebhookStatusOut(Schema):
+    state = String(required=True, metadata={
+        "description": "`waiting` (the job has not ended), `pending` (to be attempted, again), `delivered` "
+        "(your endpoint answered 2xx) or `failed` (WEBHOOK_MAX_ATTEMPTS spent, or the URL refused)."})
+    attempts = Integer(required=True, metadata={"description": "Delivery attempts made so far."})
+    last_status = Integer(allow_none=True, required=True, metadata={
+        "description": "HTTP status of the last attempt; null if it got no answer (or none was made)."})
+    last_error = String(metadata={"description": "Why the last attempt failed, if it did."})
+
+
 class StatusOut(Schema):
     job_id = String()
     job_status = String(
@@ -200,6 +223,30 @@ class StatusOut(Schema):
     )
     created_at = String()
     finished_at = String(allow_none=True)
+    webhook = Nested(WebhookStatusOut, metadata={
+        "description": "Present when the job was submitted with a `callback_url`: its delivery so far."})
+
+
+class JobsQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    state = String(validate=OneOf(["processing", "queued", "running", "completed", "failed", "cancelled"]),
+                   metadata={"description": "Only jobs in this state: the seed's `processing` (queued or "
+                             "running) or a detailed state."})
+    limit = Integer(load_default=20, validate=Range(min=1, max=100),
+                    metadata={"description": "Jobs per page (1-100)."})
+    before = String(metadata={"description": "Cursor: the `next_before` of the previous page.", "format": "uuid"})
+
+
+class JobOut(StatusOut):
+    """One job of ``GET /jobs``: as ``/async_call_status`` shows it."""
+
+
+class JobsOut(Schema):
+    jobs = List(Nested(JobOut), required=True, metadata={
+        "description": "Your async jobs, newest first, each as `/async_call_status` shows it."})
+    next_before = String(allow_none=True, metadata={"description": "Pass as `before` for the next page; null at the end."})
 
 
 _COMPONENT = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from flask import Response
+from flask import Response, g
 
 from ..engine.base import EngineError
 from ..services.intent import CallIntent
@@ -93,5 +93,6 @@ def start(intent: CallIntent, *, chat: bool, include_usage: bool) -> Response:
     """Admit a streamed call for the signed-in user and answer with its SSE stream
     (both blueprints' ``stream: true``)."""
     call = runtime().calls.stream(intent)
+    g.stream_call_id = call.call_id  # what an Idempotency-Key remembers of a stream (api/idempotency.py)
     return stream_response(call, chat=chat, include_usage=include_usage, dialect=request_dialect(),
                            headers=rate_headers(call.quota))

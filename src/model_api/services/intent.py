@@ -24,3 +24,5 @@ class CallIntent:
     quota: QuotaState | None = None
     #: the registry's model id; None: the default model
     model: str | None = None
+    #: async jobs: where to POST the job's status when it ends (already checked)
+    callback_url: str | None = None

@@ -24,11 +24,12 @@ from sqlalchemy.orm import Session
 
 from ..db import Database, utcnow
 from ..engine.base import Completion, EngineError, GenerationRequest, SamplingParams
-from ..models import Call, CallKind, CallStatus, User
+from ..models import Call, CallKind, CallStatus, User, WebhookDelivery
 from ..observability import metrics
 from . import quota
 from .intent import CallIntent
 from .quota import QuotaState
+from .webhooks import arm as arm_webhook
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,9 @@ def open_call(db: Database, intent: CallIntent, policy: QuotaPolicy, *, prompt_t
             attempts=0 if queued else 1,
         )
         s.add(call)
+        if intent.callback_url:  # the job's webhook outbox row, committed with the job
+            s.flush()
+            s.add(WebhookDelivery(call_id=call.id, url=intent.callback_url))
     if queued:
         metrics.job_state(CallStatus.QUEUED.value)
     return call.id, state
@@ -228,8 +232,14 @@ def record_completion(db: Database, call_id: uuid.UUID, result: Completion, atte
         "call_id": call_id,
         "attempt": attempt,
     }
-    with db.autocommit() as conn:  # one statement: its own transaction
-        row = conn.execute(_RECORD[attempt is not None], values).first()
+    if attempt is None:
+        with db.autocommit() as conn:  # one statement: its own transaction
+            row = conn.execute(_RECORD[False], values).first()
+    else:  # an async job: its webhook (if any) is armed in the same transaction as its end
+        with db.session() as s:
+            row = s.connection().execute(_RECORD[True], values).first()
+            if row is not None:
+                arm_webhook(s, call_id)
     if row is None:
         return False
     # counted here, where a call becomes final exactly once, so every route and worker is covered
@@ -268,6 +278,8 @@ def record_failure(
         ).first()
         if row is not None and refund:
             quota.refund(s, call_id)
+        if row is not None and row[0] == CallKind.ASYNC.value:
+            arm_webhook(s, call_id)  # the job's end and its webhook commit together
     if row is None:
         return False
     if partial is not None:
