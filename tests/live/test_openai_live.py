@@ -72,7 +72,9 @@ def start_server(db_url: str, log: Path, **env: str) -> Server:
             raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
         try:
             return requests.get(server.url + "/ready", timeout=2).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
+            # gunicorn's master accepts before its worker has imported the app: on a
+            # loaded machine the first answer can take longer than the poll's timeout
             return False
 
     try:

@@ -138,6 +138,9 @@ def test_schemathesis_finds_no_failures(fuzz_server):
         "--checks", checks,
         "--auth", f"{FUZZ_USER}:{FUZZ_PASSWORD}",
         "--max-examples", "8",
+        # NUL cannot be stored (PostgreSQL refuses it): every text field answers it with a
+        # documented 400, so it is not "valid data" for positive_data_acceptance
+        "--generation-allow-x00", "false",
         "--seed", "20251127",
         "--workers", "1",
         "--request-timeout", "120",
