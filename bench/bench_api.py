@@ -126,7 +126,7 @@ class Server:
         }
 
     def __enter__(self):
-        model_api = [sys.executable, "-m", "model_api.cli"]
+        model_api = [sys.executable, "-m", "model_api.entry"]
         subprocess.run(model_api + ["db", "upgrade"], env=self.env, check=True, capture_output=True)
         subprocess.run(model_api + ["users", "create", USER, "--password-stdin", "--quota", "1000000"],
                        input=PASSWORD + "\n", env=self.env, text=True, capture_output=True)

@@ -90,7 +90,7 @@ class ApiServer(Proc):
 class Worker(Proc):
     def __init__(self, env: dict[str, str], log: Path, name: str, *, via_cli: bool = False):
         if via_cli:  # the documented `model-api worker`
-            args = [sys.executable, "-c", "from model_api.cli import main; main()", "worker",
+            args = [sys.executable, "-c", "from model_api.entry import main; main()", "worker",
                     "-c", "1", "-n", f"{name}@%h"]
         else:  # the documented `celery -A model_api.worker worker` equivalent
             args = [sys.executable, "-m", "celery", "-A", "model_api.worker", "worker",

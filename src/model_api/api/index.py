@@ -5,7 +5,7 @@ from __future__ import annotations
 from apiflask import APIBlueprint, Schema
 from apiflask.fields import Dict, String
 
-bp = APIBlueprint("index", __name__, tag="Health")
+bp = APIBlueprint("index", __name__, tag="Index")
 
 
 class IndexOut(Schema):
