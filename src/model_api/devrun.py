@@ -87,8 +87,7 @@ def banner(url: str, user: FirstUser | None) -> str:
             f"-d '{{\"prompt\": \"Hello, world!\"}}' {url}/call_model",
         ]
     lines.append("  stop: Ctrl-C    more: README.md, docs/")
-    width = max(len(line) for line in lines) + 2
-    rule = "=" * width
+    rule = "=" * min(max(len(line) for line in lines) + 2, 78)
     return "\n".join(["", rule, *lines, rule, ""])
 
 
@@ -103,7 +102,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
                     return True
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(0.5)
+        time.sleep(1)  # each 503 while the model loads is an ERROR access-log line: poll gently
     return False
 
 
