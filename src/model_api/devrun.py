@@ -107,7 +107,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
 
 
 def main() -> int:
-    user = first_user()
+    import click
+
+    try:
+        user = first_user()
+    except click.ClickException as exc:  # e.g. the database is not migrated: one sentence, no traceback
+        print(f"Error: {exc.format_message()}", file=sys.stderr)
+        return 1
     host, port = bind_address()
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
     url = f"http://{shown_host}:{port}"
