@@ -295,6 +295,9 @@ cmd_status() {
   return "$ok"
 }
 
+# sourced (tests/packaging/test_stack_errors.py): define the functions only
+[[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
+
 case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;

@@ -87,8 +87,7 @@ def banner(url: str, user: FirstUser | None) -> str:
             f"-d '{{\"prompt\": \"Hello, world!\"}}' {url}/call_model",
         ]
     lines.append("  stop: Ctrl-C    more: README.md, docs/")
-    width = max(len(line) for line in lines) + 2
-    rule = "=" * width
+    rule = "=" * min(max(len(line) for line in lines) + 2, 78)
     return "\n".join(["", rule, *lines, rule, ""])
 
 
@@ -103,12 +102,18 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
                     return True
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(0.5)
+        time.sleep(1)  # each 503 while the model loads is an ERROR access-log line: poll gently
     return False
 
 
 def main() -> int:
-    user = first_user()
+    import click
+
+    try:
+        user = first_user()
+    except click.ClickException as exc:  # e.g. the database is not migrated: one sentence, no traceback
+        print(f"Error: {exc.format_message()}", file=sys.stderr)
+        return 1
     host, port = bind_address()
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
     url = f"http://{shown_host}:{port}"

@@ -168,12 +168,19 @@ def _fresh_database(db_url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def topology(image, db_url):
+def services(db_url) -> str:
+    """What the containers need besides the image: checked before a (long) build."""
     need(db_url.startswith("postgresql"), "the image test needs PostgreSQL (set DATABASE_URL)")
     need(NEWMAN.exists(), "newman is not installed: run `make newman`")
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     r = urlparse(redis_url)
     need(port_open(r.hostname or "127.0.0.1", r.port or 6379), f"Redis not reachable at {redis_url}")
+    return redis_url
+
+
+@pytest.fixture(scope="module")
+def topology(services, image, db_url):
+    redis_url = services
     for url in (db_url, redis_url):
         assert urlparse(url.replace("+psycopg", "")).hostname in ("127.0.0.1", "localhost"), (
             f"{url}: the containers share the host's network, so it must point at this machine")

@@ -49,3 +49,24 @@ def test_an_unreachable_database_is_one_sentence(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last == (f"stack: PostgreSQL is not reachable at 127.0.0.1:{port} after 2 s (DATABASE_URL): "
                     "start it there, or set DATABASE_URL"), r.stderr
+
+
+def _bash(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f"set -euo pipefail; source {STACK}; RUN_DIR={tmp_path}; {script}"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_process_counts_as_running_by_its_start_time_not_its_command_line(tmp_path):
+    """The old check matched /proc/PID/cmdline against gunicorn|model-api|celery: a
+    process looked at before it had exec'd (or any other command) was taken for
+    dead, and `up` stopped the stack with an empty log."""
+    r = _bash("start_bg worker sleep 30; running worker && echo alive-at-once; "
+              "kill $(pid_of worker); wait $(pid_of worker) 2>/dev/null || true; "
+              "running worker || echo dead-after-kill", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["alive-at-once", "dead-after-kill"]
+    # a pid file whose pid now belongs to another process (same pid, other start time) is not ours
+    r = _bash("echo \"$$ 1\" > $RUN_DIR/api.pid; running api || echo not-ours; "
+              "echo \"$$ $(proc_start $$)\" > $RUN_DIR/api.pid; running api && echo ours", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["not-ours", "ours"]

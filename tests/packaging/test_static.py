@@ -447,6 +447,10 @@ def test_github_workflow_matches_ci_run():
     assert "docker build" in build_runs
     ci_run = (ROOT / ".ci/run").read_text()
     assert "make newman" in ci_run and "make test" in ci_run
+    # the image test's engine is started by .ci/run; on GitHub it builds on the Dockerfile's real base
+    assert "scripts/docker-local.sh engine" in ci_run
+    base = dict(a.split("=", 1) for ins, a in DOCKERFILE if ins == "ARG" and "=" in a)["PYTHON_IMAGE"]
+    assert test_job["env"]["IMAGE_TEST_PYTHON_IMAGE"] == base
 
 
 # --- docs -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from apiflask.fields import Dict, String
 
 from ..version import package_version
 
-bp = APIBlueprint("index", __name__, tag="Health")
+bp = APIBlueprint("index", __name__, tag="Index")
 
 
 class IndexOut(Schema):
