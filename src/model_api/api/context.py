@@ -9,6 +9,7 @@ from flask import current_app, g
 
 from ..engine.base import Completion, GenerationRequest, SamplingParams
 from ..models import CallKind
+from ..models_file import ModelEntry
 from ..services.intent import CallIntent
 from .errors import api_error
 from .security import current_principal
@@ -22,17 +23,27 @@ def runtime() -> Runtime:
     return current_app.extensions["model_api"]
 
 
-def sampling_params(data: dict[str, Any]) -> SamplingParams:
-    """Apply defaults and server-side caps to the validated request fields."""
+def model_entry(name: str | None) -> ModelEntry:
+    """The served model a request names (None: the default), before anything is
+    charged or written: UnknownModel (404) otherwise."""
+    return runtime().models.resolve(name)
+
+
+def sampling_params(data: dict[str, Any], model: ModelEntry | None = None) -> SamplingParams:
+    """Apply defaults and server-side caps to the validated request fields: the
+    model's own (MODELS_FILE) where it has them, else the process-wide settings."""
     s = runtime().settings
-    max_tokens = data.get("max_tokens", s.default_max_tokens)
-    if max_tokens > s.max_tokens_cap:
-        raise api_error(400, f"max_tokens must be <= {s.max_tokens_cap}", code="invalid_request",
-                        details={"max_tokens": [f"must be <= {s.max_tokens_cap}"]})
+    m = model or ModelEntry("", s.model)
+    cap = m.max_tokens_cap or s.max_tokens_cap
+    default_max = m.max_tokens or (min(s.default_max_tokens, cap) if m.max_tokens_cap else s.default_max_tokens)
+    max_tokens = data.get("max_tokens", default_max)
+    if max_tokens > cap:
+        raise api_error(400, f"max_tokens must be <= {cap}", code="invalid_request",
+                        details={"max_tokens": [f"must be <= {cap}"]})
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=data.get("temperature", s.default_temperature),
-        top_p=data.get("top_p", s.default_top_p),
+        temperature=data.get("temperature", s.default_temperature if m.temperature is None else m.temperature),
+        top_p=data.get("top_p", m.top_p or s.default_top_p),
         seed=data.get("seed"),
         stop=tuple(data.get("stop") or ()),
     )

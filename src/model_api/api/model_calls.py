@@ -14,7 +14,7 @@ from ..engine.base import GenerationRequest
 from ..models import CallKind, CallStatus
 from ..services.jobs import JobNotFound
 from . import streaming
-from .context import check_prompt_size, intent, note_usage, runtime, sampling_params
+from .context import check_prompt_size, intent, model_entry, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .errors import api_error, rate_headers
 from .protocol import usage
@@ -44,8 +44,8 @@ SSE_EXAMPLE = (
 
 RATE_HEADERS = RATE_LIMIT_HEADERS  # documented on every success and on 429
 
-_MODEL_ERRORS = (400, 401, 413, 422, 429, 500, 502, 503, 504)
-_ERRORS = error_responses(*_MODEL_ERRORS)  # the errors every model-call route can answer
+_MODEL_ERRORS = (400, 401, 403, 404, 413, 422, 429, 500, 502, 503, 504)
+_ERRORS = error_responses(*_MODEL_ERRORS, d404="No model of that id or alias (`model_not_found`; nothing charged)")  # the errors every model-call route can answer
 
 
 @bp.post("/call_model")
@@ -65,11 +65,12 @@ _ERRORS = error_responses(*_MODEL_ERRORS)  # the errors every model-call route c
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
     check_prompt_size(json_data["prompt"])
-    request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
+    model = model_entry(json_data.get("model"))
+    request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data, model))
     if json_data.get("stream"):
         # the same SSE chunks as /v1/chat/completions, usage always in the last one
-        return streaming.start(intent(request, CallKind.STREAM), chat=True, include_usage=True)
-    outcome = runtime().calls.run(intent(request, CallKind.SYNC))
+        return streaming.start(intent(request, CallKind.STREAM, model.id), chat=True, include_usage=True)
+    outcome = runtime().calls.run(intent(request, CallKind.SYNC, model.id))
     c = outcome.completion
     note_usage(c)
     body = {
@@ -97,8 +98,9 @@ def async_call_model(json_data: dict):
     """Queue a generation and return its ``job_id`` at once; poll ``/async_call_status``.
     Uses one unit of quota (refunded if the job fails through the server's fault)."""
     check_prompt_size(json_data["prompt"])
-    request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
-    outcome = runtime().jobs.submit(intent(request, CallKind.ASYNC))
+    model = model_entry(json_data.get("model"))
+    request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data, model))
+    outcome = runtime().jobs.submit(intent(request, CallKind.ASYNC, model.id))
     return {"job_id": str(outcome.call_id)}, 200, rate_headers(outcome.quota)
 
 
@@ -190,6 +192,7 @@ def call_view(call) -> dict:
         "error": call.error,
         "finish_reason": call.finish_reason,
         "model": call.model,
+        "model_id": call.model_id,
         "usage": None,
         "created_at": _iso(call.created_at),
         "finished_at": _iso(call.finished_at),

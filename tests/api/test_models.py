@@ -1,0 +1,157 @@
+"""Many models behind one API (MODELS_FILE), with the real SmolLM2 GGUF loaded
+twice under two ids with different settings: routing by ``model``, the model id
+stored on every row, unknown models, per-model defaults and caps, async jobs."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from model_api.models import Call, User
+from model_api.models_file import ModelsFileError
+
+from ..conftest import wait_for
+
+MODELS = """\
+default: long
+models:
+  short:
+    backend: batching
+    n_ctx: 512
+    n_parallel: 1
+    defaults: {temperature: 0, max_tokens: 5}
+    max_tokens_cap: 16
+  long:
+    backend: llama
+    n_ctx: 2048
+    aliases: [SmolLM2-135M-Instruct]
+"""
+
+#: about 700 tokens: more than `short` holds, well within `long`
+LONG_PROMPT = "Count the apples: " + "apple " * 700
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture
+def models_file(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text(MODELS)
+    return path
+
+
+@pytest.fixture
+def client(make_app, models_file):
+    return make_app(models_file=str(models_file)).test_client()
+
+
+def rows(database) -> list[Call]:
+    with database.session() as s:
+        return list(s.scalars(select(Call).order_by(Call.created_at)))
+
+
+def used(database, name: str = "alice") -> int:
+    with database.session() as s:
+        return s.scalar(select(User.used).where(User.username == name))
+
+
+def test_each_model_answers_by_its_id_and_every_row_stores_the_id(client, make_user, database):
+    headers = make_user("alice", quota=10)
+    short = client.post("/v1/chat/completions", json={**CHAT, "model": "short"}, headers=headers)
+    long = client.post("/v1/chat/completions", json={**CHAT, "model": "long"}, headers=headers)
+    by_alias = client.post("/v1/completions", json={"model": "SmolLM2-135M-Instruct", "prompt": "1, 2, 3,",
+                                                    "max_tokens": 2}, headers=headers)
+    seed_default = client.post("/call_model", json={"prompt": "Hi", "max_tokens": 2}, headers=headers)
+    seed_short = client.post("/call_model", json={"prompt": "Hi", "max_tokens": 2, "model": "short"}, headers=headers)
+    assert [r.status_code for r in (short, long, by_alias, seed_default, seed_short)] == [200, 200, 200, 201, 201]
+    assert [short.json["model"], long.json["model"], by_alias.json["model"]] == ["short", "long", "long"]
+    assert (seed_default.json["model"], seed_short.json["model"]) == ("long", "short")
+    assert [(c.kind, c.model_id, c.model) for c in rows(database)] == [
+        ("chat", "short", "short"), ("chat", "long", "long"), ("completion", "long", "long"),
+        ("sync", "long", "long"), ("sync", "short", "short")]
+    history = client.get("/calls", headers=headers).json["calls"]
+    assert [c["model_id"] for c in history] == ["short", "long", "long", "long", "short"]  # newest first
+
+
+def test_a_prompt_too_long_for_one_model_fits_the_other(client, make_user, database):
+    headers = make_user("alice", quota=10)
+    r = client.post("/call_model", json={"prompt": LONG_PROMPT, "model": "short"}, headers=headers)
+    assert r.status_code == 422 and r.json["error"]["code"] == "prompt_too_long"
+    assert r.json["error"]["details"]["context_size"] == 512
+    assert client.post("/call_model", json={"prompt": LONG_PROMPT, "max_tokens": 2, "model": "long"},
+                       headers=headers).status_code == 201
+    assert [c.model_id for c in rows(database)] == ["long"] and used(database) == 1
+
+
+@pytest.mark.parametrize("path, body, shape", [
+    ("/v1/chat/completions", {**CHAT, "model": "gpt-4o"}, "openai"),
+    ("/v1/completions", {"prompt": "Hi", "model": "gpt-4o"}, "openai"),
+    ("/call_model", {"prompt": "Hi", "model": "gpt-4o"}, "ours"),
+    ("/call_model", {"prompt": "Hi", "model": "gpt-4o", "stream": True}, "ours"),
+    ("/async_call_model", {"prompt": "Hi", "model": "gpt-4o"}, "ours"),
+])
+def test_an_unknown_model_is_404_and_charges_nothing(client, make_user, database, path, body, shape):
+    headers = make_user("alice")
+    r = client.post(path, json=body, headers=headers)
+    assert r.status_code == 404 and r.json["error"]["code"] == "model_not_found"
+    assert "gpt-4o" in r.json["error"]["message"]
+    if shape == "openai":
+        assert r.json["error"]["type"] == "not_found_error" and set(r.json["error"]) == {
+            "message", "type", "param", "code"}
+    else:
+        assert set(r.json["error"]) == {"code", "message"}
+    assert rows(database) == [] and used(database) == 0
+
+
+def test_models_are_listed_with_context_size_and_backend_without_loading_them(client, make_user):
+    headers = make_user("alice")
+    listed = client.get("/v1/models", headers=headers)
+    assert listed.status_code == 200
+    assert [(m["id"], m["owned_by"], m["context_length"], m["backend"]) for m in listed.json["data"]] == [
+        ("short", "model-api", 512, "batching"), ("long", "model-api", 2048, "llama")]
+    one = client.get("/v1/models/SmolLM2-135M-Instruct", headers=headers)
+    assert one.status_code == 200 and one.json["id"] == "long" and one.json["object"] == "model"
+    missing = client.get("/v1/models/gpt-4o", headers=headers)
+    assert missing.status_code == 404 and missing.json["error"]["code"] == "model_not_found"
+
+
+def test_a_models_defaults_and_cap_apply_to_it_alone(client, make_user, database):
+    headers = make_user("alice", quota=10)
+    r = client.post("/call_model", json={"prompt": "Tell me a long story.", "model": "short"}, headers=headers)
+    assert r.status_code == 201 and r.json["usage"]["completion_tokens"] <= 5
+    over = client.post("/v1/chat/completions", json={**CHAT, "model": "short", "max_tokens": 17}, headers=headers)
+    assert over.status_code == 400 and "max_tokens must be <= 16" in over.json["error"]["message"]
+    assert client.post("/v1/chat/completions", json={**CHAT, "model": "long", "max_tokens": 17},
+                       headers=headers).status_code == 200  # the global cap (1024) holds for `long`
+    short_row, long_row = rows(database)
+    assert (short_row.params["max_tokens"], short_row.params["temperature"]) == (5, 0)
+    assert (long_row.params["max_tokens"], long_row.params["temperature"]) == (17, 0)
+
+
+def test_an_async_job_runs_on_the_model_it_was_submitted_to(client, make_user, database):
+    headers = make_user("alice")
+    job_id = client.post("/async_call_model", json={"prompt": "Hi", "model": "short"}, headers=headers).json["job_id"]
+
+    def finished():
+        r = client.get(f"/async_call_status?job_id={job_id}", headers=headers).json
+        return r if r["job_status"] != "processing" else None
+
+    status = wait_for(finished, timeout=120, what="the job")
+    assert status["job_status"] == "completed" and status["usage"]["completion_tokens"] <= 5
+    with database.session() as s:
+        call = s.get(Call, uuid.UUID(job_id))
+        assert (call.model_id, call.model, call.params["max_tokens"]) == ("short", "short", 5)
+
+
+def test_a_bad_models_file_stops_the_app_from_starting(make_app, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent("""\
+        models:
+          m:
+            n_ctx: lots
+        """))
+    with pytest.raises(ModelsFileError, match=r"bad.yaml:3: models.m.n_ctx"):
+        make_app(models_file=str(bad))
