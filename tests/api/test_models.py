@@ -155,3 +155,20 @@ def test_a_bad_models_file_stops_the_app_from_starting(make_app, tmp_path):
         """))
     with pytest.raises(ModelsFileError, match=r"bad.yaml:3: models.m.n_ctx"):
         make_app(models_file=str(bad))
+
+
+@pytest.mark.parametrize("path, body, what", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, "messages"),
+    ("/v1/completions", {"prompt": LONG_PROMPT}, "prompt"),
+])
+def test_a_prompt_over_the_models_context_is_openais_context_length_exceeded_on_v1(client, make_user, database,
+                                                                                    path, body, what):
+    headers = make_user("alice")
+    r = client.post(path, json={**body, "model": "short"}, headers=headers)
+    assert r.status_code == 400
+    err = r.json["error"]
+    assert (err["code"], err["type"], err["param"]) == ("context_length_exceeded", "invalid_request_error", what)
+    assert err["message"].startswith(f"This model's maximum context length is 512 tokens. However, your {what} "
+                                     "resulted in ")
+    assert err["message"].endswith(f"tokens. Please reduce the length of the {what}.")
+    assert rows(database) == [] and used(database) == 0

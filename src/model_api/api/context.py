@@ -11,7 +11,7 @@ from ..engine.base import Completion, GenerationRequest, SamplingParams
 from ..models import CallKind
 from ..models_file import ModelEntry
 from ..services.intent import CallIntent
-from .errors import api_error
+from .errors import api_error, request_dialect
 from .security import current_principal
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ def check_prompt_size(text: str) -> None:
     """The cheap pre-check on characters, before any tokenizer runs."""
     limit = runtime().settings.max_prompt_chars
     if len(text) > limit:
+        if request_dialect() == "openai":  # OpenAI answers an over-long string with a 400
+            raise api_error(400, f"The input is {len(text)} characters; the limit is {limit}.",
+                            code="string_above_max_length")
         raise api_error(422, f"prompt is {len(text)} characters; the limit is {limit}", code="prompt_too_long")
 
 

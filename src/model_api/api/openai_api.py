@@ -11,15 +11,16 @@ import time
 from typing import Any
 
 from apiflask import APIBlueprint
+from flask import request
 
 from ..engine.base import GenerationRequest
 from ..models import CallKind
-from . import streaming
 from ..models_file import ModelEntry
+from . import streaming
 from .context import check_prompt_size, intent, model_entry, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
-from .errors import declare_dialect, rate_headers
-from .protocol import completion_body
+from .errors import api_error, declare_dialect, rate_headers
+from .protocol import completion_body, unsupported_parameter
 from .schemas import ChatCompletionIn, CompletionIn, CompletionOut, ModelListOut, ModelOut
 from .security import auth
 
@@ -55,6 +56,14 @@ def _params(data: dict[str, Any], model: ModelEntry):
     return sampling_params(clean, model)
 
 
+def _refuse_unsupported() -> None:
+    """A field we cannot honour is an error naming it, never silently dropped."""
+    name = unsupported_parameter(request.get_json(silent=True))
+    if name is not None:
+        raise api_error(400, f"Unsupported parameter: '{name}' is not supported with this model.",
+                        code="unsupported_parameter", param=name)
+
+
 def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any], model: ModelEntry, *, chat: bool):
     call = intent(gen_request, kind, model.id)
     if data.get("stream"):
@@ -79,6 +88,7 @@ def chat_completions(json_data: dict):
         {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
         for m in json_data["messages"]
     ]
+    _refuse_unsupported()
     check_prompt_size("".join(m["content"] for m in messages))
     model = model_entry(json_data.get("model"))
     gen_request = GenerationRequest.chat(messages, _params(json_data, model))
@@ -92,6 +102,7 @@ def chat_completions(json_data: dict):
     200: _ok("`text_completion` object, or with `stream: true` an SSE stream of them"), **_ERRORS})
 def completions(json_data: dict):
     """Continue a raw prompt (no chat template). Uses one unit of quota; stored as kind `completion`."""
+    _refuse_unsupported()
     check_prompt_size(json_data["prompt"])
     model = model_entry(json_data.get("model"))
     gen_request = GenerationRequest(prompt=json_data["prompt"], params=_params(json_data, model))

@@ -250,7 +250,9 @@ class _OpenAISampling(Schema):
             {"type": "null"},
         ],
     })
-    n = WholeNumber(strict=True, allow_none=True, validate=OneOf([1], error="only n=1 is supported"))
+    # n > 1 is refused by the route as an unsupported parameter (api/protocol.py)
+    n = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
+                    metadata={"description": "Only 1 (one choice per call)."})
     stream = Boolean(allow_none=True, load_default=False)
     stream_options = Nested(StreamOptions, allow_none=True)
 
