@@ -98,6 +98,11 @@ class ModelCatalog:
             raise UnknownModel(name)
         return self._entries[model_id]
 
+    @property
+    def names(self) -> dict[str, str]:
+        """Every id and alias → its id (exact names only, lenient or not)."""
+        return dict(self._names)
+
     def __getitem__(self, model_id: str) -> ModelEntry:
         return self._entries[model_id]
 

@@ -172,3 +172,74 @@ def test_a_prompt_over_the_models_context_is_openais_context_length_exceeded_on_
                                      "resulted in ")
     assert err["message"].endswith(f"tokens. Please reduce the length of the {what}.")
     assert rows(database) == [] and used(database) == 0
+
+
+# --- per-model access ---------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(make_app, models_file):
+    return make_app(models_file=str(models_file)).test_cli_runner()
+
+
+def allowed(database, name: str = "alice"):
+    with database.session() as s:
+        return s.scalar(select(User.allowed_models).where(User.username == name))
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {**CHAT, "model": "long"}),
+    ("/v1/completions", {"prompt": "Hi", "model": "SmolLM2-135M-Instruct"}),  # an alias of long
+    ("/call_model", {"prompt": "Hi"}),  # the default model, long
+    ("/async_call_model", {"prompt": "Hi", "model": "long"}),
+])
+def test_a_user_limited_to_some_models_is_refused_the_others_and_charged_nothing(client, cli, make_user, database,
+                                                                                 path, body):
+    headers = make_user("alice")
+    assert cli.invoke(args=["users", "set-models", "alice", "short"]).exit_code == 0
+    r = client.post(path, json=body, headers=headers)
+    assert r.status_code == 403 and r.json["error"]["code"] == "model_not_allowed"
+    assert "'long'" in r.json["error"]["message"]
+    assert rows(database) == [] and used(database) == 0
+    ok = client.post("/call_model", json={"prompt": "Hi", "max_tokens": 1, "model": "short"}, headers=headers)
+    assert ok.status_code == 201
+
+
+def test_models_lists_only_what_the_caller_may_use(client, cli, make_user):
+    headers = make_user("alice")
+    cli.invoke(args=["users", "set-models", "alice", "short"])
+    assert [m["id"] for m in client.get("/v1/models", headers=headers).json["data"]] == ["short"]
+    r = client.get("/v1/models/long", headers=headers)
+    assert r.status_code == 403 and r.json["error"]["type"] == "permission_error"
+    assert cli.invoke(args=["users", "set-models", "alice", "--all"]).exit_code == 0
+    assert [m["id"] for m in client.get("/v1/models", headers=headers).json["data"]] == ["short", "long"]
+
+
+def test_a_key_is_limited_within_its_user_and_basic_auth_keeps_the_users_models(client, cli, make_user, database):
+    headers = make_user("alice")
+    created = cli.invoke(args=["keys", "create", "alice", "--models", "short"])
+    assert created.exit_code == 0, created.output
+    bearer = {"Authorization": f"Bearer {created.stdout.strip()}"}
+    r = client.post("/v1/chat/completions", json={**CHAT, "model": "long"}, headers=bearer)
+    assert r.status_code == 403 and r.json["error"]["code"] == "model_not_allowed"
+    assert client.post("/v1/chat/completions", json={**CHAT, "model": "long"}, headers=headers).status_code == 200
+    cli.invoke(args=["users", "set-models", "alice", "long"])  # the user's list narrows the key's further
+    r = client.post("/v1/chat/completions", json={**CHAT, "model": "short"}, headers=bearer)
+    assert r.status_code == 403
+    assert "short" in cli.invoke(args=["keys", "list", "alice"]).output
+
+
+@pytest.mark.parametrize("args, ok, stored", [
+    (["short", "SmolLM2-135M-Instruct"], True, ["long", "short"]),  # aliases are stored as ids
+    (["gpt-4o"], False, None),
+    ([], False, None),
+    (["short", "--all"], False, None),
+    (["--all"], True, None),
+])
+def test_set_models_takes_ids_or_aliases_of_served_models_only(cli, make_user, database, args, ok, stored):
+    make_user("alice")
+    r = cli.invoke(args=["users", "set-models", "alice", *args])
+    assert (r.exit_code == 0) == ok, r.output
+    assert allowed(database) == stored
+    if args == ["gpt-4o"]:
+        assert "no model 'gpt-4o' is served (models: long, short)" in r.output

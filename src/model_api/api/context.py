@@ -10,6 +10,7 @@ from flask import current_app, g
 from ..engine.base import Completion, GenerationRequest, SamplingParams
 from ..models import CallKind
 from ..models_file import ModelEntry
+from ..services import access
 from ..services.intent import CallIntent
 from .errors import api_error, request_dialect
 from .security import current_principal
@@ -24,9 +25,18 @@ def runtime() -> Runtime:
 
 
 def model_entry(name: str | None) -> ModelEntry:
-    """The served model a request names (None: the default), before anything is
-    charged or written: UnknownModel (404) otherwise."""
-    return runtime().models.resolve(name)
+    """The served model a request names (None: the default) if the caller may use
+    it, checked before anything is charged or written: UnknownModel (404) or
+    ModelNotAllowed (403) otherwise."""
+    entry = runtime().models.resolve(name)
+    access.check(current_principal().models, entry.id)
+    return entry
+
+
+def may_use(entry: ModelEntry) -> bool:
+    """Whether the signed-in caller may use this model (what /v1/models lists)."""
+    allowed = current_principal().models
+    return allowed is None or entry.id in allowed
 
 
 def sampling_params(data: dict[str, Any], model: ModelEntry | None = None) -> SamplingParams:

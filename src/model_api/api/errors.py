@@ -19,6 +19,7 @@ from flask import Blueprint, has_request_context, jsonify, request
 
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, UpstreamError, UpstreamTimeout
 from ..engine.registry import UnknownModel
+from ..services.access import ModelNotAllowed
 from ..services.jobs import JobFinished, JobNotFound, QueueUnavailable
 from ..services.quota import QuotaExceeded, QuotaState
 
@@ -173,7 +174,9 @@ def service_error(exc: Exception) -> HTTPError:
         return api_error(409, f"job is already {exc.state}; nothing to cancel", code="job_finished",
                          details={"state": exc.state})
     if isinstance(exc, UnknownModel):
-        return api_error(404, f"the model {exc.model_id!r} does not exist", code="model_not_found")
+        return api_error(404, f"the model {exc.model_id!r} does not exist", code="model_not_found", param="model")
+    if isinstance(exc, ModelNotAllowed):
+        return api_error(403, str(exc), code="model_not_allowed", param="model")
     raise exc
 
 
@@ -237,7 +240,8 @@ def register_error_handlers(app: APIFlask) -> None:
         return _render(api_error(400, exc.description or "bad request"))
 
     # services raise these from any route; one mapping answers them all
-    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel):
+    for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel,
+                        ModelNotAllowed):
         app.register_error_handler(service_exc, lambda exc: _render(service_error(exc)))
 
     @app.errorhandler(Exception)

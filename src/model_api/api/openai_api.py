@@ -17,7 +17,7 @@ from ..engine.base import GenerationRequest
 from ..models import CallKind
 from ..models_file import ModelEntry
 from . import streaming
-from .context import check_prompt_size, intent, model_entry, note_usage, runtime, sampling_params
+from .context import check_prompt_size, intent, may_use, model_entry, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .errors import api_error, declare_dialect, rate_headers
 from .protocol import completion_body, unsupported_parameter
@@ -127,15 +127,15 @@ def _model_view(model: ModelEntry) -> dict[str, Any]:
           "content": {"application/json": {"schema": ModelListOut}}},
     **error_responses(401, openai=True)})
 def list_models():
-    """The models this service serves (MODELS_FILE), with context size and backend."""
-    return {"object": "list", "data": [_model_view(m) for m in runtime().models]}
+    """The models this service serves (MODELS_FILE) that the caller may use, with context size and backend."""
+    return {"object": "list", "data": [_model_view(m) for m in runtime().models if may_use(m)]}
 
 
 @bp.get("/models/<path:model_id>")
 @bp.auth_required(auth)
 @bp.doc(summary="Retrieve a model (OpenAI-compatible)", responses={
     200: {"description": "The model", "content": {"application/json": {"schema": ModelOut}}},
-    **error_responses(401, 404, openai=True, d404="No model of that id or alias")})
+    **error_responses(401, 403, 404, openai=True, d404="No model of that id or alias")})
 def retrieve_model(model_id: str):
     """One served model, by id or alias."""
     return _model_view(model_entry(model_id))
