@@ -4,6 +4,7 @@ stored on every row, unknown models, per-model defaults and caps, async jobs."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 import uuid
 
@@ -23,7 +24,7 @@ models:
     n_ctx: 512
     n_parallel: 1
     defaults: {temperature: 0, max_tokens: 5}
-    max_tokens_cap: 16
+    max_tokens_cap: 64
   long:
     backend: llama
     n_ctx: 2048
@@ -122,13 +123,13 @@ def test_a_models_defaults_and_cap_apply_to_it_alone(client, make_user, database
     headers = make_user("alice", quota=10)
     r = client.post("/call_model", json={"prompt": "Tell me a long story.", "model": "short"}, headers=headers)
     assert r.status_code == 201 and r.json["usage"]["completion_tokens"] <= 5
-    over = client.post("/v1/chat/completions", json={**CHAT, "model": "short", "max_tokens": 17}, headers=headers)
-    assert over.status_code == 400 and "max_tokens must be <= 16" in over.json["error"]["message"]
-    assert client.post("/v1/chat/completions", json={**CHAT, "model": "long", "max_tokens": 17},
+    over = client.post("/v1/chat/completions", json={**CHAT, "model": "short", "max_tokens": 65}, headers=headers)
+    assert over.status_code == 400 and "max_tokens must be <= 64" in over.json["error"]["message"]
+    assert client.post("/v1/chat/completions", json={**CHAT, "model": "long", "max_tokens": 65},
                        headers=headers).status_code == 200  # the global cap (1024) holds for `long`
     short_row, long_row = rows(database)
     assert (short_row.params["max_tokens"], short_row.params["temperature"]) == (5, 0)
-    assert (long_row.params["max_tokens"], long_row.params["temperature"]) == (17, 0)
+    assert (long_row.params["max_tokens"], long_row.params["temperature"]) == (65, 0)
 
 
 def test_an_async_job_runs_on_the_model_it_was_submitted_to(client, make_user, database):
@@ -243,3 +244,38 @@ def test_set_models_takes_ids_or_aliases_of_served_models_only(cli, make_user, d
     assert allowed(database) == stored
     if args == ["gpt-4o"]:
         assert "no model 'gpt-4o' is served (models: long, short)" in r.output
+
+
+# --- structured output ----------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "colour": {"enum": ["red", "green", "blue"]}},
+          "required": ["name", "colour"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("model", ["short", "long"])  # the batching and the serialised engine
+def test_a_json_schema_response_format_is_enforced_on_local_models(client, make_user, database, model):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    r = client.post("/v1/chat/completions", json={"model": model, "response_format": fmt, "temperature": 1.0,
+                                                  "max_tokens": 60, "messages": [{"role": "user",
+                                                                                  "content": "A person?"}]},
+                    headers=make_user("alice"))
+    assert r.status_code == 200, r.json
+    reply = r.json["choices"][0]["message"]["content"]
+    jsonschema.validate(json.loads(reply), PERSON)
+    (row,) = rows(database)
+    assert json.loads(row.params["response_format"])["json_schema"]["schema"] == PERSON  # jobs rebuild from it
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"type": "integer", "maximum": 3}}}}, "response_format.json_schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, "response_format.type"),
+    ("/v1/completions", {"prompt": "Hi", "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_a_response_format_we_cannot_enforce_is_a_400_naming_it(client, make_user, database, path, body, param):
+    r = client.post(path, json=body, headers=make_user("alice"))
+    assert r.status_code == 400 and r.json["error"]["param"] == param, r.json
+    assert rows(database) == [] and used(database) == 0

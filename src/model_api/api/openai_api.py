@@ -7,12 +7,15 @@ routes; errors take OpenAI's shape (see :mod:`.errors`) with the same status cod
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
 from typing import Any
 
 from apiflask import APIBlueprint
 from flask import request
 
+from ..engine import grammar
 from ..engine.base import GenerationRequest
 from ..models import CallKind
 from ..models_file import ModelEntry
@@ -56,12 +59,24 @@ def _params(data: dict[str, Any], model: ModelEntry):
     return sampling_params(clean, model)
 
 
-def _refuse_unsupported() -> None:
+def _refuse_unsupported(*supported: str) -> None:
     """A field we cannot honour is an error naming it, never silently dropped."""
-    name = unsupported_parameter(request.get_json(silent=True))
+    name = unsupported_parameter(request.get_json(silent=True), supported)
     if name is not None:
         raise api_error(400, f"Unsupported parameter: '{name}' is not supported with this model.",
                         code="unsupported_parameter", param=name)
+
+
+def _response_format(data: dict[str, Any], model: ModelEntry) -> str | None:
+    """``response_format``: a grammar for local models (refused with a 400 if the
+    schema cannot be enforced), passed through as sent to a remote upstream."""
+    rf = data.get("response_format")
+    if rf is not None and model.backend == "openai":
+        return None if rf.get("type") == "text" else json.dumps(rf)
+    try:
+        return grammar.canonical(rf)
+    except grammar.GrammarError as exc:
+        raise api_error(400, str(exc), code="invalid_request", param=exc.field) from None
 
 
 def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any], model: ModelEntry, *, chat: bool):
@@ -88,10 +103,11 @@ def chat_completions(json_data: dict):
         {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
         for m in json_data["messages"]
     ]
-    _refuse_unsupported()
+    _refuse_unsupported("response_format")
     check_prompt_size("".join(m["content"] for m in messages))
     model = model_entry(json_data.get("model"))
-    gen_request = GenerationRequest.chat(messages, _params(json_data, model))
+    params = replace(_params(json_data, model), response_format=_response_format(json_data, model))
+    gen_request = GenerationRequest.chat(messages, params)
     return _serve(gen_request, CallKind.CHAT, json_data, model, chat=True)
 
 

@@ -120,11 +120,12 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
-def unsupported_parameter(body: Any) -> str | None:
-    """The first field of a /v1 request body that asks for something we cannot do."""
+def unsupported_parameter(body: Any, supported: tuple[str, ...] = ()) -> str | None:
+    """The first field of a /v1 request body that asks for something we cannot do
+    (``supported``: fields of the table the route does handle)."""
     if not isinstance(body, dict):
         return None
     for name, accepted in UNSUPPORTED.items():
-        if name in body and body[name] not in accepted:
+        if name in body and name not in supported and body[name] not in accepted:
             return name
     return None

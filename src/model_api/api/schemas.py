@@ -259,6 +259,10 @@ class _OpenAISampling(Schema):
 
 class ChatCompletionIn(_OpenAISampling):
     messages = List(Nested(MessageIn), required=True, validate=Length(min=1))
+    response_format = Dict(allow_none=True, metadata={
+        "description": "`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": "
+        "{\"name\": ..., \"schema\": {...}}}`: on local models sampling is constrained by a grammar, so "
+        "the reply parses (and matches the schema); passed through to remote upstreams."})
     max_completion_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
                                         metadata={"description": "Same as max_tokens (wins if both are given)."})
 

@@ -59,6 +59,7 @@ from llama_cpp import _internals
 from llama_cpp import _logger as llama_log
 
 from .base import Completion, EngineBusy, EngineError, Generation, PreparedPrompt, SamplingParams
+from .grammar import gbnf
 from .local import LocalGGUFEngine, default_model_path, default_threads
 from .stops import StopMatcher
 
@@ -352,13 +353,24 @@ class BatchingEngine(LocalGGUFEngine):
         seq.slot = slot
         seq.n_cached = seq.n_fed = keep
         self._slots[slot] = seq
-        seq.sampler = self._make_sampler(seq.params)
         seq.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         seq.stops = StopMatcher(seq.params.stop)
+        try:
+            seq.sampler = self._make_sampler(seq.params, self._vocab)
+        except Exception as exc:  # this request's grammar: fail it alone
+            self._retire(seq, None, exc if isinstance(exc, EngineError) else EngineError(str(exc)))
 
     @staticmethod
-    def _make_sampler(p: SamplingParams) -> Any:
+    def _make_sampler(p: SamplingParams, vocab: Any = None) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if p.response_format is not None:
+            # first in the chain: tokens the grammar forbids never reach top-p or the draw,
+            # and the end-of-generation token is allowed only once the JSON is complete
+            grammar = llama_cpp.llama_sampler_init_grammar(vocab, gbnf(p.response_format).encode(), b"root")
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                raise EngineError("llama.cpp refused the response_format grammar")
+            llama_cpp.llama_sampler_chain_add(chain, grammar)
         if p.temperature <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
