@@ -90,7 +90,7 @@ def test_upstream_error_statuses_map_to_engine_errors(status, body, headers, err
         return httpx.Response(status, headers=headers, **kw)
 
     with pytest.raises(error) as info:
-        list(_engine(handler, model_name="m").stream(REQ))
+        list(start(_engine(handler, model_name="m"), REQ))
     if status == 422:
         assert (info.value.prompt_tokens, info.value.context_size) == (3000, 2048)
     if status == 503:
@@ -102,7 +102,7 @@ def test_error_events_and_garbage_mid_stream_are_upstream_errors():
     def handler(request):
         return httpx.Response(200, content=_sse({"choices": [{"delta": {"content": "a"}}]}, b"{not json"))
 
-    gen = _engine(handler, model_name="m").stream(REQ)
+    gen = start(_engine(handler, model_name="m"), REQ)
     assert next(gen) == "a"
     with pytest.raises(UpstreamError, match="malformed"):
         next(gen)
