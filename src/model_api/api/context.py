@@ -69,11 +69,15 @@ def check_prompt_size(text: str) -> None:
         raise api_error(422, f"prompt is {len(text)} characters; the limit is {limit}", code="prompt_too_long")
 
 
-def intent(request: GenerationRequest, kind: CallKind, model: str | None = None) -> CallIntent:
-    """The signed-in user's call, with the request id and the quota read with the credentials."""
+def intent(request: GenerationRequest, kind: CallKind, model: ModelEntry | None = None) -> CallIntent:
+    """The signed-in user's call, with the request id, the quota read with the
+    credentials, the model (None: the default) and those of its fallbacks the
+    caller may use."""
     user = current_principal()
+    fallbacks = () if model is None else tuple(
+        f for f in model.fallbacks if user.models is None or f in user.models)
     return CallIntent(user_id=user.id, request=request, kind=kind, request_id=g.get("request_id"),
-                      quota=user.quota, model=model)
+                      quota=user.quota, model=None if model is None else model.id, fallbacks=fallbacks)
 
 
 def note_usage(c: Completion) -> None:

@@ -24,3 +24,5 @@ class CallIntent:
     quota: QuotaState | None = None
     #: the registry's model id; None: the default model
     model: str | None = None
+    #: model ids tried in order when ``model`` fails before its first token (MODELS_FILE ``fallbacks``)
+    fallbacks: tuple[str, ...] = ()
