@@ -279,3 +279,14 @@ def test_a_response_format_we_cannot_enforce_is_a_400_naming_it(client, make_use
     r = client.post(path, json=body, headers=make_user("alice"))
     assert r.status_code == 400 and r.json["error"]["param"] == param, r.json
     assert rows(database) == [] and used(database) == 0
+
+
+def test_ready_shows_which_models_are_loaded(client, make_user):
+    headers = make_user("alice")
+    client.post("/call_model", json={"prompt": "Hi", "max_tokens": 1}, headers=headers)  # the default, long
+    body = client.get("/ready").json
+    assert body["status"] == "ready"  # the default model decides: the others load on first use
+    assert body["components"]["model"]["name"] == "long"
+    assert body["components"]["model"]["models"] == {"short": "not loaded", "long": "ready"}
+    client.post("/call_model", json={"prompt": "Hi", "max_tokens": 1, "model": "short"}, headers=headers)
+    assert client.get("/ready").json["components"]["model"]["models"] == {"short": "ready", "long": "ready"}
