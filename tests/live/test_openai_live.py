@@ -72,7 +72,7 @@ def start_server(db_url: str, log: Path, **env: str) -> Server:
             raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
         try:
             return requests.get(server.url + "/ready", timeout=2).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # starting, or slow on a loaded machine
             return False
 
     try:

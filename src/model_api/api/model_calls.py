@@ -69,8 +69,8 @@ def call_model(json_data: dict):
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data, model))
     if json_data.get("stream"):
         # the same SSE chunks as /v1/chat/completions, usage always in the last one
-        return streaming.start(intent(request, CallKind.STREAM, model.id), chat=True, include_usage=True)
-    outcome = runtime().calls.run(intent(request, CallKind.SYNC, model.id))
+        return streaming.start(intent(request, CallKind.STREAM, model), chat=True, include_usage=True)
+    outcome = runtime().calls.run(intent(request, CallKind.SYNC, model))
     c = outcome.completion
     note_usage(c)
     body = {
@@ -100,7 +100,7 @@ def async_call_model(json_data: dict):
     check_prompt_size(json_data["prompt"])
     model = model_entry(json_data.get("model"))
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data, model))
-    outcome = runtime().jobs.submit(intent(request, CallKind.ASYNC, model.id))
+    outcome = runtime().jobs.submit(intent(request, CallKind.ASYNC, model))
     return {"job_id": str(outcome.call_id)}, 200, rate_headers(outcome.quota)
 
 

@@ -80,7 +80,7 @@ def _response_format(data: dict[str, Any], model: ModelEntry) -> str | None:
 
 
 def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any], model: ModelEntry, *, chat: bool):
-    call = intent(gen_request, kind, model.id)
+    call = intent(gen_request, kind, model)
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         return streaming.start(call, chat=chat, include_usage=include_usage)
