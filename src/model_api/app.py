@@ -62,7 +62,7 @@ def register_extensions(app: APIFlask, settings: Settings, runtime: Runtime | No
         rt.engines.load_in_background()
     if settings.recover_jobs_at_start:
         rt.start_reconciler()
-    if not settings.celery_broker_url:
+    if settings.deliver_webhooks and not settings.celery_broker_url:
         rt.webhooks.start()  # this process runs the jobs, so it delivers their webhooks (Celery workers do otherwise)
 
 

@@ -3,8 +3,9 @@ user, key and database management, the first user, the Celery worker.
 
     model-api users create NAME [--password-stdin | --password PW] [--quota N]
     model-api users set-quota NAME N | set-password NAME | list | delete NAME [--yes]
+    model-api users set-models NAME MODEL... | --all
     model-api users webhook-secret NAME [--rotate]
-    model-api keys create NAME [--name LABEL] | list [NAME] | revoke ID_OR_PREFIX
+    model-api keys create NAME [--name LABEL] [--models M1,M2] | list [NAME] | revoke ID_OR_PREFIX
     model-api db upgrade | current
     model-api bootstrap            # first user for `make run`
     model-api worker [-c N]        # Celery worker for async jobs (CELERY_BROKER_URL)
@@ -31,7 +32,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from .models import Call, User
-from .services import api_keys
+from .services import access, api_keys
 from .services import auth as auth_service
 from .services import quota as quota_service
 from .services.auth import UserError
@@ -185,12 +186,13 @@ def users_list() -> None:
         rows = s.execute(
             select(User, func.count(Call.id)).outerjoin(Call).group_by(User.id).order_by(User.username)
         ).all()
-        click.echo(f"{'username':<24} {'active':<6} {'quota':>6} {'used':>6} {'left':>6} {'calls':>6}")
+        click.echo(f"{'username':<24} {'active':<6} {'quota':>6} {'used':>6} {'left':>6} {'calls':>6} models")
         for user, ncalls in rows:
             st = quota_service.state_of_user(user, rt.policy.default_quota, rt.policy.window_seconds)
             click.echo(
                 f"{user.username:<24} {'yes' if user.is_active else 'no':<6} {st.limit:>6} "
-                f"{st.limit - st.remaining:>6} {st.remaining:>6} {ncalls:>6}"
+                f"{st.limit - st.remaining:>6} {st.remaining:>6} {ncalls:>6} "
+                f"{'all' if user.allowed_models is None else ','.join(user.allowed_models) or '-'}"
             )
 
 
@@ -221,17 +223,41 @@ def users_webhook_secret(name: str, rotate: bool) -> None:
     click.echo(_rt().webhooks.secret_of(user_id, rotate=rotate))
 
 
+def _model_ids(names: tuple[str, ...]) -> list[str]:
+    """The served ids for model names typed on the command line (ids or aliases)."""
+    return access.canonical_ids(names, _rt().models.names)
+
+
+@users.command("set-models")
+@click.argument("name")
+@click.argument("models", nargs=-1)
+@click.option("--all", "all_models", is_flag=True, help="Allow every model (remove the limit).")
+@with_appcontext
+def users_set_models(name: str, models: tuple[str, ...], all_models: bool) -> None:
+    """Limit a user to these model ids (or aliases); --all lifts the limit."""
+    if all_models == bool(models):
+        raise click.UsageError("give model ids, or --all")
+    with _session() as s:
+        ids = None if all_models else _model_ids(models)
+        access.set_user_models(auth_service.get_user(s, name), ids)
+    click.echo(f"{name} may use {'every model' if ids is None else ', '.join(sorted(set(ids)))}")
+
+
 keys = click.Group("keys", help="Manage API keys (Authorization: Bearer).")
 
 
 @keys.command("create")
 @click.argument("username")
 @click.option("--name", "label", help="A label to tell keys apart (e.g. the app using it).")
+@click.option("--models", "models", multiple=True,
+              help="Limit the key to these model ids (repeat, or comma-separated), within its user's.")
 @with_appcontext
-def keys_create(username: str, label: str | None) -> None:
+def keys_create(username: str, label: str | None, models: tuple[str, ...]) -> None:
     """Create an API key for a user and print it (this is the only time it is shown)."""
+    names = tuple(n.strip() for m in models for n in m.split(",") if n.strip())
     with _session() as s:
-        new = api_keys.create_key(s, auth_service.get_user(s, username), label)
+        ids = _model_ids(names) if models else None
+        new = api_keys.create_key(s, auth_service.get_user(s, username), label, ids)
     click.echo(new.key)
     click.echo(f"created key {new.id} ({new.prefix}...) for {username}; store it now, it is not shown again",
                err=True)
@@ -247,13 +273,14 @@ def keys_list(username: str | None, include_revoked: bool) -> None:
         user = auth_service.get_user(s, username) if username else None
         rows = api_keys.list_keys(s, user, include_revoked)
         click.echo(f"{'id':>5} {'prefix':<12} {'user':<20} {'name':<20} {'created':<20} "
-                   f"{'last used':<20} revoked")
+                   f"{'last used':<20} {'revoked':<20} models")
         for k in rows:
             def fmt(d):
                 return d.strftime("%Y-%m-%d %H:%M") if d else "-"
 
             click.echo(f"{k.id:>5} {k.prefix:<12} {k.user.username:<20} {(k.name or '-'):<20} "
-                       f"{fmt(k.created_at):<20} {fmt(k.last_used_at):<20} {fmt(k.revoked_at)}")
+                       f"{fmt(k.created_at):<20} {fmt(k.last_used_at):<20} {fmt(k.revoked_at):<20} "
+                       f"{'user' if k.allowed_models is None else ','.join(k.allowed_models) or '-'}")
 
 
 @keys.command("revoke")

@@ -44,8 +44,8 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 def _cli_app():
     from .app import create_app
 
-    # the CLI never needs the model loaded
-    return create_app({"model_load_at_start": False, "recover_jobs_at_start": False})
+    # the CLI never needs the model loaded, nor the app's background loops
+    return create_app({"model_load_at_start": False, "recover_jobs_at_start": False, "deliver_webhooks": False})
 
 
 main = FlaskGroup(

@@ -50,6 +50,8 @@ class User(Base):
     quota: Mapped[int | None] = mapped_column(default=None)
     used: Mapped[int] = mapped_column(default=0, server_default="0")
     window_started_at: Mapped[datetime | None] = mapped_column(default=None)
+    # model ids this user may call; NULL means every model
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     is_active: Mapped[bool] = mapped_column(default=True, server_default=true())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -73,6 +75,9 @@ class Call(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(default=None)
     completion_tokens: Mapped[int | None] = mapped_column(default=None)
     model: Mapped[str | None] = mapped_column(String(255), default=None)
+    # the id (MODELS_FILE) the call was routed to; an async job runs on it. `model`
+    # above is the name the engine reported
+    model_id: Mapped[str | None] = mapped_column(String(255), default=None)
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)
     # "host:pid:nonce" of the process running the call, to tell orphans from live work
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
@@ -116,6 +121,8 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # model ids this key may call (within its user's); NULL means no narrowing
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON, default=None)
 
     user: Mapped[User] = relationship(back_populates="api_keys")
 

@@ -16,6 +16,7 @@ from typing import Any
 from .db import Database
 from .engine.base import Engine
 from .engine.registry import EngineRegistry
+from .models_file import load_models_file, single_model
 from .process import ProcessIdentity
 from .services.auth import CredentialCache
 from .services.calls import ModelCalls
@@ -48,8 +49,9 @@ class Runtime:
         self.policy = QuotaPolicy(settings.default_quota, settings.quota_window_seconds)
         #: ``host:pid:nonce`` of this process, written on the calls it runs
         self.worker_id = ProcessIdentity()
-        self.engines = EngineRegistry({settings.model.name or "default": settings.model},
-                                      default=settings.model.name or "default", on_load=_publish_model_info)
+        #: the served models by id (MODELS_FILE, else the one MODEL_* model)
+        self.models = load_models_file(settings.models_file) if settings.models_file else single_model(settings.model)
+        self.engines = EngineRegistry(self.models.settings, default=self.models.default, on_load=_publish_model_info)
         self.cancels = CancelRegistry(self.db, settings.cancel_poll_seconds)
         self._job_queue = job_queue
         self.ledger = Ledger(self.db)

@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     model_load_at_start: bool = Field(
         True, description="Load the model in the background at start-up rather than on first call."
     )
+    models_file: str | None = Field(
+        None,
+        description="A YAML file listing the models served, by id (README \"Models\", `models.example.yaml`); "
+        "unset = one model from the `MODEL_*` variables, answering to any `model` name.",
+    )
 
     # async jobs
     job_workers: int = Field(2, ge=1, description="Threads of the in-process job executor (no broker).")
@@ -261,6 +266,10 @@ class Settings(BaseSettings):
     )
     webhook_poll_seconds: float = Field(
         1.0, gt=0, description="How often a process that delivers webhooks looks for due deliveries."
+    )
+    deliver_webhooks: bool = Field(
+        True, description="Without a broker, the web process delivers job-end webhooks (Celery workers do "
+        "otherwise); the `model-api` CLI turns this off for itself.",
     )
 
     # bootstrap

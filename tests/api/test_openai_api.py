@@ -178,8 +178,8 @@ def test_v1_errors_use_openai_shape_and_seed_routes_keep_theirs(client, make_use
     headers = make_user("alice", quota=1)
     r = client.post("/v1/chat/completions", json={**CHAT, "n": 2}, headers=headers)
     assert r.status_code == 400
-    assert r.json == {"error": {"message": "invalid request: n: only n=1 is supported",
-                                "type": "invalid_request_error", "param": "n", "code": "invalid_request"}}
+    assert r.json == {"error": {"message": "Unsupported parameter: 'n' is not supported with this model.",
+                                "type": "invalid_request_error", "param": "n", "code": "unsupported_parameter"}}
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                     headers=headers)
     assert r.status_code == 400 and r.json["error"]["param"] == "messages"
@@ -191,8 +191,10 @@ def test_v1_errors_use_openai_shape_and_seed_routes_keep_theirs(client, make_use
     gated.release.set()
     assert client.post("/v1/completions", json={"prompt": "x"}, headers=headers).status_code == 200
     r = client.post("/v1/completions", json={"prompt": "x"}, headers=headers)
-    assert r.status_code == 429 and r.json["error"]["type"] == "rate_limit_error"
-    assert r.json["error"]["code"] == "quota_exceeded" and r.headers["X-RateLimit-Remaining"] == "0"
+    # a lifetime allowance spent: OpenAI's insufficient_quota, which its SDKs do not retry
+    assert r.status_code == 429 and r.json["error"]["type"] == "insufficient_quota"
+    assert r.json["error"]["code"] == "insufficient_quota" and r.headers["X-RateLimit-Remaining"] == "0"
+    assert r.headers["x-should-retry"] == "false"
     r = client.post("/call_model", json={"prompt": "x"}, headers=headers)
     assert r.status_code == 429 and set(r.json["error"]) == {"code", "message"}  # the seed's shape
 

@@ -173,7 +173,7 @@ def test_sdk_sees_openai_errors(server, user_key, database):
         s.get(User, s.scalar(select(User.id))).quota = 0
     with pytest.raises(openai.RateLimitError) as limited:
         client.chat.completions.create(model="m", messages=msgs, max_tokens=1)
-    assert limited.value.body["code"] == "quota_exceeded"
+    assert limited.value.body["code"] == "insufficient_quota"
     with database.session() as s:
         assert s.scalars(select(Call)).all() == []  # refusals write no rows
 

@@ -9,8 +9,10 @@ from flask import current_app, g
 
 from ..engine.base import Completion, GenerationRequest, SamplingParams
 from ..models import CallKind
+from ..models_file import ModelEntry
+from ..services import access
 from ..services.intent import CallIntent
-from .errors import api_error
+from .errors import api_error, request_dialect
 from .security import current_principal
 
 if TYPE_CHECKING:
@@ -22,17 +24,36 @@ def runtime() -> Runtime:
     return current_app.extensions["model_api"]
 
 
-def sampling_params(data: dict[str, Any]) -> SamplingParams:
-    """Apply defaults and server-side caps to the validated request fields."""
+def model_entry(name: str | None) -> ModelEntry:
+    """The served model a request names (None: the default) if the caller may use
+    it, checked before anything is charged or written: UnknownModel (404) or
+    ModelNotAllowed (403) otherwise."""
+    entry = runtime().models.resolve(name)
+    access.check(current_principal().models, entry.id)
+    return entry
+
+
+def may_use(entry: ModelEntry) -> bool:
+    """Whether the signed-in caller may use this model (what /v1/models lists)."""
+    allowed = current_principal().models
+    return allowed is None or entry.id in allowed
+
+
+def sampling_params(data: dict[str, Any], model: ModelEntry | None = None) -> SamplingParams:
+    """Apply defaults and server-side caps to the validated request fields: the
+    model's own (MODELS_FILE) where it has them, else the process-wide settings."""
     s = runtime().settings
-    max_tokens = data.get("max_tokens", s.default_max_tokens)
-    if max_tokens > s.max_tokens_cap:
-        raise api_error(400, f"max_tokens must be <= {s.max_tokens_cap}", code="invalid_request",
-                        details={"max_tokens": [f"must be <= {s.max_tokens_cap}"]})
+    m = model or ModelEntry("", s.model)
+    cap = m.max_tokens_cap or s.max_tokens_cap
+    default_max = m.max_tokens or (min(s.default_max_tokens, cap) if m.max_tokens_cap else s.default_max_tokens)
+    max_tokens = data.get("max_tokens", default_max)
+    if max_tokens > cap:
+        raise api_error(400, f"max_tokens must be <= {cap}", code="invalid_request",
+                        details={"max_tokens": [f"must be <= {cap}"]})
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=data.get("temperature", s.default_temperature),
-        top_p=data.get("top_p", s.default_top_p),
+        temperature=data.get("temperature", s.default_temperature if m.temperature is None else m.temperature),
+        top_p=data.get("top_p", m.top_p or s.default_top_p),
         seed=data.get("seed"),
         stop=tuple(data.get("stop") or ()),
     )
@@ -42,14 +63,21 @@ def check_prompt_size(text: str) -> None:
     """The cheap pre-check on characters, before any tokenizer runs."""
     limit = runtime().settings.max_prompt_chars
     if len(text) > limit:
+        if request_dialect() == "openai":  # OpenAI answers an over-long string with a 400
+            raise api_error(400, f"The input is {len(text)} characters; the limit is {limit}.",
+                            code="string_above_max_length")
         raise api_error(422, f"prompt is {len(text)} characters; the limit is {limit}", code="prompt_too_long")
 
 
-def intent(request: GenerationRequest, kind: CallKind, model: str | None = None) -> CallIntent:
-    """The signed-in user's call, with the request id and the quota read with the credentials."""
+def intent(request: GenerationRequest, kind: CallKind, model: ModelEntry | None = None) -> CallIntent:
+    """The signed-in user's call, with the request id, the quota read with the
+    credentials, the model (None: the default) and those of its fallbacks the
+    caller may use."""
     user = current_principal()
+    fallbacks = () if model is None else tuple(
+        f for f in model.fallbacks if user.models is None or f in user.models)
     return CallIntent(user_id=user.id, request=request, kind=kind, request_id=g.get("request_id"),
-                      quota=user.quota, model=model)
+                      quota=user.quota, model=None if model is None else model.id, fallbacks=fallbacks)
 
 
 def note_usage(c: Completion) -> None:

@@ -104,6 +104,8 @@ ERRORS: dict[int, tuple[str, str, str]] = {
           "invalid_request", "invalid request: prompt: Missing data for required field."),
     401: ("Missing, malformed or wrong credentials (with WWW-Authenticate)",
           "unauthorized", "valid credentials required (HTTP Basic auth or an API key as a Bearer token)"),
+    403: ("The caller may not use this model (`model_not_allowed`; nothing charged)", "model_not_allowed",
+          "you may not use the model 'gpu'"),
     404: ("No such job for this user (also for other users' jobs)", "job_not_found", "no such job"),
     409: ("The job already finished (completed, failed or cancelled)", "job_finished",
           "job is already completed; nothing to cancel"),

@@ -20,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, UpstreamError, UpstreamTimeout
 from ..engine.registry import UnknownModel
+from ..services.access import ModelNotAllowed
 from ..services.idempotency import KeyReused, RequestInProgress
 from ..services.jobs import JobFinished, JobNotFound, QueueUnavailable
 from ..services.ledger import database_unavailable
@@ -54,9 +55,12 @@ def api_error(
     code: str | None = None,
     details: Any = None,
     headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> HTTPError:
-    """Build the exception routes raise; the processor below renders it."""
-    return HTTPError(status, message, detail=details, headers=headers, extra_data={"code": code or CODES.get(status)})
+    """Build the exception routes raise; the processor below renders it.
+    ``param``: the offending request field (OpenAI's ``error.param`` on /v1)."""
+    extra = {"code": code or CODES.get(status), **({"param": param} if param else {})}
+    return HTTPError(status, message, detail=details, headers=headers, extra_data=extra)
 
 
 # status -> OpenAI error "type" (what its SDKs and docs use)
@@ -92,13 +96,15 @@ def request_dialect() -> str:
     return "ours"
 
 
-def error_body(status: int, code: str, message: str, details: Any = None, *, dialect: str | None = None) -> dict:
+def error_body(status: int, code: str, message: str, details: Any = None, *, dialect: str | None = None,
+               param: str | None = None) -> dict:
     """The JSON body of an error (also sent as an in-stream SSE event once a stream
     has begun); ``dialect`` defaults to the current request's."""
     if (dialect or request_dialect()) == "openai":
         etype = OPENAI_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
-        param = None
-        if isinstance(details, dict) and details and code == "invalid_request":
+        if code == "insufficient_quota":
+            etype = "insufficient_quota"  # as OpenAI types it
+        if param is None and isinstance(details, dict) and details and code == "invalid_request":
             param = next(iter(details))
         return {"error": {"message": message, "type": etype, "param": param, "code": code}}
     body: dict[str, Any] = {"code": code, "message": message}
@@ -157,9 +163,14 @@ def rate_headers(state: QuotaState) -> dict[str, str]:
 
 def service_error(exc: Exception) -> HTTPError:
     """Map a service or engine exception to its API error (the one place that knows both)."""
+    openai = request_dialect() == "openai"
     if isinstance(exc, QuotaExceeded):
+        if openai:
+            return openai_quota_error(exc.state)
         return api_error(429, "quota exhausted: no model calls left for this user", headers=rate_headers(exc.state))
     if isinstance(exc, ContextOverflow):
+        if openai:
+            return openai_context_error(exc)
         return api_error(422, str(exc), code="prompt_too_long",
                          details={"prompt_tokens": exc.prompt_tokens, "context_size": exc.context_size})
     if isinstance(exc, EngineBusy):
@@ -187,13 +198,36 @@ def service_error(exc: Exception) -> HTTPError:
         return api_error(400, f"callback_url: {exc}", code="invalid_callback_url",
                          details={"callback_url": [str(exc)]})
     if isinstance(exc, UnknownModel):
-        return api_error(404, f"the model {exc.model_id!r} does not exist", code="model_not_found")
+        return api_error(404, f"the model {exc.model_id!r} does not exist", code="model_not_found", param="model")
+    if isinstance(exc, ModelNotAllowed):
+        return api_error(403, str(exc), code="model_not_allowed", param="model")
     if database_unavailable(exc):
         # the type only: a driver message may name the host, and never the statement's parameters
         log.warning("database unavailable", extra={"error": type(exc).__name__})
         return api_error(503, "the database is unavailable; try again shortly", code="database_unavailable",
                          headers={"Retry-After": str(DATABASE_RETRY_AFTER)})
     raise exc
+
+
+def openai_quota_error(state: QuotaState) -> HTTPError:
+    """429 as OpenAI answers it: a lifetime allowance spent is ``insufficient_quota``
+    (retrying cannot help: ``x-should-retry: false`` stops the SDKs' retries); a
+    renewing window is ``rate_limit_exceeded`` with ``Retry-After``."""
+    if state.retry_after is None:
+        return api_error(429, "You exceeded your current quota: no model calls left for this user.",
+                         code="insufficient_quota", headers={**rate_headers(state), "x-should-retry": "false"})
+    return api_error(429, f"Rate limit reached: {state.limit} model calls per window. Please try again in "
+                     f"{state.retry_after}s.", code="rate_limit_exceeded", headers=rate_headers(state))
+
+
+def openai_context_error(exc: ContextOverflow) -> HTTPError:
+    """400 ``context_length_exceeded`` in OpenAI's words, naming the field that is too long."""
+    chat = not request.path.endswith("/v1/completions")
+    what, param = ("messages", "messages") if chat else ("prompt", "prompt")
+    message = (f"This model's maximum context length is {exc.context_size} tokens. However, your {what} "
+               f"resulted in {exc.prompt_tokens} tokens. Please reduce the length of the {what}.")
+    return api_error(400, message, code="context_length_exceeded", param=param,
+                     details={"prompt_tokens": exc.prompt_tokens, "context_size": exc.context_size})
 
 
 def register_error_handlers(app: APIFlask) -> None:
@@ -218,7 +252,7 @@ def register_error_handlers(app: APIFlask) -> None:
             message = "request body too large"
         elif status == 401 and message == "Unauthorized":
             message = "valid credentials required (HTTP Basic auth or an API key as a Bearer token)"
-        resp = jsonify(error_body(status, code, message, details))
+        resp = jsonify(error_body(status, code, message, details, param=(error.extra_data or {}).get("param")))
         resp.status_code = status
         for k, v in (error.headers or {}).items():
             resp.headers[k] = v
@@ -245,7 +279,7 @@ def register_error_handlers(app: APIFlask) -> None:
 
     # services raise these from any route; one mapping answers them all
     for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel,
-                        RequestInProgress, KeyReused, CallbackRefused):
+                        RequestInProgress, KeyReused, CallbackRefused, ModelNotAllowed):
         app.register_error_handler(service_exc, lambda exc: _render(service_error(exc)))
 
     @app.errorhandler(Exception)

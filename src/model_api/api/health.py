@@ -63,6 +63,9 @@ def _model_check(rt) -> Callable[[], dict[str, Any]]:
 
         info = dict(engine.info())
         info.setdefault("quantisation", quantisation_of(info))
+        if len(rt.models) > 1:
+            # MODELS_FILE: every id's state; the others load on first use, so only the default decides
+            info["models"] = {model_id: rt.engines.state(model_id) for model_id in rt.engines}
         return {"status": "ready", **info}
 
     return check

@@ -16,7 +16,7 @@ from ..models import CallKind, CallStatus
 from ..services.history import job_view as _job_view
 from ..services.jobs import JobNotFound
 from . import streaming
-from .context import check_prompt_size, intent, note_usage, runtime, sampling_params
+from .context import check_prompt_size, intent, model_entry, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .errors import api_error, rate_headers
 from .idempotency import idempotent
@@ -50,8 +50,8 @@ SSE_EXAMPLE = (
 
 RATE_HEADERS = RATE_LIMIT_HEADERS  # documented on every success and on 429
 
-_MODEL_ERRORS = (400, 401, 413, 422, 429, 500, 502, 503, 504)
-_ERRORS = error_responses(*_MODEL_ERRORS)  # the errors every model-call route can answer
+_MODEL_ERRORS = (400, 401, 403, 404, 413, 422, 429, 500, 502, 503, 504)
+_ERRORS = error_responses(*_MODEL_ERRORS, d404="No model of that id or alias (`model_not_found`; nothing charged)")  # the errors every model-call route can answer
 
 
 def _stream_reply(call) -> tuple[dict, int]:
@@ -78,11 +78,12 @@ def _stream_reply(call) -> tuple[dict, int]:
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
     check_prompt_size(json_data["prompt"])
-    request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
+    model = model_entry(json_data.get("model"))
+    request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data, model))
     if json_data.get("stream"):
         # the same SSE chunks as /v1/chat/completions, usage always in the last one
-        return streaming.start(intent(request, CallKind.STREAM), chat=True, include_usage=True)
-    outcome = runtime().calls.run(intent(request, CallKind.SYNC))
+        return streaming.start(intent(request, CallKind.STREAM, model), chat=True, include_usage=True)
+    outcome = runtime().calls.run(intent(request, CallKind.SYNC, model))
     c = outcome.completion
     note_usage(c)
     body = {
@@ -113,12 +114,13 @@ def async_call_model(json_data: dict):
     ``/jobs``, or give a ``callback_url`` to be called when it ends.
     Uses one unit of quota (refunded if the job fails through the server's fault)."""
     check_prompt_size(json_data["prompt"])
-    request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data))
+    model = model_entry(json_data.get("model"))
+    request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data, model))
     rt = runtime()
     callback = json_data.get("callback_url")
     if callback is not None:
         rt.webhooks.check(callback)  # before anything is charged: CallbackRefused is a 400
-    call = dataclasses.replace(intent(request, CallKind.ASYNC), callback_url=callback)
+    call = dataclasses.replace(intent(request, CallKind.ASYNC, model), callback_url=callback)
     outcome = rt.jobs.submit(call)
     return {"job_id": str(outcome.call_id)}, 200, rate_headers(outcome.quota)
 
@@ -204,6 +206,7 @@ def call_view(call) -> dict:
         "error": call.error,
         "finish_reason": call.finish_reason,
         "model": call.model,
+        "model_id": call.model_id,
         "usage": None,
         "created_at": _iso(call.created_at),
         "finished_at": _iso(call.finished_at),

@@ -1,5 +1,5 @@
 """The OpenAI-compatible API: ``POST /v1/chat/completions``, ``POST /v1/completions``,
-``GET /v1/models``. Official OpenAI SDKs work with ``base_url=".../v1"``.
+``GET /v1/models`` and ``GET /v1/models/{id}``. Official OpenAI SDKs work with ``base_url=".../v1"``.
 
 Same auth (Basic or Bearer API key), same quota, same call rows as the seed's
 routes; errors take OpenAI's shape (see :mod:`.errors`) with the same status codes.
@@ -7,20 +7,25 @@ routes; errors take OpenAI's shape (see :mod:`.errors`) with the same status cod
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
 from typing import Any
 
 from apiflask import APIBlueprint
+from flask import request
 
+from ..engine import grammar
 from ..engine.base import Completion, GenerationRequest
 from ..models import CallKind
+from ..models_file import ModelEntry
 from . import streaming
-from .context import check_prompt_size, intent, note_usage, runtime, sampling_params
+from .context import check_prompt_size, intent, may_use, model_entry, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
-from .errors import declare_dialect, rate_headers
+from .errors import api_error, declare_dialect, rate_headers
 from .idempotency import idempotent
-from .protocol import completion_body
-from .schemas import ChatCompletionIn, CompletionIn, CompletionOut, ModelListOut
+from .protocol import completion_body, unsupported_parameter
+from .schemas import ChatCompletionIn, CompletionIn, CompletionOut, ModelListOut, ModelOut
 from .security import auth
 
 bp = APIBlueprint("openai", __name__, url_prefix="/v1", tag="OpenAI-compatible")
@@ -28,8 +33,9 @@ bp = APIBlueprint("openai", __name__, url_prefix="/v1", tag="OpenAI-compatible")
 declare_dialect(bp, "openai")
 
 # the same situations as the seed's routes, in OpenAI's error shape
-_ERRORS = error_responses(400, 401, 413, 422, 429, 500, 502, 503, 504, openai=True,
-                          d400="Invalid JSON or parameter")
+_ERRORS = error_responses(400, 401, 403, 404, 413, 422, 429, 500, 502, 503, 504, openai=True,
+                          d400="Invalid JSON or parameter",
+                          d404="No model of that id or alias (`model_not_found`; nothing charged)")
 
 _SSE = {"schema": SSE_EVENT_SCHEMA, "example": (
     'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
@@ -46,16 +52,36 @@ def _ok(description: str) -> dict[str, Any]:
 _STARTED = int(time.time())
 
 
-def _params(data: dict[str, Any]):
+def _params(data: dict[str, Any], model: ModelEntry):
     """OpenAI's fields → our validated SamplingParams (nulls mean 'default')."""
     clean = {k: v for k, v in data.items() if v is not None}
     if "max_completion_tokens" in clean:
         clean["max_tokens"] = clean["max_completion_tokens"]
-    return sampling_params(clean)
+    return sampling_params(clean, model)
 
 
-def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any], *, chat: bool):
-    call = intent(gen_request, kind)
+def _refuse_unsupported(*supported: str) -> None:
+    """A field we cannot honour is an error naming it, never silently dropped."""
+    name = unsupported_parameter(request.get_json(silent=True), supported)
+    if name is not None:
+        raise api_error(400, f"Unsupported parameter: '{name}' is not supported with this model.",
+                        code="unsupported_parameter", param=name)
+
+
+def _response_format(data: dict[str, Any], model: ModelEntry) -> str | None:
+    """``response_format``: a grammar for local models (refused with a 400 if the
+    schema cannot be enforced), passed through as sent to a remote upstream."""
+    rf = data.get("response_format")
+    if rf is not None and model.backend == "openai":
+        return None if rf.get("type") == "text" else json.dumps(rf)
+    try:
+        return grammar.canonical(rf)
+    except grammar.GrammarError as exc:
+        raise api_error(400, str(exc), code="invalid_request", param=exc.field) from None
+
+
+def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any], model: ModelEntry, *, chat: bool):
+    call = intent(gen_request, kind, model)
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         return streaming.start(call, chat=chat, include_usage=include_usage)
@@ -90,9 +116,12 @@ def chat_completions(json_data: dict):
         {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
         for m in json_data["messages"]
     ]
+    _refuse_unsupported("response_format")
     check_prompt_size("".join(m["content"] for m in messages))
-    gen_request = GenerationRequest.chat(messages, _params(json_data))
-    return _serve(gen_request, CallKind.CHAT, json_data, chat=True)
+    model = model_entry(json_data.get("model"))
+    params = replace(_params(json_data, model), response_format=_response_format(json_data, model))
+    gen_request = GenerationRequest.chat(messages, params)
+    return _serve(gen_request, CallKind.CHAT, json_data, model, chat=True)
 
 
 @bp.post("/completions")
@@ -103,19 +132,40 @@ def chat_completions(json_data: dict):
 @idempotent(stream_reply=_stream_reply(chat=False))
 def completions(json_data: dict):
     """Continue a raw prompt (no chat template). Uses one unit of quota; stored as kind `completion`."""
+    _refuse_unsupported()
     check_prompt_size(json_data["prompt"])
-    gen_request = GenerationRequest(prompt=json_data["prompt"], params=_params(json_data))
-    return _serve(gen_request, CallKind.COMPLETION, json_data, chat=False)
+    model = model_entry(json_data.get("model"))
+    gen_request = GenerationRequest(prompt=json_data["prompt"], params=_params(json_data, model))
+    return _serve(gen_request, CallKind.COMPLETION, json_data, model, chat=False)
+
+
+def _model_view(model: ModelEntry) -> dict[str, Any]:
+    """A ``model`` object, with the context size and backend OpenAI's lacks."""
+    view = {"id": model.id, "object": "model", "created": _STARTED, "owned_by": model.owned_by,
+            "context_length": model.context_size, "backend": model.backend, "aliases": list(model.aliases)}
+    if runtime().models.lenient:
+        # no MODELS_FILE: the one model, named as its engine names it (as before there were several)
+        engine = runtime().engine
+        view.update(id=engine.model_name, context_length=engine.context_size)
+    return view
 
 
 @bp.get("/models")
 @bp.auth_required(auth)
 @bp.doc(summary="List models (OpenAI-compatible)", responses={
-    200: {"description": "The one model this service serves",
+    200: {"description": "The models this service serves",
           "content": {"application/json": {"schema": ModelListOut}}},
     **error_responses(401, openai=True)})
 def list_models():
-    """The one model this service serves."""
-    engine = runtime().engine
-    return {"object": "list", "data": [
-        {"id": engine.model_name, "object": "model", "created": _STARTED, "owned_by": "model-api"}]}
+    """The models this service serves (MODELS_FILE) that the caller may use, with context size and backend."""
+    return {"object": "list", "data": [_model_view(m) for m in runtime().models if may_use(m)]}
+
+
+@bp.get("/models/<path:model_id>")
+@bp.auth_required(auth)
+@bp.doc(summary="Retrieve a model (OpenAI-compatible)", responses={
+    200: {"description": "The model", "content": {"application/json": {"schema": ModelOut}}},
+    **error_responses(401, 403, 404, openai=True, d404="No model of that id or alias")})
+def retrieve_model(model_id: str):
+    """One served model, by id or alias."""
+    return _model_view(model_entry(model_id))

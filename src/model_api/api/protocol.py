@@ -91,3 +91,41 @@ class ChunkFormat:
 
     def usage(self, c: Completion) -> dict[str, Any]:
         return self._chunk([], usage=usage_of(c))
+
+
+#: OpenAI request fields this service cannot honour, each with the values that ask
+#: for nothing (accepted). Anything else is refused (400 ``unsupported_parameter``)
+#: rather than silently dropped; fields that change nothing we do (``user``,
+#: ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``) are accepted.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+}
+
+
+def unsupported_parameter(body: Any, supported: tuple[str, ...] = ()) -> str | None:
+    """The first field of a /v1 request body that asks for something we cannot do
+    (``supported``: fields of the table the route does handle)."""
+    if not isinstance(body, dict):
+        return None
+    for name, accepted in UNSUPPORTED.items():
+        if name in body and name not in supported and body[name] not in accepted:
+            return name
+    return None

@@ -124,6 +124,8 @@ class CallModelIn(Schema):
         metadata={"description": "Nucleus sampling mass, in (0, 1].", "exclusiveMinimum": 0},
     )
     seed = WholeNumber(strict=True, metadata={"description": "Seed for reproducible sampling."})
+    model = String(validate=Length(min=1, max=255), metadata={
+        "description": "Id (or alias) of the model to call (`GET /v1/models`); default: the default model."})
     stream = Boolean(
         load_default=False,
         metadata={"description": "Stream the reply as Server-Sent Events (`chat.completion.chunk` "
@@ -366,7 +368,8 @@ class _OpenAISampling(Schema):
         unknown = EXCLUDE  # OpenAI clients send many optional fields this model has no use for
 
     model = String(allow_none=True, metadata={
-        "description": "Accepted and ignored: this service serves one model (see GET /v1/models)."})
+        "description": "Id (or alias) of the model (`GET /v1/models`); null: the default model. Without "
+        "MODELS_FILE the one model answers to any name."})
     max_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
                              metadata={"description": "Most tokens to generate (capped by MAX_TOKENS_CAP)."})
     temperature = Float(allow_none=True, validate=Range(min=0, max=2))
@@ -381,7 +384,9 @@ class _OpenAISampling(Schema):
             {"type": "null"},
         ],
     })
-    n = WholeNumber(strict=True, allow_none=True, validate=OneOf([1], error="only n=1 is supported"))
+    # n > 1 is refused by the route as an unsupported parameter (api/protocol.py)
+    n = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
+                    metadata={"description": "Only 1 (one choice per call)."})
     stream = Boolean(allow_none=True, load_default=False)
     stream_options = Nested(StreamOptions, allow_none=True)
 
@@ -400,6 +405,10 @@ class ChatCompletionIn(_OpenAISampling):
     messages = MessageList(Nested(MessageIn), required=True, validate=Length(min=1),
                            metadata={"description": "The conversation: at most MAX_MESSAGES messages, "
                                      "MAX_PROMPT_CHARS characters of content in all."})
+    response_format = Dict(allow_none=True, metadata={
+        "description": "`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": "
+        "{\"name\": ..., \"schema\": {...}}}`: on local models sampling is constrained by a grammar, so "
+        "the reply parses (and matches the schema); passed through to remote upstreams."})
     max_completion_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
                                         metadata={"description": "Same as max_tokens (wins if both are given)."})
 
@@ -456,6 +465,9 @@ class ModelOut(Schema):
     object = String(required=True, metadata={"example": "model"})
     created = Integer(required=True)
     owned_by = String(required=True)
+    context_length = Integer(metadata={"description": "The model's context window (tokens).", "example": 2048})
+    backend = String(metadata={"description": "`batching`, `llama` or `openai` (a remote upstream)."})
+    aliases = List(String(), metadata={"description": "Other names that reach this model."})
 
 
 class ModelListOut(Schema):
@@ -485,7 +497,8 @@ class CallOut(Schema):
     response = String(allow_none=True)
     error = String(allow_none=True)
     finish_reason = String(allow_none=True)
-    model = String(allow_none=True)
+    model = String(allow_none=True, metadata={"description": "The name the model reported."})
+    model_id = String(allow_none=True, metadata={"description": "The served model's id the call was routed to."})
     usage = Dict(allow_none=True)
     created_at = String()
     finished_at = String(allow_none=True)

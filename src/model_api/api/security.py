@@ -12,7 +12,7 @@ from apiflask import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
 from flask import current_app, g, request
 
 from ..observability import metrics
-from ..services import api_keys
+from ..services import access, api_keys
 from ..services import auth as auth_service
 from ..services import quota
 from ..services.auth import USERNAME_MAX
@@ -71,6 +71,8 @@ class Principal:
     #: visibly out of quota before the model starts (the database's atomic
     #: reservation still decides)
     quota: QuotaState | None = None
+    #: the model ids this request may use (the user's list narrowed by the key's); None: any
+    models: frozenset[str] | None = None
 
 
 @basic_auth.verify_password
@@ -130,7 +132,8 @@ def _principal(scheme: str, name_for_log: str | None, lookup) -> Principal | Non
         return None
     g.user = row.username
     return Principal(row.id, row.username,
-                     quota.state_of_user(row, rt.policy.default_quota, rt.policy.window_seconds))
+                     quota.state_of_user(row, rt.policy.default_quota, rt.policy.window_seconds),
+                     access.effective(row.allowed_models, getattr(row, "key_models", None)))
 
 
 def current_principal() -> Principal:

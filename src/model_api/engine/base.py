@@ -24,10 +24,15 @@ class SamplingParams:
     top_p: float = 0.95
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: OpenAI's response_format as canonical JSON (engine/grammar.py); None: free text
+    response_format: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (a call row stores this, and an async job is rebuilt from it)."""
-        return {**asdict(self), "stop": list(self.stop)}
+        out = {**asdict(self), "stop": list(self.stop)}
+        if out["response_format"] is None:
+            del out["response_format"]  # rows of free-text calls look as they always did
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:

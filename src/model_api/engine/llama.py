@@ -10,8 +10,14 @@ from typing import Any
 import llama_cpp
 
 from .base import Completion, EngineError, Generation, PreparedPrompt, SamplingParams
+from .grammar import gbnf
 from .local import LocalGGUFEngine, default_model_path, default_threads
 from .stops import StopMatcher
+
+
+def _grammar(response_format: str) -> llama_cpp.LlamaGrammar:
+    # a fresh object per generation: llama-cpp-python keeps parse state in it
+    return llama_cpp.LlamaGrammar.from_string(gbnf(response_format), verbose=False)
 
 
 class LlamaEngine(LocalGGUFEngine):
@@ -128,6 +134,8 @@ class _LlamaGeneration(Generation):
             top_k=0,
             min_p=0.0,
             stopping_criteria=llama_cpp.StoppingCriteriaList([self._on_token]),
+            # response_format: sampling constrained to the JSON (schema) grammar
+            grammar=None if p.response_format is None else _grammar(p.response_format),
         )
 
     def __next__(self) -> str:

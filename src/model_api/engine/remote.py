@@ -159,6 +159,8 @@ class OpenAIEngine(Engine):
             body["seed"] = p.seed
         if p.stop:
             body["stop"] = list(p.stop)
+        if p.response_format is not None:
+            body["response_format"] = json.loads(p.response_format)  # passed through as the client sent it
         if request.prompt is not None:
             return "completions", {**body, "prompt": request.prompt}
         return "chat/completions", {**body, "messages": [dict(m) for m in request.messages or ()]}

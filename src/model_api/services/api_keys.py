@@ -35,12 +35,14 @@ class NewKey:
     prefix: str
 
 
-def create_key(session: Session, user: User, name: str | None = None) -> NewKey:
-    """Create a key for ``user``; the returned ``key`` is not stored anywhere."""
+def create_key(session: Session, user: User, name: str | None = None, models: list[str] | None = None) -> NewKey:
+    """Create a key for ``user`` (limited to ``models`` ids within the user's, if
+    given); the returned ``key`` is not stored anywhere."""
     if name is not None and len(name) > 100:
         raise UserError("key name must be at most 100 characters")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(user_id=user.id, name=name, prefix=key[:SHOWN_PREFIX], key_hash=hash_key(key))
+    row = ApiKey(user_id=user.id, name=name, prefix=key[:SHOWN_PREFIX], key_hash=hash_key(key),
+                 allowed_models=None if models is None else sorted(set(models)))
     session.add(row)
     session.flush()
     return NewKey(row.id, key, row.prefix)
@@ -80,7 +82,8 @@ def authenticate(conn: Connection | Session, key: str) -> Row | None:
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     row = conn.execute(
-        select(*ACCOUNT_COLUMNS, ApiKey.id.label("key_id"), ApiKey.last_used_at)
+        select(*ACCOUNT_COLUMNS, ApiKey.id.label("key_id"), ApiKey.last_used_at,
+               ApiKey.allowed_models.label("key_models"))
         .join(User)
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None), User.is_active.is_(True))
     ).first()

@@ -77,9 +77,10 @@ class CredentialCache:
             self._entries[key] = time.monotonic() + self._ttl
 
 
-#: what a credential check hands back: who the caller is and their quota
-#: counters (so a caller visibly out of quota is refused before any model work)
-ACCOUNT_COLUMNS = (User.id, User.username, User.quota, User.used, User.window_started_at)
+#: what a credential check hands back: who the caller is, their quota counters
+#: (so a caller visibly out of quota is refused before any model work) and the
+#: models they may use
+ACCOUNT_COLUMNS = (User.id, User.username, User.quota, User.used, User.window_started_at, User.allowed_models)
 
 # built once: this runs on every request
 _ACCOUNT_BY_NAME = select(*ACCOUNT_COLUMNS, User.is_active, User.password_hash).where(

@@ -11,17 +11,20 @@ the engine's next step and the error propagates, nothing charged or written.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..engine.base import Completion, Generation
+from ..engine.base import Completion, ContextOverflow, Engine, EngineError, Generation, PreparedPrompt
 from ..engine.registry import EngineRegistry
 from .intent import CallIntent
 from .ledger import Ledger, QuotaPolicy, open_call, refuse_if_spent
 from .quota import QuotaState
 from .streaming import StreamingCall
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,13 @@ class ModelCalls:
 
     def _start(self, intent: CallIntent, cancel: threading.Event | None) -> _Started:
         refuse_if_spent(self.db, intent)
-        engine = self.engines.get(intent.model)
-        prompt = engine.prepare(intent.request)
-        gen = engine.stream(prompt, cancel)
+        if intent.fallbacks:
+            model_id, engine, prompt, gen = start_generation(self.engines, intent, cancel)
+            intent = replace(intent, model=model_id)  # the row names the model that answers
+        else:  # the common path stays three frames below the route (tests/api/test_request_path.py)
+            engine = self.engines.get(intent.model)
+            prompt = engine.prepare(intent.request)
+            gen = engine.stream(prompt, cancel)
         try:
             call_id, state = open_call(self.db, intent, self.policy, prompt_tokens=prompt.n_tokens,
                                        model=engine.model_name, worker=self.worker())
@@ -90,3 +97,62 @@ class ModelCalls:
             gen.close()
             raise
         return _Started(gen, call_id, state, prompt.n_tokens, engine.model_name)
+
+
+def start_generation(engines: EngineRegistry, intent: CallIntent, cancel: threading.Event | None
+                     ) -> tuple[str | None, Engine, PreparedPrompt, Generation]:
+    """Start the intent's model, or when it fails before its first token (an
+    upstream down, erroring or at capacity; a model that cannot load) its
+    fallbacks in order. Returns (model id, engine, prompt, generation).
+
+    Without fallbacks the generation is returned unstarted, as it always was;
+    with some, each candidate but the last is run to its first delta (the only
+    way to know it answers), and that delta is handed on first. A prompt that
+    does not fit is the client's problem, not the model's: no fallback for it.
+    """
+    candidates = (intent.model, *intent.fallbacks)
+    for i, model_id in enumerate(candidates):
+        last = i == len(candidates) - 1
+        try:
+            engine = engines.get(model_id)
+            prompt = engine.prepare(intent.request)
+            gen = engine.stream(prompt, cancel)
+            if last:
+                return model_id, engine, prompt, gen
+            try:
+                first: str | None = next(gen)
+            except StopIteration:
+                first = None
+            return model_id, engine, prompt, _Primed(gen, first)
+        except ContextOverflow:
+            raise
+        except Exception as exc:
+            if last or not isinstance(exc, (EngineError, OSError, ValueError)):
+                raise
+            log.warning("model failed before its first token; trying its fallback",
+                        extra={"model": model_id, "fallback": candidates[i + 1], "error": str(exc)[:200]})
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Primed(Generation):
+    """A generation already run to its first delta (``None``: it ended before any)."""
+
+    def __init__(self, gen: Generation, first: str | None):
+        self._gen = gen
+        self._first = first
+        self._started = False
+
+    @property
+    def result(self) -> Completion | None:  # type: ignore[override]
+        return self._gen.result
+
+    def __next__(self) -> str:
+        if not self._started:
+            self._started = True
+            if self._first is None:
+                raise StopIteration
+            return self._first
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()

@@ -26,3 +26,5 @@ class CallIntent:
     model: str | None = None
     #: async jobs: where to POST the job's status when it ends (already checked)
     callback_url: str | None = None
+    #: model ids tried in order when ``model`` fails before its first token (MODELS_FILE ``fallbacks``)
+    fallbacks: tuple[str, ...] = ()

@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 from .. import process
 from ..db import Database, as_utc, utcnow
 from ..engine.base import ContextOverflow, EngineError
-from ..engine.registry import EngineRegistry
+from ..engine.registry import EngineRegistry, UnknownModel
 from ..models import Call, CallKind, CallStatus
 from ..observability import logs, metrics
 from .calls import CallOutcome
@@ -202,8 +202,12 @@ class Jobs:
         job_uuid = call.id
         event = self.cancels.register(str(job_uuid))
         try:
-            engine = self.engines.get()
+            # the model the job was submitted to (rows from before MODELS_FILE: the default)
+            engine = self.engines.get(call.model_id)
             result = engine.generate(engine.prepare(request_of(call)), event)
+        except UnknownModel as exc:  # the models file changed since the job was queued
+            record_failure(self.db, job_uuid, f"the model {exc.model_id!r} is no longer served")
+            return CallStatus.FAILED.value
         except ContextOverflow as exc:
             self.ledger.fail(job_uuid, str(exc))
             return CallStatus.FAILED.value

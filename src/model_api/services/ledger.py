@@ -165,6 +165,7 @@ def open_call(db: Database, intent: CallIntent, policy: QuotaPolicy, *, prompt_t
             params={**request.params.to_dict(), **({"raw_prompt": True} if request.prompt is not None else {})},
             prompt_tokens=prompt_tokens,
             model=model,
+            model_id=intent.model,
             request_id=intent.request_id,
             started_at=None if queued else utcnow(),
             worker=None if queued else worker,

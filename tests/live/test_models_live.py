@@ -1,0 +1,145 @@
+"""Many models over real HTTP: a gunicorn process serving two ids of the real
+SmolLM2 model from a MODELS_FILE, the official ``openai`` SDK as the client
+(structured output at temperature 1.0), and a second service process whose
+models file points one id at the first over HTTP."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import openai
+import pytest
+import requests
+from sqlalchemy import select
+
+from model_api.models import Call, User
+from model_api.services import api_keys
+from model_api.services import auth as auth_service
+
+from ..conftest import DEFAULT_PASSWORD, basic
+from .test_openai_live import Server, sdk, start_server
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+UPSTREAM_MODELS = """\
+default: smol
+models:
+  smol:
+    backend: batching
+    n_ctx: 1024
+    n_parallel: 8
+  smol-short:
+    backend: llama
+    n_ctx: 512
+    defaults: {temperature: 0, max_tokens: 6}
+"""
+
+# short to generate (about 25 tokens): 50 of them on a shared 2-core machine
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 10},
+        "age": {"type": "integer"},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 2},
+        "retired": {"type": "boolean"},
+    },
+    "required": ["name", "age", "colour", "pets", "retired"],
+    "additionalProperties": False,
+}
+
+
+def write(tmp, name: str, text: str) -> str:
+    path = tmp / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def upstream(db_url, tmp_path_factory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("models-live")
+    s = start_server(db_url, tmp / "upstream.log", MODELS_FILE=write(tmp, "models.yaml", UPSTREAM_MODELS))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def key(database) -> str:
+    with database.session() as s:
+        user = auth_service.create_user(s, "alice", DEFAULT_PASSWORD, quota=100)
+        return api_keys.create_key(s, user, "sdk").key
+
+
+def calls(database) -> list[Call]:
+    with database.session() as s:
+        return list(s.scalars(select(Call).order_by(Call.created_at)))
+
+
+def test_fifty_json_schema_replies_at_temperature_one_all_parse_and_validate(upstream, key, database):
+    # eight at a time (the batching engine's n_parallel); patient, as the machine may be busy
+    client = openai.OpenAI(base_url=upstream.url + "/v1", api_key=key, max_retries=0, timeout=900)
+
+    def ask(i: int):
+        return client.chat.completions.create(
+            model="smol", temperature=1.0, max_tokens=80, seed=i,
+            messages=[{"role": "user", "content": "Invent a person."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, range(50)))
+    texts = [r.choices[0].message.content for r in replies]
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert all(r.choices[0].finish_reason == "stop" for r in replies)  # the grammar ended each, not max_tokens
+    assert len(set(texts)) > 10  # temperature 1.0: the grammar constrains, it does not fix, the content
+    assert {(c.model_id, c.status) for c in calls(database)} == {("smol", "completed")}
+
+
+def test_the_sdk_lists_and_retrieves_models_and_sees_a_404_for_an_unknown_one(upstream, key):
+    client = sdk(upstream, key)
+    listed = {m.id: m for m in client.models.list().data}
+    assert set(listed) == {"smol", "smol-short"}
+    assert (listed["smol"].context_length, listed["smol"].backend) == (1024, "batching")
+    assert client.models.retrieve("smol-short").context_length == 512
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+    assert missing.value.body["code"] == "model_not_found"
+
+
+def test_a_front_instance_serves_the_first_as_one_of_its_models(upstream, database, tmp_path):
+    with database.session() as s:
+        relay = auth_service.create_user(s, "relay", DEFAULT_PASSWORD, quota=10)
+        relay_key = api_keys.create_key(s, relay, "front").key
+        auth_service.create_user(s, "dave", DEFAULT_PASSWORD, quota=5)
+    front_models = write(tmp_path, "front.yaml", f"""\
+        default: local
+        models:
+          local:
+            backend: llama
+            n_ctx: 512
+          remote:
+            backend: openai
+            base_url: {upstream.url}/v1
+            api_key_env: UPSTREAM_KEY
+            upstream_model: smol-short
+            n_ctx: 512
+        """)
+    front = start_server(database.url, tmp_path / "front.log", MODELS_FILE=front_models, UPSTREAM_KEY=relay_key)
+    try:
+        r = requests.post(front.url + "/call_model", json={"prompt": "Hi", "model": "remote"},
+                          headers=basic("dave"), timeout=120)
+        assert r.status_code == 201, r.text
+        listed = requests.get(front.url + "/v1/models", headers=basic("dave"), timeout=30).json()["data"]
+        assert [(m["id"], m["backend"], m["owned_by"]) for m in listed] == [
+            ("local", "llama", "model-api"), ("remote", "openai", "127.0.0.1")]
+        with database.session() as s:
+            by_user = dict(s.execute(select(User.username, Call.model_id).join(Call)).all())
+        # one row on each side: the front's names its id, the upstream's the id it was asked for
+        assert by_user == {"dave": "remote", "relay": "smol-short"} and len(calls(database)) == 2
+        assert r.json()["usage"]["completion_tokens"] <= 6  # the upstream's per-model default applied
+    finally:
+        front.stop()
