@@ -72,7 +72,7 @@ def start_server(db_url: str, log: Path, **env: str) -> Server:
             raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
         try:
             return requests.get(server.url + "/ready", timeout=2).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # a worker still booting holds the connection
             return False
 
     try:
