@@ -41,16 +41,18 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from ..db import Database, utcnow
 from ..models import Call, WebhookDelivery, WebhookSecret, WebhookState
 from .history import job_view
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +267,8 @@ class Webhooks:
         return out
 
     def _attempt(self, a: _Attempt) -> None:
+        import httpx  # here, not at start-up: a web process boots faster and may never deliver one
+
         status: int | None = None
         error: str | None = None
         try:
@@ -295,6 +299,8 @@ class Webhooks:
         self._record(a, status, error)
 
     def _post(self, a: _Attempt, payload: bytes, secret: str) -> int:
+        import httpx
+
         addresses = check_url(a.url, production=self.policy.production, allow_private=self.policy.allow_private)
         parts = urlsplit(a.url)
         url, headers, extensions = a.url, {}, {}
