@@ -80,3 +80,8 @@ def test_text_is_no_format_and_formats_are_stored_canonically():
     a = grammar.canonical({"type": "json_schema", "json_schema": {"schema": {"type": "object"}, "name": "x"}})
     b = grammar.canonical({"json_schema": {"name": "x", "schema": {"type": "object"}}, "type": "json_schema"})
     assert a == b
+
+
+def test_a_response_format_that_is_not_an_object_is_refused():
+    with pytest.raises(grammar.GrammarError, match="must be an object"):
+        grammar.canonical("json")

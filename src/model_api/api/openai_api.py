@@ -72,7 +72,7 @@ def _response_format(data: dict[str, Any], model: ModelEntry) -> str | None:
     """``response_format``: a grammar for local models (refused with a 400 if the
     schema cannot be enforced), passed through as sent to a remote upstream."""
     rf = data.get("response_format")
-    if rf is not None and model.backend == "openai":
+    if isinstance(rf, dict) and model.backend == "openai":
         return None if rf.get("type") == "text" else json.dumps(rf)
     try:
         return grammar.canonical(rf)

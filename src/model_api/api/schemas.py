@@ -386,7 +386,7 @@ class _OpenAISampling(Schema):
     })
     # n > 1 is refused by the route as an unsupported parameter (api/protocol.py)
     n = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
-                    metadata={"description": "Only 1 (one choice per call)."})
+                    metadata={"description": "Only 1 (one choice per call).", "maximum": 1})
     stream = Boolean(allow_none=True, load_default=False)
     stream_options = Nested(StreamOptions, allow_none=True)
 
@@ -405,10 +405,29 @@ class ChatCompletionIn(_OpenAISampling):
     messages = MessageList(Nested(MessageIn), required=True, validate=Length(min=1),
                            metadata={"description": "The conversation: at most MAX_MESSAGES messages, "
                                      "MAX_PROMPT_CHARS characters of content in all."})
-    response_format = Dict(allow_none=True, metadata={
+    # checked by the route (engine/grammar.py: 400 naming the part it cannot enforce)
+    response_format = fields.Raw(allow_none=True, metadata={
         "description": "`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": "
         "{\"name\": ..., \"schema\": {...}}}`: on local models sampling is constrained by a grammar, so "
-        "the reply parses (and matches the schema); passed through to remote upstreams."})
+        "the reply parses (and matches the schema); passed through to remote upstreams. `schema` may be any "
+        "JSON Schema whose keywords the grammar can enforce (README \"Structured output\"); the document "
+        "shows the simplest ones.",
+        "oneOf": [
+            {"type": "null"},
+            {"type": "object", "required": ["type"],
+             "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "json_schema"], "properties": {
+                "type": {"type": "string", "enum": ["json_schema"]},
+                "json_schema": {"type": "object", "required": ["schema"], "properties": {
+                    "name": {"type": "string"},
+                    "strict": {"type": ["boolean", "null"]},
+                    "schema": {"type": "object", "required": ["type"], "additionalProperties": False,
+                               "properties": {"type": {"type": "string", "enum": [
+                                   "object", "array", "string", "integer", "number", "boolean", "null"]}}},
+                }},
+            }},
+        ],
+    })
     max_completion_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
                                         metadata={"description": "Same as max_tokens (wins if both are given)."})
 

@@ -43,6 +43,8 @@ def canonical(response_format: dict[str, Any] | None) -> str | None:
     raises GrammarError otherwise."""
     if response_format is None:
         return None
+    if not isinstance(response_format, dict):
+        raise GrammarError("response_format must be an object with a `type`")
     kind = response_format.get("type")
     if kind == "text":
         return None
