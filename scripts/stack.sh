@@ -253,7 +253,8 @@ cmd_down() {
     if running "$name"; then
       pid="$(pid_of "$name")"
       log "stopping $name (pid $pid)"
-      kill -TERM "$pid" 2>/dev/null || true
+      # nginx: QUIT is its graceful stop (in-flight requests finish); TERM would cut them
+      if [[ "$name" == proxy ]]; then kill -QUIT "$pid" 2>/dev/null || true; else kill -TERM "$pid" 2>/dev/null || true; fi
     fi
   done
   deadline=$((SECONDS + STOP_TIMEOUT))

@@ -4,6 +4,7 @@ starts anything long-lived (no model needed)."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,9 @@ pytestmark = [pytest.mark.postgres]
 def _up(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL", "STACK_ENV_FILE")}
     base.update(PYTHONPATH=str(ROOT / "src"), BIN=str(Path(sys.executable).parent),
-                STACK_RUN_DIR=str(tmp_path / "run"), STACK_WORKER="off", PORT=str(free_port()), **env)
+                STACK_RUN_DIR=str(tmp_path / "run"), STACK_WORKER="off", PORT=str(free_port()),
+                # real secrets: .env.example's placeholders are refused in production before any step runs
+                SECRET_KEY=secrets.token_hex(32), ADMIN_PASSWORD=secrets.token_urlsafe(16), **env)
     return subprocess.run(["bash", str(STACK), "up"], env=base, cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 

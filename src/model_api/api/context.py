@@ -63,10 +63,15 @@ def check_prompt_size(text: str) -> None:
     """The cheap pre-check on characters, before any tokenizer runs."""
     limit = runtime().settings.max_prompt_chars
     if len(text) > limit:
-        if request_dialect() == "openai":  # OpenAI answers an over-long string with a 400
-            raise api_error(400, f"The input is {len(text)} characters; the limit is {limit}.",
-                            code="string_above_max_length")
-        raise api_error(422, f"prompt is {len(text)} characters; the limit is {limit}", code="prompt_too_long")
+        refuse_long_prompt(len(text), limit)
+
+
+def refuse_long_prompt(chars: int, limit: int) -> None:
+    """A prompt over MAX_PROMPT_CHARS, in the route's dialect."""
+    if request_dialect() == "openai":  # OpenAI answers an over-long string with a 400
+        raise api_error(400, f"The input is {chars} characters; the limit is {limit}.",
+                        code="string_above_max_length")
+    raise api_error(422, f"prompt is {chars} characters; the limit is {limit}", code="prompt_too_long")
 
 
 def intent(request: GenerationRequest, kind: CallKind, model: ModelEntry | None = None) -> CallIntent:

@@ -90,14 +90,14 @@ def _check_max_tokens(data: dict[str, Any], *names: str) -> None:
 
 def _check_prompt_chars(chars: int) -> None:
     """The cheap length guard before any tokenising: MAX_PROMPT_CHARS over the prompt,
-    or over all messages together. 422 ``prompt_too_long``, as a prompt too long in
-    tokens, once the request is otherwise valid."""
+    or over all messages together, once the request is otherwise valid. 422
+    ``prompt_too_long`` on the seed routes, OpenAI's 400 ``string_above_max_length``
+    on /v1 (one rule: :func:`.context.refuse_long_prompt`)."""
     s = _settings()
     if s is not None and chars > s.max_prompt_chars:
-        from .errors import api_error
+        from .context import refuse_long_prompt
 
-        raise api_error(422, f"prompt is {chars} characters; the limit is {s.max_prompt_chars}",
-                        code="prompt_too_long")
+        refuse_long_prompt(chars, s.max_prompt_chars)
 
 
 class CallModelIn(Schema):
