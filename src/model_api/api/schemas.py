@@ -100,7 +100,20 @@ def _check_prompt_chars(chars: int) -> None:
         refuse_long_prompt(chars, s.max_prompt_chars)
 
 
-class CallModelIn(Schema):
+class _PromptLimits(Schema):
+    """``max_tokens`` under its cap and ``prompt`` under MAX_PROMPT_CHARS, for the
+    schemas that take a single ``prompt``."""
+
+    @validates_schema(skip_on_field_errors=False)
+    def _within_caps(self, data: dict[str, Any], **_kw: object) -> None:
+        _check_max_tokens(data, "max_tokens")
+
+    @validates_schema  # skipped when a field is invalid: those are reported first, all at once
+    def _prompt_size(self, data: dict[str, Any], **_kw: object) -> None:
+        _check_prompt_chars(len(data["prompt"]))
+
+
+class CallModelIn(_PromptLimits):
     class Meta:
         unknown = EXCLUDE
 
@@ -137,13 +150,6 @@ class CallModelIn(Schema):
         if not value.strip():
             raise ValidationError("must not be blank")
 
-    @validates_schema(skip_on_field_errors=False)
-    def _within_caps(self, data: dict[str, Any], **_kw: object) -> None:
-        _check_max_tokens(data, "max_tokens")
-
-    @validates_schema  # skipped when a field is invalid: those are reported first, all at once
-    def _prompt_size(self, data: dict[str, Any], **_kw: object) -> None:
-        _check_prompt_chars(len(data["prompt"]))
 
 
 class AsyncCallModelIn(CallModelIn):
@@ -440,17 +446,9 @@ class ChatCompletionIn(_OpenAISampling):
         _check_prompt_chars(sum(len(m["content"]) for m in data["messages"]))
 
 
-class CompletionIn(_OpenAISampling):
+class CompletionIn(_OpenAISampling, _PromptLimits):
     prompt = String(required=True, validate=Length(min=1),
                     metadata={"description": "Raw text the model continues (no chat template)."})
-
-    @validates_schema(skip_on_field_errors=False)
-    def _within_caps(self, data: dict[str, Any], **_kw: object) -> None:
-        _check_max_tokens(data, "max_tokens")
-
-    @validates_schema  # skipped when a field is invalid: those are reported first, all at once
-    def _prompt_size(self, data: dict[str, Any], **_kw: object) -> None:
-        _check_prompt_chars(len(data["prompt"]))
 
 
 class OpenAIErrorBody(Schema):
