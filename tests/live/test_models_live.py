@@ -74,9 +74,10 @@ def key(database) -> str:
         return api_keys.create_key(s, user, "sdk").key
 
 
-def calls(database) -> list[Call]:
+def calls(database, username: str = "alice") -> list[Call]:
+    """This test's user's calls (other suites' live servers may share the database)."""
     with database.session() as s:
-        return list(s.scalars(select(Call).order_by(Call.created_at)))
+        return list(s.scalars(select(Call).join(User).where(User.username == username).order_by(Call.created_at)))
 
 
 def test_fifty_json_schema_replies_at_temperature_one_all_parse_and_validate(upstream, key, database):
