@@ -59,13 +59,6 @@ def sampling_params(data: dict[str, Any], model: ModelEntry | None = None) -> Sa
     )
 
 
-def check_prompt_size(text: str) -> None:
-    """The cheap pre-check on characters, before any tokenizer runs."""
-    limit = runtime().settings.max_prompt_chars
-    if len(text) > limit:
-        refuse_long_prompt(len(text), limit)
-
-
 def refuse_long_prompt(chars: int, limit: int) -> None:
     """A prompt over MAX_PROMPT_CHARS, in the route's dialect."""
     if request_dialect() == "openai":  # OpenAI answers an over-long string with a 400

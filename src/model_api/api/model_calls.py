@@ -16,7 +16,7 @@ from ..models import CallKind, CallStatus
 from ..services.history import job_view as _job_view
 from ..services.jobs import JobNotFound
 from . import streaming
-from .context import check_prompt_size, intent, model_entry, note_usage, runtime, sampling_params
+from .context import intent, model_entry, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .errors import api_error, rate_headers
 from .idempotency import idempotent
@@ -77,7 +77,6 @@ def _stream_reply(call) -> tuple[dict, int]:
 @idempotent(stream_reply=_stream_reply)
 def call_model(json_data: dict):
     """Generate a reply to ``prompt`` and wait for it. Uses one unit of quota."""
-    check_prompt_size(json_data["prompt"])
     model = model_entry(json_data.get("model"))
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data, model))
     if json_data.get("stream"):
@@ -113,7 +112,6 @@ def async_call_model(json_data: dict):
     """Queue a generation and return its ``job_id`` at once; poll ``/async_call_status``, list
     ``/jobs``, or give a ``callback_url`` to be called when it ends.
     Uses one unit of quota (refunded if the job fails through the server's fault)."""
-    check_prompt_size(json_data["prompt"])
     model = model_entry(json_data.get("model"))
     request = GenerationRequest.single_prompt(json_data["prompt"], sampling_params(json_data, model))
     rt = runtime()

@@ -20,7 +20,7 @@ from ..engine.base import Completion, GenerationRequest
 from ..models import CallKind
 from ..models_file import ModelEntry
 from . import streaming
-from .context import check_prompt_size, intent, may_use, model_entry, note_usage, runtime, sampling_params
+from .context import intent, may_use, model_entry, note_usage, runtime, sampling_params
 from .docs import RATE_LIMIT_HEADERS, SSE_EVENT_SCHEMA, error_responses
 from .errors import api_error, declare_dialect, rate_headers
 from .idempotency import idempotent
@@ -117,7 +117,6 @@ def chat_completions(json_data: dict):
         for m in json_data["messages"]
     ]
     _refuse_unsupported("response_format")
-    check_prompt_size("".join(m["content"] for m in messages))
     model = model_entry(json_data.get("model"))
     params = replace(_params(json_data, model), response_format=_response_format(json_data, model))
     gen_request = GenerationRequest.chat(messages, params)
@@ -133,7 +132,6 @@ def chat_completions(json_data: dict):
 def completions(json_data: dict):
     """Continue a raw prompt (no chat template). Uses one unit of quota; stored as kind `completion`."""
     _refuse_unsupported()
-    check_prompt_size(json_data["prompt"])
     model = model_entry(json_data.get("model"))
     gen_request = GenerationRequest(prompt=json_data["prompt"], params=_params(json_data, model))
     return _serve(gen_request, CallKind.COMPLETION, json_data, model, chat=False)
