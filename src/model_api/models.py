@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, Uuid, false, true
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, Uuid, false, true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .db import Base, utcnow
@@ -53,6 +53,15 @@ class User(Base):
     # model ids this user may call; NULL means every model
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     is_active: Mapped[bool] = mapped_column(default=True, server_default=true())
+    # admins reach /admin and the console's operator pages (bootstrap's first user is one)
+    is_admin: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # per-user limits (issue 14); NULL means "the settings' default"
+    rpm_limit: Mapped[int | None] = mapped_column(default=None)
+    tpm_limit: Mapped[int | None] = mapped_column(default=None)
+    concurrency_limit: Mapped[int | None] = mapped_column(default=None)
+    token_budget: Mapped[int | None] = mapped_column(default=None)
+    # tokens charged against token_budget (prompt + completion, settled at the end of each call)
+    tokens_used: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     calls: Mapped[list[Call]] = relationship(back_populates="user")
@@ -79,6 +88,8 @@ class Call(Base):
     # above is the name the engine reported
     model_id: Mapped[str | None] = mapped_column(String(255), default=None)
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # the API key the call was made with; NULL for Basic auth (and for keys since deleted)
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"), default=None)
     # "host:pid:nonce" of the process running the call, to tell orphans from live work
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
     # True while the call holds a quota unit; flipped once on refund so a unit
@@ -98,6 +109,10 @@ class Call(Base):
     __table_args__ = (
         Index("ix_calls_user_id_created_at", "user_id", "created_at"),
         Index("ix_calls_status_created_at", "status", "created_at"),
+        # usage reports group a time range by key, by model or by day
+        Index("ix_calls_api_key_id_created_at", "api_key_id", "created_at"),
+        Index("ix_calls_model_id_created_at", "model_id", "created_at"),
+        Index("ix_calls_created_at", "created_at"),
     )
 
 
@@ -123,6 +138,16 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
     # model ids this key may call (within its user's); NULL means no narrowing
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    # past it the key is refused like a revoked one; NULL: never expires
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # per-key limits (issue 14), applied within the user's; NULL means no narrowing
+    rpm_limit: Mapped[int | None] = mapped_column(default=None)
+    tpm_limit: Mapped[int | None] = mapped_column(default=None)
+    concurrency_limit: Mapped[int | None] = mapped_column(default=None)
+    token_budget: Mapped[int | None] = mapped_column(default=None)
+    tokens_used: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # weight in the engine's fair scheduler (NULL: 1)
+    priority: Mapped[int | None] = mapped_column(default=None)
 
     user: Mapped[User] = relationship(back_populates="api_keys")
 
@@ -192,3 +217,18 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (Index("ix_webhook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),)
+
+
+class AdminEvent(Base):
+    """The audit log: one row per change made through the admin API, the console or the CLI."""
+
+    __tablename__ = "admin_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # NULL when the change came from the CLI (no signed-in actor)
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), default=None)
+    action: Mapped[str] = mapped_column(String(64))  # e.g. "user.create", "key.revoke"
+    target: Mapped[str | None] = mapped_column(String(255), default=None)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    request_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

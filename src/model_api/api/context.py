@@ -75,6 +75,7 @@ def intent(request: GenerationRequest, kind: CallKind, model: ModelEntry | None 
     fallbacks = () if model is None else tuple(
         f for f in model.fallbacks if user.models is None or f in user.models)
     return CallIntent(user_id=user.id, request=request, kind=kind, request_id=g.get("request_id"),
+                      api_key_id=user.api_key_id,
                       quota=user.quota, model=None if model is None else model.id, fallbacks=fallbacks)
 
 

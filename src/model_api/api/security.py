@@ -73,6 +73,8 @@ class Principal:
     quota: QuotaState | None = None
     #: the model ids this request may use (the user's list narrowed by the key's); None: any
     models: frozenset[str] | None = None
+    #: the API key used (None: Basic); recorded on call rows, for usage per key
+    api_key_id: int | None = None
 
 
 @basic_auth.verify_password
@@ -133,7 +135,8 @@ def _principal(scheme: str, name_for_log: str | None, lookup) -> Principal | Non
     g.user = row.username
     return Principal(row.id, row.username,
                      quota.state_of_user(row, rt.policy.default_quota, rt.policy.window_seconds),
-                     access.effective(row.allowed_models, getattr(row, "key_models", None)))
+                     access.effective(row.allowed_models, getattr(row, "key_models", None)),
+                     getattr(row, "key_id", None))
 
 
 def current_principal() -> Principal:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -85,7 +85,9 @@ def authenticate(conn: Connection | Session, key: str) -> Row | None:
         select(*ACCOUNT_COLUMNS, ApiKey.id.label("key_id"), ApiKey.last_used_at,
                ApiKey.allowed_models.label("key_models"))
         .join(User)
-        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None), User.is_active.is_(True))
+        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None), User.is_active.is_(True),
+               # an expired key is refused like a revoked one
+               or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > utcnow()))
     ).first()
     if row is None:
         return None

@@ -18,6 +18,8 @@ class CallIntent:
     request: GenerationRequest
     kind: CallKind
     request_id: str | None = None
+    #: the API key the call was made with (None: Basic auth)
+    api_key_id: int | None = None
     #: the user's quota as read with the credentials: lets a call refuse a user
     #: visibly out of quota before the model starts (the database's atomic
     #: reservation still decides)

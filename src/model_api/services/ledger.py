@@ -167,6 +167,7 @@ def open_call(db: Database, intent: CallIntent, policy: QuotaPolicy, *, prompt_t
             model=model,
             model_id=intent.model,
             request_id=intent.request_id,
+            api_key_id=intent.api_key_id,
             started_at=None if queued else utcnow(),
             worker=None if queued else worker,
             attempts=0 if queued else 1,
