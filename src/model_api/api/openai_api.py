@@ -87,7 +87,8 @@ def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any],
         return streaming.start(call, chat=chat, include_usage=include_usage)
     outcome = runtime().calls.run(call)
     note_usage(outcome.completion)
-    return completion_body(outcome.call_id, outcome.completion, chat=chat), 200, rate_headers(outcome.quota)
+    return completion_body(outcome.call_id, outcome.completion, chat=chat), 200, rate_headers(outcome.quota,
+                                                                                              outcome.rates)
 
 
 def _stream_reply(*, chat: bool):
