@@ -96,7 +96,7 @@ class Runtime:
 
             self._job_queue = InProcessExecutor(
                 self.jobs.run, workers=self.settings.job_workers, max_queue=self.settings.job_queue_size,
-                retry_on=DATABASE_UNAVAILABLE,
+                retry_on=DATABASE_UNAVAILABLE, scheduler=self.settings.model.scheduler,
             )
         return self._job_queue
 

@@ -147,7 +147,12 @@ class Jobs:
             admission.settle(0)
             raise
         try:
-            self._queue().enqueue(str(job_id))
+            queue = self._queue()
+            for_user = getattr(queue, "enqueue_for", None)  # a queue that serves users in turn
+            if for_user is not None:
+                for_user(str(job_id), intent.user_id)
+            else:
+                queue.enqueue(str(job_id))
         except Exception as exc:
             record_failure(self.db, job_id, f"could not enqueue: {exc}")
             admission.settle(0)
