@@ -339,8 +339,9 @@ class BatchingEngine(LocalGGUFEngine):
         for key, seen in list(self._last_seen.items()):
             if now - seen > self.ACTIVE_SECONDS:
                 del self._last_seen[key]  # forgotten: the map stays as small as the active users
-        others = any(s is not None and s.tenant != tenant for s in self._slots) or any(
-            key != tenant for key in self._last_seen)
+        others = (len(self._waiting) > self._waiting.waiting(tenant)
+                  or any(s is not None and s.tenant != tenant for s in self._slots)
+                  or any(key != tenant for key in self._last_seen))
         return not others
 
     @staticmethod
