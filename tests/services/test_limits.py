@@ -170,3 +170,11 @@ def test_the_token_retry_after_is_honest():
 def test_no_limit_holds_nothing():
     held = _limiter().admit(1, None, AccountLimits(), 10**9)
     assert held.state.requests is None and held.state.tokens is None
+
+
+def test_an_unreachable_counter_store_does_not_fail_calls():
+    # nothing listens on port 1: every call is served, the limits unenforced (and a warning logged)
+    limiter = Limiter("redis://127.0.0.1:1/0", Caps(rpm=1, concurrency=1))
+    for _ in range(3):
+        held = limiter.admit(1, None, AccountLimits(), 10)
+        assert held.state.requests is None

@@ -65,6 +65,8 @@ def admit(limiter: Limiter | None, db, intent: CallIntent, prompt_tokens: int) -
                              hold_slot=intent.kind != CallKind.ASYNC)
     except RateLimited as exc:
         exc.quota = intent.quota  # a 429 reports the quota too (X-RateLimit-*)
+        log.info("rate limited", extra={"limit_kind": exc.what, "limit_of": exc.whose, "limit": exc.limit,
+                                        "retry_after": exc.retry_after})
         raise
 
 

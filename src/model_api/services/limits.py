@@ -343,6 +343,19 @@ class Limiter:
                 ("user", user.concurrency, f"user/{user_id}")) if n is not None]
         if not (requests or token_rules or slots):
             return NOTHING_HELD
+        try:
+            return self._admit(requests, token_rules, slots, tokens)
+        except RateLimited:
+            raise
+        except Exception as exc:
+            # the counters' storage is unreachable: serve rather than fail every call
+            # (token budgets and the quota, in the database, still hold)
+            log.warning("rate limit storage unavailable; call admitted without rate limits",
+                        extra={"error": type(exc).__name__})
+            return NOTHING_HELD
+
+    def _admit(self, requests: list[_Rule], token_rules: list[_Rule], slots: list[tuple[str, str, int]],
+               tokens: int) -> Admission:
         for r in token_rules:
             if tokens > r.item.amount:  # no window can ever hold it
                 raise RateLimited("tokens", r.item.amount, None, self._state(requests, token_rules), r.whose)
