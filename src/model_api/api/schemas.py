@@ -340,9 +340,9 @@ class MessageIn(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    role = String(required=True, validate=OneOf(["system", "developer", "user", "assistant"]))
-    # null is OpenAI's "no text" (an assistant turn that only called tools): read as ""
-    content = ContentField(required=True, allow_none=True, metadata={
+    role = String(required=True, validate=OneOf(["system", "developer", "user", "assistant", "tool"]))
+    # null (or absent, on an assistant turn that only called tools) is "no text": read as ""
+    content = ContentField(allow_none=True, metadata={
         "description": "Text, or a list of text parts.",
         # a custom field: say in the document what _deserialize accepts (schemathesis checks both agree)
         "oneOf": [
@@ -354,12 +354,40 @@ class MessageIn(Schema):
         ],
     })
     name = String()
+    # an assistant turn's calls, and a tool turn's answer to one (engine/tools.py renders them)
+    tool_calls = List(Nested(lambda: ToolCallIn()), validate=Length(max=64), metadata={
+        "description": "An assistant turn's tool calls, as a chat completion returned them."})
+    tool_call_id = String(validate=Length(max=256), metadata={
+        "description": "On a `tool` turn: the id of the call it answers."})
+
+    @validates_schema
+    def _content_present(self, data: dict[str, Any], **_kw: object) -> None:
+        if "content" not in data and not (data.get("role") == "assistant" and data.get("tool_calls")):
+            raise ValidationError("Missing data for required field.", "content")
 
     @post_load
     def _null_content_is_empty(self, data: dict[str, Any], **_kw: object) -> dict[str, Any]:
         if data.get("content") is None:  # marshmallow skips the field's own handling of null
             data["content"] = ""
         return data
+
+
+class FunctionCallIn(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    name = String(required=True, validate=Length(min=1, max=64))
+    arguments = String(required=True, validate=Length(max=100_000), metadata={
+        "description": "The arguments, as JSON text."})
+
+
+class ToolCallIn(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = String(required=True, validate=Length(max=256))
+    type = String(load_default="function", validate=OneOf(["function"]))
+    function = Nested(FunctionCallIn, required=True)
 
 
 class StreamOptions(Schema):
@@ -436,6 +464,19 @@ class ChatCompletionIn(_OpenAISampling):
     })
     max_completion_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
                                         metadata={"description": "Same as max_tokens (wins if both are given)."})
+    # checked by the route (engine/tools.py: 400 naming the part that is wrong or cannot be enforced)
+    tools = List(fields.Dict(), allow_none=True, validate=Length(max=128), metadata={
+        "description": "Functions the model may call (`{\"type\": \"function\", \"function\": {\"name\", "
+        "\"description\", \"parameters\"}}`). On local models a grammar makes every call name an offered "
+        "function with arguments valid for its `parameters`; passed through to remote upstreams."})
+    tool_choice = fields.Raw(allow_none=True, metadata={
+        "description": "`\"none\"`, `\"auto\"` (default with tools: text or a call), `\"required\"`, or "
+        "`{\"type\": \"function\", \"function\": {\"name\": ...}}`.",
+        "oneOf": [{"type": "null"}, {"type": "string", "enum": ["none", "auto", "required"]},
+                  {"type": "object", "required": ["type", "function"], "properties": {
+                      "type": {"type": "string", "enum": ["function"]},
+                      "function": {"type": "object", "required": ["name"],
+                                   "properties": {"name": {"type": "string"}}}}}]})
 
     @validates_schema(skip_on_field_errors=False)
     def _within_caps(self, data: dict[str, Any], **_kw: object) -> None:
@@ -443,7 +484,8 @@ class ChatCompletionIn(_OpenAISampling):
 
     @validates_schema  # skipped when a field is invalid: those are reported first, all at once
     def _prompt_size(self, data: dict[str, Any], **_kw: object) -> None:
-        _check_prompt_chars(sum(len(m["content"]) for m in data["messages"]))
+        _check_prompt_chars(sum(len(m["content"]) + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+                                for m in data["messages"]))
 
 
 class CompletionIn(_OpenAISampling, _PromptLimits):
