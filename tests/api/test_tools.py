@@ -26,6 +26,13 @@ SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
+def deep(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"x": schema}, "required": ["x"]}
+    return schema
+
+
 def chat(client, headers, **body):
     return client.post("/v1/chat/completions", headers=headers,
                        json={"messages": ASK, "tools": TOOLS, "max_tokens": 60, "temperature": 1.0, **body})
@@ -110,6 +117,9 @@ def test_a_conversation_with_a_tool_result_is_answered(client, make_user, databa
     ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
     ({"tools": [TOOLS[1], TOOLS[1]]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f\x00"}}]}, "tools"),  # unstorable text
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": "\ud800"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": deep(100)}}]}, "tools"),
 ])
 def test_tools_we_cannot_enforce_are_a_400_naming_the_field(client, make_user, database, body, param):
     r = chat(client, make_user("alice"), **body)

@@ -33,6 +33,35 @@ def check_text(value: str) -> str:
     return value
 
 
+#: nesting a JSON value (a tool's schema, a response_format) may have: deeper is no real schema
+MAX_JSON_DEPTH = 64
+
+
+def check_json_text(value: Any, depth: int = 0) -> Any:
+    """:func:`check_text` on every string and key of a JSON value, at most MAX_JSON_DEPTH deep."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValidationError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, str):
+        check_text(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k)
+            check_json_text(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            check_json_text(v, depth + 1)
+    return value
+
+
+class JSONValue(fields.Raw):
+    """Any JSON value whose text can be stored (see :func:`check_json_text`): the
+    pass-through fields (``tools``, ``tool_choice``, ``response_format``) reach
+    the prompt, the call row and upstreams."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return check_json_text(super()._deserialize(value, attr, data, **kwargs))
+
+
 class String(af.String):
     """A string field that refuses NUL and lone surrogates (see :func:`check_text`)."""
 
@@ -440,7 +469,7 @@ class ChatCompletionIn(_OpenAISampling):
                            metadata={"description": "The conversation: at most MAX_MESSAGES messages, "
                                      "MAX_PROMPT_CHARS characters of content in all."})
     # checked by the route (engine/grammar.py: 400 naming the part it cannot enforce)
-    response_format = fields.Raw(allow_none=True, metadata={
+    response_format = JSONValue(allow_none=True, metadata={
         "description": "`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": "
         "{\"name\": ..., \"schema\": {...}}}`: on local models sampling is constrained by a grammar, so "
         "the reply parses (and matches the schema); passed through to remote upstreams. `schema` may be any "
@@ -465,11 +494,11 @@ class ChatCompletionIn(_OpenAISampling):
     max_completion_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
                                         metadata={"description": "Same as max_tokens (wins if both are given)."})
     # checked by the route (engine/tools.py: 400 naming the part that is wrong or cannot be enforced)
-    tools = List(fields.Dict(), allow_none=True, validate=Length(max=128), metadata={
+    tools = List(JSONValue(), allow_none=True, validate=Length(max=128), metadata={
         "description": "Functions the model may call (`{\"type\": \"function\", \"function\": {\"name\", "
         "\"description\", \"parameters\"}}`). On local models a grammar makes every call name an offered "
         "function with arguments valid for its `parameters`; passed through to remote upstreams."})
-    tool_choice = fields.Raw(allow_none=True, metadata={
+    tool_choice = JSONValue(allow_none=True, metadata={
         "description": "`\"none\"`, `\"auto\"` (default with tools: text or a call), `\"required\"`, or "
         "`{\"type\": \"function\", \"function\": {\"name\": ...}}`.",
         "oneOf": [{"type": "null"}, {"type": "string", "enum": ["none", "auto", "required"]},
