@@ -15,7 +15,8 @@ from typing import Any
 
 from .db import Database
 from .engine.base import Engine
-from .engine.registry import EngineRegistry
+from .engine.registry import EngineRegistry, Residency
+from .observability import metrics
 from .models_file import load_models_file, single_model
 from .process import ProcessIdentity
 from .services.auth import CredentialCache
@@ -27,15 +28,14 @@ from .services.ledger import DATABASE_UNAVAILABLE, Ledger, QuotaPolicy
 from .services.limits import Caps, Limiter
 from .services.throttle import LoginThrottle
 from .services.webhooks import WebhookPolicy, Webhooks
-from .settings import Settings
+from .settings import Settings, memory_bytes
 
 log = logging.getLogger(__name__)
 
 
-def _publish_model_info(engine: Engine) -> None:
-    from .observability import metrics
-
+def _publish_model_info(model_id: str, engine: Engine) -> None:
     try:
+        metrics.model_loaded(model_id)
         metrics.set_model_info(engine.info())
     except Exception:  # a metric must never stop the model from serving
         log.exception("could not publish model info metric")
@@ -57,7 +57,10 @@ class Runtime:
         self.worker_id = ProcessIdentity()
         #: the served models by id (MODELS_FILE, else the one MODEL_* model)
         self.models = load_models_file(settings.models_file) if settings.models_file else single_model(settings.model)
-        self.engines = EngineRegistry(self.models.settings, default=self.models.default, on_load=_publish_model_info)
+        self.engines = EngineRegistry(self.models.settings, default=self.models.default, on_load=_publish_model_info,
+                                      on_unload=metrics.model_unloaded, residency=Residency(
+                                          settings.model_max_loaded, memory_bytes(settings.model_memory_limit),
+                                          settings.model_load_wait_seconds))
         self.cancels = CancelRegistry(self.db, settings.cancel_poll_seconds)
         self._job_queue = job_queue
         self.ledger = Ledger(self.db)

@@ -8,11 +8,13 @@ The configuration table in docs/configuration.md is generated from this class
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,6 +34,21 @@ INSTANCE_DIR = _default_instance_dir()
 
 def _default_database_url(data: dict) -> str:
     return f"sqlite:///{Path(data.get('instance_dir') or INSTANCE_DIR) / 'model_api.sqlite3'}"
+
+
+def memory_bytes(text: str | None) -> int | None:
+    """MODEL_MEMORY_LIMIT in bytes (``6GiB``, ``4000MB``, ``512M``, a plain number
+    of bytes); unset: 90 % of the machine's memory (None where it cannot be read)."""
+    if text is None or not text.strip():
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.9)
+        except (ValueError, OSError, AttributeError):
+            return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"MODEL_MEMORY_LIMIT={text!r}: use a size such as 6GiB, 4000MB or 512M")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * (1024 if m.group(3) or power == 0 else 1000) ** power)
 
 
 class ModelSettings(BaseSettings):
@@ -169,6 +186,29 @@ class Settings(BaseSettings):
         description="A YAML file listing the models served, by id (README \"Models\", `models.example.yaml`); "
         "unset = one model from the `MODEL_*` variables, answering to any `model` name.",
     )
+    model_max_loaded: int = Field(
+        2, ge=1,
+        description="Local models (`llama`, `batching`) resident at once; loading one more first unloads "
+        "the least recently used idle one (never one with requests in flight). Remote models do not count.",
+    )
+    model_memory_limit: str | None = Field(
+        None,
+        description="Memory the resident local models may take, e.g. `6GiB` or `4000MB` (a model's share is "
+        "its GGUF size plus its KV cache); a load that would pass it, when no idle model can be unloaded, "
+        "is refused with 503 `model_unavailable`. Unset = 90 % of the machine's memory.",
+    )
+
+    model_load_wait_seconds: float = Field(
+        30.0, ge=0,
+        description="Longest a request for a model that is not loaded waits for room (a busy model to go "
+        "idle) before 503 `model_unavailable` with `Retry-After`.",
+    )
+
+    @field_validator("model_memory_limit")
+    @classmethod
+    def _a_size(cls, value: str | None) -> str | None:
+        memory_bytes(value)  # refuses a value that is not a size, at start
+        return value
 
     # async jobs
     job_workers: int = Field(2, ge=1, description="Threads of the in-process job executor (no broker).")

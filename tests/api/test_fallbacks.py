@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from model_api.models import Call, User
 
-from ..conftest import free_port
+from ..conftest import free_port, wait_for
 
 
 @pytest.fixture
@@ -96,3 +96,11 @@ def test_a_fallback_the_caller_may_not_use_is_skipped(client, cli_of, make_user,
 @pytest.fixture
 def cli_of():
     return lambda client: client.application.test_cli_runner()
+
+
+def test_an_async_job_falls_back_as_a_sync_call_does(client, make_user, database):
+    r = client.post("/async_call_model", json={"prompt": "Hi", "max_tokens": 3}, headers=make_user("alice"))
+    assert r.status_code == 200, r.json
+    wait_for(lambda: rows(database)[0].status == "completed", timeout=120, what="the job to complete")
+    (row,) = rows(database)
+    assert (row.model_id, row.charged, row.params["fallbacks"]) == ("local", True, ["also-down", "local"])

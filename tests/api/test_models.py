@@ -290,3 +290,45 @@ def test_ready_shows_which_models_are_loaded(client, make_user):
     assert body["components"]["model"]["models"] == {"short": "not loaded", "long": "ready"}
     client.post("/call_model", json={"prompt": "Hi", "max_tokens": 1, "model": "short"}, headers=headers)
     assert client.get("/ready").json["components"]["model"]["models"] == {"short": "ready", "long": "ready"}
+
+
+@pytest.fixture
+def one_resident(make_app, models_file):
+    """The same two models, at most one of them resident; a request waits up to ``wait`` s for room."""
+    def make(wait: float):
+        return make_app(models_file=str(models_file), model_max_loaded=1, model_load_wait_seconds=wait,
+                        model_load_at_start=False).test_client()
+    return make
+
+
+def test_with_one_model_resident_the_idle_one_is_unloaded_for_the_other(one_resident, make_user, database):
+    client, headers = one_resident(wait=30), make_user("alice")
+    assert client.post("/call_model", json={"prompt": "Hi", "max_tokens": 1, "model": "short"},
+                       headers=headers).status_code == 201
+    # `long` waits until `short` has been idle a moment (a request may be between lookup and engine)
+    r = client.post("/call_model", json={"prompt": "Hi", "max_tokens": 1, "model": "long"}, headers=headers)
+    assert r.status_code == 201, r.json
+    assert client.get("/ready").json["components"]["model"]["models"] == {"short": "unloaded", "long": "ready"}
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'model_api_model_loaded{model="short"} 0.0' in metrics
+    assert 'model_api_model_loaded{model="long"} 1.0' in metrics
+    assert [row.model_id for row in rows(database)] == ["short", "long"]
+
+
+def test_a_model_busy_with_a_stream_is_not_unloaded_and_the_other_waits_then_gets_a_503(
+        one_resident, make_user, database):
+    client, headers = one_resident(wait=1), make_user("alice")
+    # `long` (the serialised engine) generates as its reader reads: unread, it stays in flight
+    stream = client.post("/v1/chat/completions", headers=headers, buffered=False,
+                         json={"model": "long", "stream": True, "max_tokens": 500, "temperature": 1.0,
+                               "messages": [{"role": "user", "content": "Tell me a long story."}]})
+    assert stream.status_code == 200
+    r = client.post("/call_model", json={"prompt": "Hi", "max_tokens": 1, "model": "short"}, headers=headers)
+    assert r.status_code == 503 and r.json["error"]["code"] == "model_unavailable", r.json
+    assert int(r.headers["Retry-After"]) >= 1
+    assert used(database) == 1 and len(rows(database)) == 1  # the refused call cost nothing
+    assert client.get("/ready").json["components"]["model"]["models"] == {"short": "not loaded", "long": "ready"}
+    stream.close()  # the client goes away: the stream is cancelled, `long` goes idle
+    wait_for(lambda: client.post("/call_model", json={"prompt": "Hi", "max_tokens": 1, "model": "short"},
+                                 headers=headers).status_code == 201, timeout=60, what="short to load")
+    assert client.get("/ready").json["components"]["model"]["models"] == {"short": "ready", "long": "unloaded"}

@@ -54,8 +54,7 @@ def test_a_spent_renewing_window_is_rate_limit_exceeded_with_retry_after(make_ap
 @pytest.mark.parametrize("field, value", [
     ("n", 2), ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"50256": -100}),
     ("presence_penalty", 0.5), ("frequency_penalty", -1), ("audio", {"voice": "alloy", "format": "wav"}),
-    ("modalities", ["text", "audio"]), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("prediction", {"type": "content"}),
+    ("modalities", ["text", "audio"]), ("functions", [{"name": "f"}]), ("prediction", {"type": "content"}),
     ("reasoning_effort", "high"),
 ])
 def test_a_parameter_we_cannot_honour_is_a_400_naming_it(client, make_user, database, field, value):
@@ -67,7 +66,9 @@ def test_a_parameter_we_cannot_honour_is_a_400_naming_it(client, make_user, data
     assert no_rows(database)
 
 
-@pytest.mark.parametrize("field, value", [("echo", True), ("best_of", 3), ("suffix", "end"), ("logprobs", 2)])
+@pytest.mark.parametrize("field, value", [("echo", True), ("best_of", 3), ("suffix", "end"), ("logprobs", 2),
+                                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("tool_choice", "required")])
 def test_completions_refuse_their_own_unsupported_parameters(client, make_user, field, value):
     r = client.post("/v1/completions", json={"prompt": "Hi", field: value}, headers=make_user("alice"))
     assert r.status_code == 400 and r.json["error"]["param"] == field

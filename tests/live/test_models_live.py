@@ -53,6 +53,26 @@ PERSON = {
 }
 
 
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string", "maxLength": 20}},
+                                               "required": ["city"], "additionalProperties": False}}}]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def valid_calls(message) -> list[str]:
+    """The names of an SDK message's tool calls, each one's arguments checked against its function's schema."""
+    assert message.content is None and message.tool_calls
+    for call in message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    return [call.function.name for call in message.tool_calls]
+
+
 def write(tmp, name: str, text: str) -> str:
     path = tmp / name
     path.write_text(textwrap.dedent(text))
@@ -100,6 +120,56 @@ def test_fifty_json_schema_replies_at_temperature_one_all_parse_and_validate(ups
     assert {(c.model_id, c.status) for c in calls(database)} == {("smol", "completed")}
 
 
+def test_tool_calls_through_the_sdk_always_carry_valid_arguments(upstream, key):
+    client = openai.OpenAI(base_url=upstream.url + "/v1", api_key=key, max_retries=0, timeout=900)
+
+    def ask(i: int):
+        choice = "required" if i % 2 else {"type": "function", "function": {"name": "get_time"}}
+        reply = client.chat.completions.create(
+            model="smol", temperature=1.0, max_tokens=60, seed=i, tools=TOOLS, tool_choice=choice,
+            messages=[{"role": "user", "content": "What is the weather like in Rome?"}])
+        return choice, reply.choices[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(16)))
+    for choice, answer in answers:
+        names = valid_calls(answer.message)
+        assert answer.finish_reason == "tool_calls"
+        if choice != "required":
+            assert names == ["get_time"]
+
+
+def test_langchain_structured_output_and_bound_tools_work_against_v1(upstream, key):
+    from langchain_core.messages import ToolMessage
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        """Someone invented."""
+
+        name: str = Field(max_length=10)
+        colour: str = Field(json_schema_extra={"enum": ["red", "green", "blue"]})
+
+    llm = ChatOpenAI(base_url=upstream.url + "/v1", api_key=key, model="smol", temperature=1.0, max_tokens=60,
+                     max_retries=0, timeout=600)
+    for _ in range(3):
+        person = llm.with_structured_output(Person).invoke("Invent a person.")
+        assert isinstance(person, Person) and person.colour in ("red", "green", "blue")
+
+    def get_weather(city: str, unit: str) -> str:
+        """The weather in a city, in celsius or fahrenheit."""
+        return "sunny"
+
+    with_tools = llm.bind_tools([get_weather], tool_choice="get_weather")
+    ai = with_tools.invoke("Weather in Oslo?")
+    (call,) = ai.tool_calls
+    assert call["name"] == "get_weather" and set(call["args"]) == {"city", "unit"}
+    # the agent loop's next turn: the tool's answer goes back in a `tool` message
+    final = llm.bind_tools([get_weather]).invoke(
+        ["Weather in Oslo?", ai, ToolMessage(content="sunny, 20 degrees", tool_call_id=call["id"])])
+    assert final.content or final.tool_calls
+
+
 def test_the_sdk_lists_and_retrieves_models_and_sees_a_404_for_an_unknown_one(upstream, key):
     client = sdk(upstream, key)
     listed = {m.id: m for m in client.models.list().data}
@@ -144,5 +214,11 @@ def test_a_front_instance_serves_the_first_as_one_of_its_models(upstream, databa
         # and the front bills the tokens the upstream reports
         tokens = r.json()["usage"]["completion_tokens"]
         assert by_user == {"dave": ("remote", tokens), "relay": ("smol-short", tokens)}
+        # tools pass through to the upstream, whose grammar makes the call; it comes back as tool_calls
+        client = openai.OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0, timeout=300,
+                               default_headers=basic("dave"))
+        reply = client.chat.completions.create(model="remote", max_tokens=60, tool_choice="required", tools=TOOLS,
+                                               messages=[{"role": "user", "content": "Weather in Oslo?"}])
+        assert valid_calls(reply.choices[0].message) and reply.choices[0].finish_reason == "tool_calls"
     finally:
         front.stop()

@@ -19,7 +19,7 @@ from flask import Blueprint, has_request_context, jsonify, request
 from sqlalchemy import exc as sa_exc
 
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, UpstreamError, UpstreamTimeout
-from ..engine.registry import UnknownModel
+from ..engine.registry import ModelUnavailable, UnknownModel
 from ..services.access import ModelNotAllowed
 from ..services.idempotency import KeyReused, RequestInProgress
 from ..services.jobs import JobFinished, JobNotFound, QueueUnavailable
@@ -215,7 +215,8 @@ def service_error(exc: Exception) -> HTTPError:
         return api_error(422, str(exc), code="prompt_too_long",
                          details={"prompt_tokens": exc.prompt_tokens, "context_size": exc.context_size})
     if isinstance(exc, EngineBusy):
-        return api_error(503, str(exc), code="model_busy", headers={"Retry-After": str(exc.retry_after)})
+        code = "model_unavailable" if isinstance(exc, ModelUnavailable) else "model_busy"
+        return api_error(503, str(exc), code=code, headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, UpstreamTimeout):
         return api_error(504, f"model backend timed out: {exc}", code="upstream_timeout")
     if isinstance(exc, UpstreamError):

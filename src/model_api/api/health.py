@@ -53,16 +53,19 @@ def _database_check(rt) -> Callable[[], dict[str, Any]]:
 def _model_check(rt) -> Callable[[], dict[str, Any]]:
     def check() -> dict[str, Any]:
         state = rt.engines.state()
-        if state != "ready":
+        engine = rt.engines.peek()
+        if engine is None and state != "unloaded":
             if state.startswith("error"):
                 return {"status": "error", "error": state.removeprefix("error: ")[:200]}
             return {"status": state}
-        engine = rt.engine
-        engine.prepare(_PING)  # the model answers (tokeniser loaded), without queueing a generation
-        from ..observability.metrics import quantisation_of
+        info: dict[str, Any] = {"name": rt.models.default}
+        if engine is not None:
+            engine.prepare(_PING)  # the model answers (tokeniser loaded), without queueing a generation
+            from ..observability.metrics import quantisation_of
 
-        info = dict(engine.info())
-        info.setdefault("quantisation", quantisation_of(info))
+            info = dict(engine.info())
+            info.setdefault("quantisation", quantisation_of(info))
+        # else: unloaded to make room for another model (MODEL_MAX_LOADED); it loads again on demand
         if len(rt.models) > 1:
             # MODELS_FILE: every id's state; the others load on first use, so only the default decides
             info["models"] = {model_id: rt.engines.state(model_id) for model_id in rt.engines}

@@ -15,7 +15,7 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import request
 
-from ..engine import grammar
+from ..engine import grammar, tools
 from ..engine.base import Completion, GenerationRequest
 from ..models import CallKind
 from ..models_file import ModelEntry
@@ -69,15 +69,35 @@ def _refuse_unsupported(*supported: str) -> None:
 
 
 def _response_format(data: dict[str, Any], model: ModelEntry) -> str | None:
-    """``response_format``: a grammar for local models (refused with a 400 if the
-    schema cannot be enforced), passed through as sent to a remote upstream."""
+    """``response_format``, or ``tools``: a grammar for local models (refused with
+    a 400 if the schema cannot be enforced), passed through as sent to a remote
+    upstream. One request asks for one of them."""
     rf = data.get("response_format")
-    if isinstance(rf, dict) and model.backend == "openai":
-        return None if rf.get("type") == "text" else json.dumps(rf)
+    remote = model.backend == "openai"
     try:
+        with_tools = tools.canonical(data.get("tools"), data.get("tool_choice"), enforce=not remote)
+        if with_tools is not None:
+            if isinstance(rf, dict) and rf.get("type") not in (None, "text"):
+                raise grammar.GrammarError("use either response_format or tools, not both", "response_format")
+            return with_tools
+        if isinstance(rf, dict) and remote:
+            return None if rf.get("type") == "text" else json.dumps(rf)
         return grammar.canonical(rf)
     except grammar.GrammarError as exc:
         raise api_error(400, str(exc), code="invalid_request", param=exc.field) from None
+
+
+def _messages(data: dict[str, Any], response_format: str | None, model: ModelEntry) -> list[dict[str, Any]]:
+    """The conversation the engine gets: a remote upstream reads tool turns as
+    sent; a local model's chat template gets them as text (engine/tools.py)."""
+    messages = [
+        # the chat template knows "system"; OpenAI's newer "developer" role means the same
+        {**m, "role": "system" if m["role"] == "developer" else m["role"]}
+        for m in data["messages"]
+    ]
+    if model.backend == "openai":
+        return messages
+    return tools.local_messages(messages, response_format)
 
 
 def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any], model: ModelEntry, *, chat: bool):
@@ -87,8 +107,9 @@ def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any],
         return streaming.start(call, chat=chat, include_usage=include_usage)
     outcome = runtime().calls.run(call)
     note_usage(outcome.completion)
-    return completion_body(outcome.call_id, outcome.completion, chat=chat), 200, rate_headers(outcome.quota,
-                                                                                              outcome.rates)
+    body = completion_body(outcome.call_id, outcome.completion, chat=chat,
+                           response_format=gen_request.params.response_format)
+    return body, 200, rate_headers(outcome.quota, outcome.rates)
 
 
 def _stream_reply(*, chat: bool):
@@ -97,7 +118,7 @@ def _stream_reply(*, chat: bool):
     def reply(call) -> tuple[dict[str, Any], int]:
         c = Completion(call.response or "", call.prompt_tokens or 0, call.completion_tokens or 0,
                        call.finish_reason or "stop", call.model or "")
-        return completion_body(call.id, c, chat=chat), 200
+        return completion_body(call.id, c, chat=chat, response_format=call.params.get("response_format")), 200
 
     return reply
 
@@ -112,15 +133,10 @@ def _stream_reply(*, chat: bool):
 @idempotent(stream_reply=_stream_reply(chat=True))
 def chat_completions(json_data: dict):
     """Reply to a conversation. Uses one unit of quota; stored as a call of kind `chat`."""
-    messages = [
-        # the chat template knows "system"; OpenAI's newer "developer" role means the same
-        {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
-        for m in json_data["messages"]
-    ]
-    _refuse_unsupported("response_format")
+    _refuse_unsupported("response_format", "tools", "tool_choice")
     model = model_entry(json_data.get("model"))
     params = replace(_params(json_data, model), response_format=_response_format(json_data, model))
-    gen_request = GenerationRequest.chat(messages, params)
+    gen_request = GenerationRequest.chat(_messages(json_data, params.response_format, model), params)
     return _serve(gen_request, CallKind.CHAT, json_data, model, chat=True)
 
 

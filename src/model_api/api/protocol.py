@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+from ..engine import tools
 from ..engine.base import Completion
 
 
@@ -34,11 +35,22 @@ def _id(call_id: uuid.UUID, chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + call_id.hex
 
 
-def completion_body(call_id: uuid.UUID, c: Completion, *, chat: bool) -> dict[str, Any]:
-    """A ``chat.completion`` or ``text_completion`` object."""
+def tool_call_ids(call_id: uuid.UUID) -> str:
+    """The prefix of a call's tool call ids (the same on an idempotent replay)."""
+    return call_id.hex[:12] + "_"
+
+
+def completion_body(call_id: uuid.UUID, c: Completion, *, chat: bool,
+                    response_format: str | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` or ``text_completion`` object; a reply to a request
+    with ``tools`` that is a call comes as ``tool_calls`` (engine/tools.py)."""
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": c.text},
-                  "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
+        calls = tools.parse(c.text, response_format, tool_call_ids(call_id))
+        message: dict[str, Any] = {"role": "assistant", "content": None if calls else c.text}
+        if calls:
+            message["tool_calls"] = calls
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": "tool_calls" if calls else finish_reason(c.finish_reason)}
     else:
         choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
     return {"id": _id(call_id, chat), "object": "chat.completion" if chat else "text_completion",
@@ -57,8 +69,10 @@ SSE_DONE = "data: [DONE]\n\n"
 class ChunkFormat:
     """Builds the chunk objects of one stream (chat or text completion)."""
 
-    def __init__(self, call_id: uuid.UUID, model: str, *, chat: bool):
+    def __init__(self, call_id: uuid.UUID, model: str, *, chat: bool, response_format: str | None = None):
         self.chat = chat
+        self.call_id = call_id
+        self.response_format = response_format if chat and tools.is_tools(response_format) else None
         self.id = _id(call_id, chat)
         self.created = int(time.time())
         self.model = model
@@ -85,9 +99,23 @@ class ChunkFormat:
     def delta(self, text: str) -> dict[str, Any]:
         return self._chunk([self._choice(text, None)])
 
-    def final(self, c: Completion) -> dict[str, Any]:
+    def final(self, c: Completion, called: bool = False) -> dict[str, Any]:
         self.model = c.model or self.model
-        return self._chunk([self._choice(None if self.chat else "", finish_reason(c.finish_reason))])
+        finish = "tool_calls" if called else finish_reason(c.finish_reason)
+        return self._chunk([self._choice(None if self.chat else "", finish)])
+
+    def holds_back(self, text_so_far: str) -> bool:
+        """Whether a tool-calling stream must keep its text until the end: it may
+        be a call (it starts like one), which is sent whole as ``tool_calls``."""
+        return self.response_format is not None and text_so_far.lstrip()[:1] in ("", "{", "[")
+
+    def tool_calls(self, text: str) -> dict[str, Any] | None:
+        """The chunk carrying a held-back reply's calls (None: it was text after all)."""
+        calls = tools.parse(text, self.response_format, tool_call_ids(self.call_id))
+        if not calls:
+            return None
+        delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def usage(self, c: Completion) -> dict[str, Any]:
         return self._chunk([], usage=usage_of(c))
@@ -111,7 +139,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "modalities": (None, ["text"]),
     "prediction": (None,),
     "tools": (None, []),
-    "tool_choice": (None, "none"),
+    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}),

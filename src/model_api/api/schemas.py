@@ -33,6 +33,35 @@ def check_text(value: str) -> str:
     return value
 
 
+#: nesting a JSON value (a tool's schema, a response_format) may have: deeper is no real schema
+MAX_JSON_DEPTH = 64
+
+
+def check_json_text(value: Any, depth: int = 0) -> Any:
+    """:func:`check_text` on every string and key of a JSON value, at most MAX_JSON_DEPTH deep."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValidationError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, str):
+        check_text(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k)
+            check_json_text(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            check_json_text(v, depth + 1)
+    return value
+
+
+class JSONValue(fields.Raw):
+    """Any JSON value whose text can be stored (see :func:`check_json_text`): the
+    pass-through fields (``tools``, ``tool_choice``, ``response_format``) reach
+    the prompt, the call row and upstreams."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return check_json_text(super()._deserialize(value, attr, data, **kwargs))
+
+
 class String(af.String):
     """A string field that refuses NUL and lone surrogates (see :func:`check_text`)."""
 
@@ -340,9 +369,9 @@ class MessageIn(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    role = String(required=True, validate=OneOf(["system", "developer", "user", "assistant"]))
-    # null is OpenAI's "no text" (an assistant turn that only called tools): read as ""
-    content = ContentField(required=True, allow_none=True, metadata={
+    role = String(required=True, validate=OneOf(["system", "developer", "user", "assistant", "tool"]))
+    # null (or absent, on an assistant turn that only called tools) is "no text": read as ""
+    content = ContentField(allow_none=True, metadata={
         "description": "Text, or a list of text parts.",
         # a custom field: say in the document what _deserialize accepts (schemathesis checks both agree)
         "oneOf": [
@@ -354,12 +383,40 @@ class MessageIn(Schema):
         ],
     })
     name = String()
+    # an assistant turn's calls, and a tool turn's answer to one (engine/tools.py renders them)
+    tool_calls = List(Nested(lambda: ToolCallIn()), validate=Length(max=64), metadata={
+        "description": "An assistant turn's tool calls, as a chat completion returned them."})
+    tool_call_id = String(validate=Length(max=256), metadata={
+        "description": "On a `tool` turn: the id of the call it answers."})
+
+    @validates_schema
+    def _content_present(self, data: dict[str, Any], **_kw: object) -> None:
+        if "content" not in data and not (data.get("role") == "assistant" and data.get("tool_calls")):
+            raise ValidationError("Missing data for required field.", "content")
 
     @post_load
     def _null_content_is_empty(self, data: dict[str, Any], **_kw: object) -> dict[str, Any]:
         if data.get("content") is None:  # marshmallow skips the field's own handling of null
             data["content"] = ""
         return data
+
+
+class FunctionCallIn(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    name = String(required=True, validate=Length(min=1, max=64))
+    arguments = String(required=True, validate=Length(max=100_000), metadata={
+        "description": "The arguments, as JSON text."})
+
+
+class ToolCallIn(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = String(required=True, validate=Length(max=256))
+    type = String(load_default="function", validate=OneOf(["function"]))
+    function = Nested(FunctionCallIn, required=True)
 
 
 class StreamOptions(Schema):
@@ -412,7 +469,7 @@ class ChatCompletionIn(_OpenAISampling):
                            metadata={"description": "The conversation: at most MAX_MESSAGES messages, "
                                      "MAX_PROMPT_CHARS characters of content in all."})
     # checked by the route (engine/grammar.py: 400 naming the part it cannot enforce)
-    response_format = fields.Raw(allow_none=True, metadata={
+    response_format = JSONValue(allow_none=True, metadata={
         "description": "`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": "
         "{\"name\": ..., \"schema\": {...}}}`: on local models sampling is constrained by a grammar, so "
         "the reply parses (and matches the schema); passed through to remote upstreams. `schema` may be any "
@@ -436,6 +493,19 @@ class ChatCompletionIn(_OpenAISampling):
     })
     max_completion_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
                                         metadata={"description": "Same as max_tokens (wins if both are given)."})
+    # checked by the route (engine/tools.py: 400 naming the part that is wrong or cannot be enforced)
+    tools = List(JSONValue(), allow_none=True, validate=Length(max=128), metadata={
+        "description": "Functions the model may call (`{\"type\": \"function\", \"function\": {\"name\", "
+        "\"description\", \"parameters\"}}`). On local models a grammar makes every call name an offered "
+        "function with arguments valid for its `parameters`; passed through to remote upstreams."})
+    tool_choice = JSONValue(allow_none=True, metadata={
+        "description": "`\"none\"`, `\"auto\"` (default with tools: text or a call), `\"required\"`, or "
+        "`{\"type\": \"function\", \"function\": {\"name\": ...}}`.",
+        "oneOf": [{"type": "null"}, {"type": "string", "enum": ["none", "auto", "required"]},
+                  {"type": "object", "required": ["type", "function"], "properties": {
+                      "type": {"type": "string", "enum": ["function"]},
+                      "function": {"type": "object", "required": ["name"],
+                                   "properties": {"name": {"type": "string"}}}}}]})
 
     @validates_schema(skip_on_field_errors=False)
     def _within_caps(self, data: dict[str, Any], **_kw: object) -> None:
@@ -443,7 +513,8 @@ class ChatCompletionIn(_OpenAISampling):
 
     @validates_schema  # skipped when a field is invalid: those are reported first, all at once
     def _prompt_size(self, data: dict[str, Any], **_kw: object) -> None:
-        _check_prompt_chars(sum(len(m["content"]) for m in data["messages"]))
+        _check_prompt_chars(sum(len(m["content"]) + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+                                for m in data["messages"]))
 
 
 class CompletionIn(_OpenAISampling, _PromptLimits):

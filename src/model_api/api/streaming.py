@@ -41,11 +41,21 @@ def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, dialec
         start = fmt.start()
         if start is not None:
             yield sse(start)
+        held = ""  # a tool-calling reply that may be a call waits for its end
         for piece in call:
-            yield sse(fmt.delta(piece))
+            if fmt.holds_back(held + piece):
+                held += piece
+                continue
+            yield sse(fmt.delta(held + piece))
+            held = ""
         result = call.result
         assert result is not None
-        yield sse(fmt.final(result))
+        calls = fmt.tool_calls(held) if held else None
+        if calls is not None:
+            yield sse(calls)
+        elif held:
+            yield sse(fmt.delta(held))
+        yield sse(fmt.final(result, called=calls is not None))
         if include_usage:
             yield sse(fmt.usage(result))
         ended = True
@@ -82,9 +92,9 @@ class _Body:
 
 
 def stream_response(call: StreamingCall, *, chat: bool, include_usage: bool, dialect: str,
-                    headers: dict[str, str]) -> Response:
+                    headers: dict[str, str], response_format: str | None = None) -> Response:
     """A 200 ``text/event-stream`` response for a started call."""
-    fmt = ChunkFormat(call.call_id, call.model, chat=chat)
+    fmt = ChunkFormat(call.call_id, call.model, chat=chat, response_format=response_format)
     body = _Body(events(call, fmt, include_usage=include_usage, dialect=dialect), call)
     return Response(body, status=200, mimetype="text/event-stream", headers={**SSE_HEADERS, **headers})
 
@@ -95,4 +105,5 @@ def start(intent: CallIntent, *, chat: bool, include_usage: bool) -> Response:
     call = runtime().calls.stream(intent)
     g.stream_call_id = call.call_id  # what an Idempotency-Key remembers of a stream (api/idempotency.py)
     return stream_response(call, chat=chat, include_usage=include_usage, dialect=request_dialect(),
-                           headers=rate_headers(call.quota, call.admission.state))
+                           headers=rate_headers(call.quota, call.admission.state),
+                           response_format=intent.request.params.response_format)

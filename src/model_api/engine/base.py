@@ -190,6 +190,11 @@ class Engine(ABC):
         assert gen.result is not None
         return gen.result
 
+    def in_flight(self) -> int:
+        """Generations started and not yet ended (the registry never unloads an
+        engine that has any)."""
+        return 0
+
     def info(self) -> dict[str, Any]:
         """Facts for /ready and the model-info metric."""
         return {"name": self.model_name, "context_size": self.context_size}

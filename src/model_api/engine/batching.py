@@ -582,6 +582,10 @@ class BatchingEngine(LocalGGUFEngine):
         return {**super().info(), "n_parallel": self.n_parallel, "max_queue": self.max_queue,
                 "scheduler": "fair" if self._waiting.fair else "fifo"}
 
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._waiting) + sum(s is not None for s in self._slots)
+
     def close(self) -> None:
         with self._cond:
             if self._closed:

@@ -55,7 +55,7 @@ def canonical(response_format: dict[str, Any] | None) -> str | None:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise GrammarError("response_format.json_schema.schema must be a JSON Schema object",
                                "response_format.json_schema")
-        _refuse_unenforceable(spec["schema"], "response_format.json_schema.schema")
+        refuse_unenforceable(spec["schema"], "response_format.json_schema.schema")
         text = json.dumps({"type": "json_schema", "json_schema": spec}, sort_keys=True, separators=(",", ":"))
         gbnf(text)  # compiles (and is cached for the engine), or says why not
         return text
@@ -63,23 +63,24 @@ def canonical(response_format: dict[str, Any] | None) -> str | None:
                        "response_format.type")
 
 
-def _refuse_unenforceable(schema: Any, where: str) -> None:
+def refuse_unenforceable(schema: Any, where: str, field: str = "response_format.json_schema") -> None:
+    """Raise GrammarError (naming ``field``) if ``schema`` uses a keyword the grammar cannot enforce."""
     if isinstance(schema, dict):
         for key, value in schema.items():
             if key in ("enum", "const", "default", "examples", "description", "title"):
                 continue  # values, not schemas
             if key in UNENFORCEABLE:
                 raise GrammarError(f"{where}: the keyword {key!r} cannot be enforced while sampling; remove it",
-                                   "response_format.json_schema")
+                                   field)
             # a property may be *named* like a keyword: only its schema is checked
             if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
                 for name, sub in value.items():
-                    _refuse_unenforceable(sub, f"{where}.{key}.{name}")
+                    refuse_unenforceable(sub, f"{where}.{key}.{name}", field)
             else:
-                _refuse_unenforceable(value, f"{where}.{key}")
+                refuse_unenforceable(value, f"{where}.{key}", field)
     elif isinstance(schema, list):
         for i, item in enumerate(schema):
-            _refuse_unenforceable(item, f"{where}[{i}]")
+            refuse_unenforceable(item, f"{where}[{i}]", field)
 
 
 @lru_cache(maxsize=256)
@@ -90,8 +91,39 @@ def gbnf(response_format: str) -> str:
     spec = json.loads(response_format)
     if spec["type"] == "json_object":
         return llama_grammar.JSON_GBNF
+    if spec["type"] == "tools":
+        return _tools_gbnf(spec)
     try:
         return llama_grammar.json_schema_to_gbnf(json.dumps(spec["json_schema"]["schema"]))
     except Exception as exc:  # the converter asserts on what it does not know
         raise GrammarError(f"response_format.json_schema.schema cannot be turned into a grammar: {exc}",
                            "response_format.json_schema") from None
+
+
+def call_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of one tool call the model may make (engine/tools.py):
+    ``{"name": <an offered function, or the named one>, "arguments": <its parameters>}``."""
+    allowed = [f for f in spec["functions"] if spec["choice"] in ("auto", "required", f["name"])]
+    options = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]}} for f in allowed]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+#: "auto": a call, or text that does not start like one (the first character
+#: decides, so a reply is never half text, half call)
+_TEXT_OR_CALL = 'root ::= call | text\ntext ::= [^{ \\t\\n] [^\\x00]*\n'
+
+
+def _tools_gbnf(spec: dict[str, Any]) -> str:
+    from llama_cpp import llama_grammar
+
+    try:
+        call = llama_grammar.json_schema_to_gbnf(json.dumps(call_schema(spec)))
+    except Exception as exc:
+        raise GrammarError(f"a function's parameters cannot be turned into a grammar: {exc}", "tools") from None
+    if spec["choice"] != "auto":
+        return call
+    # the converter names its start rule `root`; here it is one alternative of two
+    renamed = "\n".join("call ::=" + line[len("root ::="):] if line.startswith("root ::=") else line
+                         for line in call.splitlines())
+    return _TEXT_OR_CALL + renamed

@@ -48,6 +48,8 @@ class LlamaEngine(LocalGGUFEngine):
             verbose=False,
         )
         self._lock = threading.Lock()
+        self._active = 0  # generations made by stream() and not yet finished
+        self._active_lock = threading.Lock()
         self._adopt(self._llm._model, model_name)
         self.context_size = self._llm.n_ctx()
         self._closed = False
@@ -57,7 +59,16 @@ class LlamaEngine(LocalGGUFEngine):
             raise EngineError("engine is closed")
         # the prepared tokens: llama-cpp-python takes them as they are, no second tokenize
         assert prompt.tokens is not None, "a prompt prepared by this engine"
+        with self._active_lock:
+            self._active += 1
         return _LlamaGeneration(self, prompt.tokens, prompt.params, cancel)
+
+    def in_flight(self) -> int:
+        return self._active
+
+    def _ended(self) -> None:
+        with self._active_lock:
+            self._active -= 1
 
     def close(self) -> None:
         if self._closed:
@@ -190,6 +201,7 @@ class _LlamaGeneration(Generation):
         if self._finished:
             return
         self._finished = True
+        self._engine._ended()
         if self._chunks is not None:
             try:
                 self._chunks.close()

@@ -8,9 +8,11 @@ the loaded ``LlamaModel`` to :meth:`LocalGGUFEngine._adopt`.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,42 @@ def model_name_for(metadata: dict[str, str], model_path: str) -> str:
     if m:
         return stem[: m.start()]
     return metadata.get("general.name") or stem
+
+
+@lru_cache(maxsize=64)
+def kv_bytes_per_token(model_path: str) -> int:
+    """Bytes of f16 K and V cache one context cell takes for this GGUF, read from
+    the model's shape with a vocabulary-only load (no weights: milliseconds)."""
+    import llama_cpp
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)  # as every engine here loads its model: llama.cpp's errors only
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(model_path.encode(), params)
+    if not model:
+        raise ValueError(f"cannot read the GGUF file {model_path}")
+    def meta(key: str) -> int:
+        # a vocabulary-only load reads the GGUF's metadata but not the model's hyperparameters
+        buf = ctypes.create_string_buffer(64)
+        if llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf)) < 0:
+            return 0
+        try:
+            return int(buf.value.decode())
+        except ValueError:
+            return 0
+
+    try:
+        arch = ctypes.create_string_buffer(64)
+        llama_cpp.llama_model_meta_val_str(model, b"general.architecture", arch, len(arch))
+        prefix = arch.value.decode()
+        n_layer = meta(f"{prefix}.block_count")
+        n_embd = meta(f"{prefix}.embedding_length")
+        n_head = max(1, meta(f"{prefix}.attention.head_count"))
+        n_head_kv = meta(f"{prefix}.attention.head_count_kv") or n_head
+    finally:
+        llama_cpp.llama_model_free(model)
+    return 2 * 2 * n_layer * n_embd * n_head_kv // n_head  # K and V, 2 bytes each
 
 
 def default_threads() -> int:

@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from . import tools
 from .base import (
     Completion,
     ContextOverflow,
@@ -159,8 +160,14 @@ class OpenAIEngine(Engine):
             body["seed"] = p.seed
         if p.stop:
             body["stop"] = list(p.stop)
-        if p.response_format is not None:
-            body["response_format"] = json.loads(p.response_format)  # passed through as the client sent it
+        if p.response_format is not None:  # passed through as the client sent it
+            spec = json.loads(p.response_format)
+            if spec.get("type") == tools.KIND:
+                body["tools"] = spec["tools"]
+                if spec["tool_choice"] is not None:
+                    body["tool_choice"] = spec["tool_choice"]
+            else:
+                body["response_format"] = spec
         if request.prompt is not None:
             return "completions", {**body, "prompt": request.prompt}
         return "chat/completions", {**body, "messages": [dict(m) for m in request.messages or ()]}
@@ -220,6 +227,18 @@ def _status_error(resp: httpx.Response, engine: OpenAIEngine, prompt_estimate: i
 _FINISH = {"stop": "stop", "length": "length"}
 
 
+def _add_tool_call_delta(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    """Fold one streamed ``tool_calls`` delta into the calls so far (OpenAI sends a
+    call's name once and its arguments in pieces)."""
+    index = delta.get("index", 0) if isinstance(delta.get("index"), int) else 0
+    call = calls.setdefault(index, {"type": "function", "function": {"name": "", "arguments": ""}})
+    fn = delta.get("function") or {}
+    if fn.get("name"):
+        call["function"]["name"] = fn["name"]
+    if isinstance(fn.get("arguments"), str):
+        call["function"]["arguments"] += fn["arguments"]
+
+
 class _RemoteGeneration(Generation):
     def __init__(self, engine: OpenAIEngine, prompt: PreparedPrompt, cancel: threading.Event | None):
         self._engine = engine
@@ -242,6 +261,7 @@ class _RemoteGeneration(Generation):
         start = time.perf_counter()
         ttft: float | None = None
         pieces: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}  # tool calls streamed in parts, by index
         finish = "stop"
         usage: dict[str, Any] = {}
         model = eng.model_name
@@ -274,6 +294,9 @@ class _RemoteGeneration(Generation):
                             usage = chunk["usage"]
                         for choice in chunk.get("choices") or ():
                             delta = choice.get("delta") or {}
+                            for tc in delta.get("tool_calls") or ():
+                                if isinstance(tc, dict):
+                                    _add_tool_call_delta(calls, tc)
                             piece = delta.get("content") if "delta" in choice else choice.get("text")
                             if piece:
                                 if ttft is None:
@@ -282,6 +305,11 @@ class _RemoteGeneration(Generation):
                                 yield piece
                             if choice.get("finish_reason"):
                                 finish = _FINISH.get(choice["finish_reason"], "stop")
+            if calls and finish != "cancelled":
+                # the upstream's calls, in the text form every engine uses (engine/tools.py)
+                pieces.append(tools.calls_text([calls[i] for i in sorted(calls)]))
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                yield pieces[-1]
         except GeneratorExit:
             finish = "cancelled"
         text = "".join(pieces)

@@ -95,6 +95,13 @@ MODEL_INFO = Gauge(
     multiprocess_mode="max",
 )
 
+MODEL_LOADED = Gauge(
+    "model_api_model_loaded",
+    "1 while the model of this id is resident in the process, 0 once unloaded (MODEL_MAX_LOADED).",
+    ["model"],
+    multiprocess_mode="max",
+)
+
 FINAL_JOB_STATES = ("completed", "failed", "cancelled")
 
 
@@ -163,6 +170,14 @@ def set_model_info(info: Mapping[str, Any]) -> None:
     """Publish the loaded model (called when an engine finishes loading)."""
     MODEL_INFO.labels(str(info.get("name", "unknown")), quantisation_of(info),
                       str(info.get("context_size", ""))).set(1)
+
+
+def model_loaded(model_id: str) -> None:
+    MODEL_LOADED.labels(model_id).set(1)
+
+
+def model_unloaded(model_id: str) -> None:
+    MODEL_LOADED.labels(model_id).set(0)
 
 
 # --- exposition -----------------------------------------------------------------

@@ -23,7 +23,7 @@ from ..engine.base import ContextOverflow, EngineError
 from ..engine.registry import EngineRegistry, UnknownModel
 from ..models import Call, CallKind, CallStatus
 from ..observability import logs, metrics
-from .calls import CallOutcome, admit
+from .calls import CallOutcome, admit, start_generation
 from .intent import CallIntent
 from .ledger import Ledger, QuotaPolicy, open_call, record_failure, refuse_if_spent, request_of
 from .limits import Limiter, account_limits
@@ -217,9 +217,18 @@ class Jobs:
         job_uuid = call.id
         event = self.cancels.register(str(job_uuid))
         try:
-            # the model the job was submitted to (rows from before MODELS_FILE: the default)
-            engine = self.engines.get(call.model_id)
-            result = engine.generate(engine.prepare(request_of(call)), event)
+            # the model the job was submitted to (rows from before MODELS_FILE: the default),
+            # or when it fails before its first token the fallbacks it was submitted with
+            intent = CallIntent(user_id=call.user_id, request=request_of(call), kind=CallKind.ASYNC,
+                                model=call.model_id, fallbacks=tuple(call.params.get("fallbacks") or ()))
+            answered, _, _, gen = start_generation(self.engines, intent, event)
+            if answered != call.model_id:  # the row names the model that answers, as a sync call's does
+                with self.db.session() as s:
+                    s.execute(update(Call).where(Call.id == job_uuid).values(model_id=answered))
+            for _ in gen:
+                pass
+            result = gen.result
+            assert result is not None
         except UnknownModel as exc:  # the models file changed since the job was queued
             record_failure(self.db, job_uuid, f"the model {exc.model_id!r} is no longer served")
             return CallStatus.FAILED.value

@@ -175,7 +175,9 @@ def open_call(db: Database, intent: CallIntent, policy: QuotaPolicy, *, prompt_t
             prompt=prompt_text(request),
             # the seed's single prompt is rebuilt from `prompt`; whole chats are kept as sent
             messages=list(request.messages) if intent.kind == CallKind.CHAT and request.messages else None,
-            params={**request.params.to_dict(), **({"raw_prompt": True} if request.prompt is not None else {})},
+            params={**request.params.to_dict(), **({"raw_prompt": True} if request.prompt is not None else {}),
+                    # a queued job tries them as a sync call would (services/jobs.py)
+                    **({"fallbacks": list(intent.fallbacks)} if queued and intent.fallbacks else {})},
             prompt_tokens=prompt_tokens,
             model=model,
             model_id=intent.model,
