@@ -182,3 +182,29 @@ def test_first_user_gets_admin_quota_and_customers_the_default(cli, database):
         quotas = {u.username: u.quota for u in s.scalars(select(U))}
     assert quotas.pop("frank") in (None, 3)  # None: DEFAULT_QUOTA (3) applies
     assert list(quotas.values()) == [100]
+
+
+def test_limits_of_users_and_keys_are_set_from_the_command_line(cli, database):
+    from model_api.models import ApiKey
+
+    cli.invoke(args=["users", "create", "gina", "--password", "a long password"])
+    r = cli.invoke(args=["users", "set-limits", "gina", "--rpm", "60", "--tpm", "20000", "--concurrency", "4",
+                         "--token-budget", "1000000"])
+    assert r.exit_code == 0, r.output
+    assert "rpm=60, tpm=20000, concurrency=4, token-budget=1000000" in r.output
+    r = cli.invoke(args=["users", "set-limits", "gina", "--clear", "rpm", "--clear", "token-budget"])
+    assert "rpm=unlimited" in r.output and "token-budget=unlimited" in r.output and "tpm=20000" in r.output
+    r = cli.invoke(args=["keys", "create", "gina", "--rpm", "10", "--priority", "3"])
+    assert r.exit_code == 0, r.output
+    with database.session() as s:
+        user = s.scalar(select(User).where(User.username == "gina"))
+        key = s.scalar(select(ApiKey).where(ApiKey.user_id == user.id))
+        assert (user.rpm_limit, user.tpm_limit, user.concurrency_limit, user.token_budget) == (None, 20000, 4, None)
+        assert (key.rpm_limit, key.tpm_limit, key.priority) == (10, None, 3)
+
+
+@pytest.mark.parametrize("args", [["--rpm", "0"], ["--token-budget", "-1"], ["--concurrency", "many"]])
+def test_a_bad_limit_is_refused_naming_it(cli, args):
+    cli.invoke(args=["users", "create", "hank", "--password", "a long password"])
+    r = cli.invoke(args=["users", "set-limits", "hank", *args])
+    assert r.exit_code == 2 and args[0] in r.output

@@ -5,7 +5,10 @@ user, key and database management, the first user, the Celery worker.
     model-api users set-quota NAME N | set-password NAME | list | delete NAME [--yes]
     model-api users set-models NAME MODEL... | --all
     model-api users webhook-secret NAME [--rotate]
-    model-api keys create NAME [--name LABEL] [--models M1,M2] | list [NAME] | revoke ID_OR_PREFIX
+    model-api users set-limits NAME [--rpm N] [--tpm N] [--concurrency N] [--token-budget N] [--clear LIMIT]
+                                   [--reset-tokens]
+    model-api keys create NAME [--name LABEL] [--models M1,M2] [--rpm N ... --priority N]
+    model-api keys list [NAME] | revoke ID_OR_PREFIX
     model-api db upgrade | current
     model-api bootstrap            # first user for `make run`
     model-api worker [-c N]        # Celery worker for async jobs (CELERY_BROKER_URL)
@@ -31,8 +34,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
-from .models import Call, User
-from .services import access, api_keys
+from .models import ApiKey, Call, User
+from .services import access, api_keys, limits
 from .services import auth as auth_service
 from .services import quota as quota_service
 from .services.auth import UserError
@@ -243,6 +246,54 @@ def users_set_models(name: str, models: tuple[str, ...], all_models: bool) -> No
     click.echo(f"{name} may use {'every model' if ids is None else ', '.join(sorted(set(ids)))}")
 
 
+def _limit_options(fn):
+    """--rpm, --tpm, --concurrency and --token-budget (README "Limits")."""
+    for name, help_ in reversed((
+        ("rpm", "Model calls per LIMITS_WINDOW_SECONDS (a minute)."),
+        ("tpm", "Tokens (prompt + completion) per LIMITS_WINDOW_SECONDS."),
+        ("concurrency", "Sync and streamed calls in flight at once."),
+    )):
+        fn = click.option(f"--{name}", type=click.IntRange(min=1), help=help_)(fn)
+    return click.option("--token-budget", type=click.IntRange(min=0),
+                        help="Tokens allowed in total (prompt + completion).")(fn)
+
+
+def _describe(row, default: limits.Caps | None = None) -> str:
+    """A user's (``default``: the settings') or a key's limits, one line."""
+    parts = []
+    for name, column in limits.LIMIT_FIELDS.items():
+        value = getattr(row, column)
+        if value is not None:
+            shown = str(value)
+        elif default is None:  # a key without its own: its user's apply
+            shown = "user's"
+        else:
+            fallback = getattr(default, name)
+            shown = "unlimited" if fallback is None else f"{fallback} (default)"
+        parts.append(f"{name.replace('_', '-')}={shown}")
+    return ", ".join(parts) + f"; tokens used {row.tokens_used}"
+
+
+@users.command("set-limits")
+@click.argument("name")
+@_limit_options
+@click.option("--clear", "clear", multiple=True, type=click.Choice(["rpm", "tpm", "concurrency", "token-budget"]),
+              help="Back to the setting's default (repeatable).")
+@click.option("--reset-tokens", is_flag=True, help="Set the tokens used so far (against the budget) back to 0.")
+@with_appcontext
+def users_set_limits(name: str, rpm: int | None, tpm: int | None, concurrency: int | None,
+                     token_budget: int | None, clear: tuple[str, ...], reset_tokens: bool) -> None:
+    """Set a user's request, token and concurrency limits and token budget."""
+    s_ = _rt().settings
+    default = limits.Caps(s_.default_rpm, s_.default_tpm, s_.default_concurrency, s_.default_token_budget)
+    with _session() as s:
+        user = auth_service.get_user(s, name)
+        limits.set_limits(user, rpm=rpm, tpm=tpm, concurrency=concurrency, token_budget=token_budget,
+                          clear=tuple(c.replace("-", "_") for c in clear), reset_tokens=reset_tokens)
+        s.flush()
+        click.echo(f"limits of {name}: {_describe(user, default)}")
+
+
 keys = click.Group("keys", help="Manage API keys (Authorization: Bearer).")
 
 
@@ -251,13 +302,21 @@ keys = click.Group("keys", help="Manage API keys (Authorization: Bearer).")
 @click.option("--name", "label", help="A label to tell keys apart (e.g. the app using it).")
 @click.option("--models", "models", multiple=True,
               help="Limit the key to these model ids (repeat, or comma-separated), within its user's.")
+@_limit_options
+@click.option("--priority", type=click.IntRange(min=1, max=100),
+              help="Weight in the engine's fair scheduler: turns per round against other users' 1 (default 1).")
 @with_appcontext
-def keys_create(username: str, label: str | None, models: tuple[str, ...]) -> None:
-    """Create an API key for a user and print it (this is the only time it is shown)."""
+def keys_create(username: str, label: str | None, models: tuple[str, ...], rpm: int | None, tpm: int | None,
+                concurrency: int | None, token_budget: int | None, priority: int | None) -> None:
+    """Create an API key for a user and print it (this is the only time it is shown).
+    Its limits apply within its user's."""
     names = tuple(n.strip() for m in models for n in m.split(",") if n.strip())
     with _session() as s:
         ids = _model_ids(names) if models else None
         new = api_keys.create_key(s, auth_service.get_user(s, username), label, ids)
+        row = s.get(ApiKey, new.id)
+        limits.set_limits(row, rpm=rpm, tpm=tpm, concurrency=concurrency, token_budget=token_budget)
+        row.priority = priority
     click.echo(new.key)
     click.echo(f"created key {new.id} ({new.prefix}...) for {username}; store it now, it is not shown again",
                err=True)

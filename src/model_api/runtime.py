@@ -25,6 +25,7 @@ from .services.history import History
 from .services.idempotency import Idempotency
 from .services.jobs import CancelRegistry, JobQueue, Jobs
 from .services.ledger import DATABASE_UNAVAILABLE, Ledger, QuotaPolicy
+from .services.limits import Caps, Limiter
 from .services.throttle import LoginThrottle
 from .services.webhooks import WebhookPolicy, Webhooks
 from .settings import Settings, memory_bytes
@@ -46,7 +47,12 @@ class Runtime:
         self.db = Database.from_settings(settings)
         secret = hashlib.sha256(settings.secret_key.encode()).digest() if settings.secret_key else None
         self.credentials = CredentialCache(secret=secret)
-        self.policy = QuotaPolicy(settings.default_quota, settings.quota_window_seconds)
+        self.policy = QuotaPolicy(settings.default_quota, settings.quota_window_seconds,
+                                  settings.default_token_budget)
+        #: request, token and concurrency limits (README "Limits"), counted in RATE_LIMIT_STORAGE_URL
+        self.limiter = Limiter(settings.rate_limit_storage_url,
+                               Caps(settings.default_rpm, settings.default_tpm, settings.default_concurrency),
+                               settings.limits_window_seconds, settings.concurrency_slot_ttl_seconds)
         #: ``host:pid:nonce`` of this process, written on the calls it runs
         self.worker_id = ProcessIdentity()
         #: the served models by id (MODELS_FILE, else the one MODEL_* model)
@@ -58,8 +64,9 @@ class Runtime:
         self.cancels = CancelRegistry(self.db, settings.cancel_poll_seconds)
         self._job_queue = job_queue
         self.ledger = Ledger(self.db)
-        self.calls = ModelCalls(self.ledger, self.engines, self.policy, self.worker_id)
-        self.jobs = Jobs(self.ledger, self.engines, self.policy, lambda: self.job_queue, self.cancels, self.worker_id)
+        self.calls = ModelCalls(self.ledger, self.engines, self.policy, self.worker_id, self.limiter)
+        self.jobs = Jobs(self.ledger, self.engines, self.policy, lambda: self.job_queue, self.cancels, self.worker_id,
+                         self.limiter)
         self.history = History(self.db)
         self.login_throttle = LoginThrottle(settings.rate_limit_storage_url, settings.login_throttle_per_account,
                                             settings.login_throttle_per_address)
@@ -92,7 +99,7 @@ class Runtime:
 
             self._job_queue = InProcessExecutor(
                 self.jobs.run, workers=self.settings.job_workers, max_queue=self.settings.job_queue_size,
-                retry_on=DATABASE_UNAVAILABLE,
+                retry_on=DATABASE_UNAVAILABLE, scheduler=self.settings.model.scheduler,
             )
         return self._job_queue
 

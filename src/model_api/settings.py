@@ -74,6 +74,13 @@ class ModelSettings(BaseSettings):
     n_batch: int = Field(512, ge=1, description="Prompt tokens processed per llama.cpp step.")
     n_parallel: int = Field(8, ge=1, description="Active sequences decoded together (`batching`).")
     max_queue: int = Field(64, ge=1, description="Requests that may wait for a sequence slot (`batching`).")
+    scheduler: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="Order of the wait queue (`batching`) and of the in-process job executor: `fair` serves "
+        "users in turn (deficit round robin, weighted by the API key's priority), caps one user at half the "
+        "wait queue and, while other users are active, keeps a sequence slot out of one user's reach; `fifo`: "
+        "first come, first served (the old order).",
+    )
     flash_attn: bool = Field(
         False,
         description="llama.cpp's flash attention (`llama`, `batching`): about 15 % more tokens/s with 8 "
@@ -263,8 +270,9 @@ class Settings(BaseSettings):
     # abuse
     rate_limit_storage_url: str = Field(
         "memory://",
-        description="Where sign-in throttle counters live (`limits` storage URL): `memory://` counts per "
-        "process; `redis://127.0.0.1:6379/2` shares them across processes and hosts.",
+        description="Where sign-in throttle counters and the request, token and concurrency limits live "
+        "(`limits` storage URL): `memory://` counts per process (each gunicorn worker enforces the limits "
+        "on its own); `redis://127.0.0.1:6379/2` shares them across processes and hosts.",
     )
     login_throttle_per_account: str = Field(
         "5/minute;20/hour",
@@ -273,6 +281,34 @@ class Settings(BaseSettings):
     )
     login_throttle_per_address: str = Field(
         "60/hour", description="Failed password sign-ins allowed per client address, whatever the account."
+    )
+    default_rpm: int | None = Field(
+        None, ge=1,
+        description="Model calls per LIMITS_WINDOW_SECONDS (a minute) each user may start, unless set per user; "
+        "unset = no limit. 429 `rate_limit_exceeded` + `Retry-After` above (README \"Limits\").",
+    )
+    default_tpm: int | None = Field(
+        None, ge=1,
+        description="Tokens (prompt + `max_tokens` at admission, settled to prompt + completion at the end) "
+        "per LIMITS_WINDOW_SECONDS each user may use, unless set per user; unset = no limit.",
+    )
+    default_concurrency: int | None = Field(
+        None, ge=1,
+        description="Sync and streamed model calls each user may have in flight at once, unless set per "
+        "user; unset = no limit.",
+    )
+    default_token_budget: int | None = Field(
+        None, ge=0,
+        description="Tokens each user may use in total (reserved at admission, settled at the end), unless "
+        "set per user; unset = no budget. 429 `insufficient_quota` when spent.",
+    )
+    limits_window_seconds: int = Field(
+        60, ge=1, description="The window of the request and token rate limits (`rpm`, `tpm`): 60 = per minute."
+    )
+    concurrency_slot_ttl_seconds: int = Field(
+        900, ge=10,
+        description="A concurrency slot a call holds is freed when the call ends, or after this long if its "
+        "process died first (longer than any call runs).",
     )
     trusted_proxies: int = Field(
         0, ge=0, le=5,

@@ -3,11 +3,12 @@ what a client asked, and the one :class:`CallIntent` a route hands a service."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from flask import current_app, g
 
-from ..engine.base import Completion, GenerationRequest, SamplingParams
+from ..engine.base import Completion, GenerationRequest, SamplingParams, Tenant
 from ..models import CallKind
 from ..models_file import ModelEntry
 from ..services import access
@@ -68,15 +69,17 @@ def refuse_long_prompt(chars: int, limit: int) -> None:
 
 
 def intent(request: GenerationRequest, kind: CallKind, model: ModelEntry | None = None) -> CallIntent:
-    """The signed-in user's call, with the request id, the quota read with the
-    credentials, the model (None: the default) and those of its fallbacks the
-    caller may use."""
+    """The signed-in user's call, with the request id, the quota and limits read
+    with the credentials, the model (None: the default) and those of its
+    fallbacks the caller may use. The request names the user (weighted by the
+    key's priority) for the engine's fair scheduler."""
     user = current_principal()
     fallbacks = () if model is None else tuple(
         f for f in model.fallbacks if user.models is None or f in user.models)
+    request = replace(request, tenant=Tenant(user.id, user.limits.priority))
     return CallIntent(user_id=user.id, request=request, kind=kind, request_id=g.get("request_id"),
-                      api_key_id=user.api_key_id,
-                      quota=user.quota, model=None if model is None else model.id, fallbacks=fallbacks)
+                      api_key_id=user.api_key_id, quota=user.quota, model=None if model is None else model.id,
+                      fallbacks=fallbacks, limits=user.limits)
 
 
 def note_usage(c: Completion) -> None:

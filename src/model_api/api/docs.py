@@ -30,6 +30,13 @@ RATE_LIMIT_HEADERS = {
                           "schema": {"type": "integer", "example": 3}, "required": True},
     "X-RateLimit-Remaining": {"description": "Model calls left", "schema": {"type": "integer", "example": 2},
                               "required": True},
+    # OpenAI's, for the limits that apply to the caller (README "Limits")
+    **{f"x-ratelimit-{part}-{what}": {
+        "description": f"{desc} ({what} per window; only when such a limit applies)",
+        "schema": {"type": "string" if part == "reset" else "integer", "example": example}}
+       for what in ("requests", "tokens")
+       for part, desc, example in (("limit", "The limit", 60), ("remaining", "What is left", 59),
+                                   ("reset", "Until the window is empty again, e.g. `1s`, `6m0s`", "1s"))},
 }
 RETRY_AFTER_HEADER = {
     "description": "Seconds until the quota window renews (only when QUOTA_WINDOW_SECONDS is set) "

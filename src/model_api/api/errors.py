@@ -24,6 +24,7 @@ from ..services.access import ModelNotAllowed
 from ..services.idempotency import KeyReused, RequestInProgress
 from ..services.jobs import JobFinished, JobNotFound, QueueUnavailable
 from ..services.ledger import database_unavailable
+from ..services.limits import BudgetExceeded, RateLimited, RateState
 from ..services.quota import QuotaExceeded, QuotaState
 from ..services.webhooks import CallbackRefused
 
@@ -153,11 +154,36 @@ def _parses_as_json(data: bytes) -> bool:
 DATABASE_RETRY_AFTER = 5
 
 
-def rate_headers(state: QuotaState) -> dict[str, str]:
-    """X-RateLimit-* (and Retry-After when a windowed quota is spent) for a model-call reply."""
+def duration(seconds: float) -> str:
+    """A wait as OpenAI writes it in ``x-ratelimit-reset-*``: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "") + text
+
+
+def limit_headers(rates: RateState) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for the
+    limits that apply to the caller (none when no such limit is set)."""
+    h = {}
+    for what, w in (("requests", rates.requests), ("tokens", rates.tokens)):
+        if w is not None:
+            h[f"x-ratelimit-limit-{what}"] = str(w.limit)
+            h[f"x-ratelimit-remaining-{what}"] = str(w.remaining)
+            h[f"x-ratelimit-reset-{what}"] = duration(w.reset_seconds)
+    return h
+
+
+def rate_headers(state: QuotaState, rates: RateState | None = None) -> dict[str, str]:
+    """X-RateLimit-* (and Retry-After when a windowed quota is spent) for a model-call reply,
+    and the caller's request and token limits (``rates``) as OpenAI reports them."""
     h = {"X-RateLimit-Limit": str(state.limit), "X-RateLimit-Remaining": str(state.remaining)}
     if state.retry_after is not None:
         h["Retry-After"] = str(state.retry_after)
+    if rates is not None:
+        h.update(limit_headers(rates))
     return h
 
 
@@ -168,6 +194,21 @@ def service_error(exc: Exception) -> HTTPError:
         if openai:
             return openai_quota_error(exc.state)
         return api_error(429, "quota exhausted: no model calls left for this user", headers=rate_headers(exc.state))
+    if isinstance(exc, RateLimited):
+        headers = rate_headers(exc.quota, exc.state) if exc.quota is not None else limit_headers(exc.state)
+        if exc.retry_after is None:  # larger than the window: waiting cannot help
+            return api_error(429, f"Request too large: it may use up to more tokens than the {exc.whose}'s limit of "
+                             f"{exc.limit} tokens per window; lower max_tokens or the prompt.",
+                             code="rate_limit_exceeded", headers={**headers, "x-should-retry": "false"},
+                             details={"limit": exc.limit, "limit_of": exc.whose, "kind": exc.what})
+        return api_error(429, f"Rate limit reached: {exc} Please try again in {exc.retry_after}s.",
+                         code="rate_limit_exceeded", headers={**headers, "Retry-After": str(exc.retry_after)},
+                         details={"limit": exc.limit, "limit_of": exc.whose, "kind": exc.what})
+    if isinstance(exc, BudgetExceeded):
+        return api_error(429, f"You exceeded your current quota: {exc}.", code="insufficient_quota",
+                         headers={"x-should-retry": "false"},
+                         details={"token_budget": exc.budget, "tokens_used": exc.used, "tokens_asked": exc.asked,
+                                  "budget_of": exc.whose})
     if isinstance(exc, ContextOverflow):
         if openai:
             return openai_context_error(exc)
@@ -280,7 +321,8 @@ def register_error_handlers(app: APIFlask) -> None:
 
     # services raise these from any route; one mapping answers them all
     for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel,
-                        RequestInProgress, KeyReused, CallbackRefused, ModelNotAllowed):
+                        RequestInProgress, KeyReused, CallbackRefused, ModelNotAllowed, RateLimited,
+                        BudgetExceeded):
         app.register_error_handler(service_exc, lambda exc: _render(service_error(exc)))
 
     @app.errorhandler(Exception)

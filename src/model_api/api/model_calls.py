@@ -92,7 +92,7 @@ def call_model(json_data: dict):
         "finish_reason": c.finish_reason,
         "usage": usage(c.prompt_tokens, c.completion_tokens),
     }
-    return body, 201, rate_headers(outcome.quota)
+    return body, 201, rate_headers(outcome.quota, outcome.rates)
 
 
 @bp.post("/async_call_model")
@@ -120,7 +120,7 @@ def async_call_model(json_data: dict):
         rt.webhooks.check(callback)  # before anything is charged: CallbackRefused is a 400
     call = dataclasses.replace(intent(request, CallKind.ASYNC, model), callback_url=callback)
     outcome = rt.jobs.submit(call)
-    return {"job_id": str(outcome.call_id)}, 200, rate_headers(outcome.quota)
+    return {"job_id": str(outcome.call_id)}, 200, rate_headers(outcome.quota, outcome.rates)
 
 
 def _parse_job_id(raw: str, field: str = "job_id") -> uuid.UUID:

@@ -109,7 +109,7 @@ def _serve(gen_request: GenerationRequest, kind: CallKind, data: dict[str, Any],
     note_usage(outcome.completion)
     body = completion_body(outcome.call_id, outcome.completion, chat=chat,
                            response_format=gen_request.params.response_format)
-    return body, 200, rate_headers(outcome.quota)
+    return body, 200, rate_headers(outcome.quota, outcome.rates)
 
 
 def _stream_reply(*, chat: bool):

@@ -16,6 +16,7 @@ from ..services import access, api_keys
 from ..services import auth as auth_service
 from ..services import quota
 from ..services.auth import USERNAME_MAX
+from ..services.limits import AccountLimits, Caps
 from ..services.quota import QuotaState
 from .errors import api_error
 
@@ -75,6 +76,8 @@ class Principal:
     models: frozenset[str] | None = None
     #: the API key used (None: Basic); recorded on call rows, for usage per key
     api_key_id: int | None = None
+    #: the user's and the key's rate, token and concurrency limits, and the key's priority
+    limits: AccountLimits = AccountLimits()
 
 
 @basic_auth.verify_password
@@ -133,10 +136,13 @@ def _principal(scheme: str, name_for_log: str | None, lookup) -> Principal | Non
         auth_failed(scheme, "invalid", name_for_log)
         return None
     g.user = row.username
+    key_id = getattr(row, "key_id", None)
     return Principal(row.id, row.username,
                      quota.state_of_user(row, rt.policy.default_quota, rt.policy.window_seconds),
                      access.effective(row.allowed_models, getattr(row, "key_models", None)),
-                     getattr(row, "key_id", None))
+                     key_id,
+                     AccountLimits(Caps.of(row), None if key_id is None else Caps.of(row, "key_"),
+                                   max(1, row.key_priority or 1) if key_id is not None else 1))
 
 
 def current_principal() -> Principal:

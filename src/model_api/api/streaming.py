@@ -105,4 +105,5 @@ def start(intent: CallIntent, *, chat: bool, include_usage: bool) -> Response:
     call = runtime().calls.stream(intent)
     g.stream_call_id = call.call_id  # what an Idempotency-Key remembers of a stream (api/idempotency.py)
     return stream_response(call, chat=chat, include_usage=include_usage, dialect=request_dialect(),
-                           headers=rate_headers(call.quota), response_format=intent.request.params.response_format)
+                           headers=rate_headers(call.quota, call.admission.state),
+                           response_format=intent.request.params.response_format)

@@ -46,6 +46,15 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Tenant:
+    """Whom a generation is for, as a fair scheduler sees it: requests of one
+    ``key`` (a user) are served in turn with other keys', ``weight`` turns at a time."""
+
+    key: int | str
+    weight: int = 1
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """What to generate from: chat ``messages`` (chat template applied by the
     engine) or a raw ``prompt`` string (used verbatim), never both."""
@@ -53,6 +62,8 @@ class GenerationRequest:
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    #: whom it is for (engine/scheduling.py); None: a tenant of its own
+    tenant: Tenant | None = field(default=None, compare=False)
 
     @classmethod
     def chat(cls, messages: list[dict[str, str]], params: SamplingParams) -> GenerationRequest:

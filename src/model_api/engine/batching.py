@@ -62,6 +62,7 @@ from llama_cpp import _logger as llama_log
 from .base import Completion, EngineBusy, EngineError, Generation, PreparedPrompt, SamplingParams
 from .grammar import gbnf
 from .local import LocalGGUFEngine, default_model_path, default_threads
+from .scheduling import Scheduler, make_queue, tenant_key
 from .stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ class _Sequence:
     stops: StopMatcher | None = None
     parts: list[str] = field(default_factory=list)
     t_first: float | None = None
+    tenant: Any = None  # whom it is for (scheduling.tenant_key): the fair queue's unit
+
+    def __post_init__(self) -> None:
+        self.tenant = tenant_key(self.tenant, self)
 
     @property
     def prefilling(self) -> bool:
@@ -128,6 +133,7 @@ class BatchingEngine(LocalGGUFEngine):
         kv_unified: bool = False,
         model_name: str | None = None,
         verbose: bool = False,
+        scheduler: Scheduler = "fair",
     ):
         if n_parallel < 1 or max_queue < 0:
             raise ValueError("n_parallel must be >= 1 and max_queue >= 0")
@@ -193,7 +199,11 @@ class BatchingEngine(LocalGGUFEngine):
         self._candidates = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
 
         self._cond = threading.Condition()
-        self._waiting: collections.deque[_Sequence] = collections.deque()
+        # who gets the next free slot (engine/scheduling.py); `fair`: users in turn, and
+        # one user may fill at most half the wait queue (the rest is others' room)
+        self._waiting = make_queue(scheduler)
+        self._tenant_queue = max(1, (max_queue + 1) // 2)
+        self._last_seen: dict[Any, float] = {}  # tenant -> when it last submitted (fair: slot reserve)
         self._slots: list[_Sequence | None] = [None] * n_parallel
         # Per free slot: the prompt tokens whose KV cells it still holds.
         self._slot_prompts: list[list[int]] = [[] for _ in range(n_parallel)]
@@ -223,16 +233,20 @@ class BatchingEngine(LocalGGUFEngine):
 
     def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
         assert prompt.tokens is not None, "a prompt prepared by this engine"
-        seq = _Sequence(prompt=prompt.tokens, params=prompt.params, cancel=cancel or threading.Event())
+        tenant = prompt.request.tenant
+        seq = _Sequence(prompt=prompt.tokens, params=prompt.params, cancel=cancel or threading.Event(), tenant=tenant)
         with self._cond:
             if self._closed:
                 raise EngineError("engine is closed")
             free = sum(s is None for s in self._slots)
             if len(self._waiting) >= self.max_queue + free:
                 busy = True
+            elif self._waiting.fair and self._waiting.waiting(seq.tenant) >= self._tenant_queue + free:
+                busy = True  # this user's share of the queue is full; others still have room
             else:
                 busy = False
-                self._waiting.append(seq)
+                self._waiting.push(seq, tenant)
+                self._last_seen[seq.tenant] = seq.t_submit
                 self._cond.notify()
         if busy:
             raise EngineBusy(self.retry_after())
@@ -269,7 +283,10 @@ class BatchingEngine(LocalGGUFEngine):
                 self._waiting.remove(seq)
                 self._send_done(seq, "cancelled")
             while self._waiting and None in self._slots:
-                self._admit(self._waiting.popleft())
+                seq = self._waiting.pop(self._may_take_slot)
+                if seq is None:
+                    break
+                self._admit(seq)
         active = [s for s in self._slots if s is not None]
         if not active:
             return
@@ -304,6 +321,28 @@ class BatchingEngine(LocalGGUFEngine):
                 self._sample(seq, take - 1)  # the prompt is read: its first token
                 sampled += 1
         self._measure(now, sampled)
+
+    #: seconds a user counts as active after its last request (fair: see _may_take_slot)
+    ACTIVE_SECONDS = 5.0
+
+    def _may_take_slot(self, tenant: Any) -> bool:
+        """Fair scheduling: a user may fill every slot only while nobody else is
+        active (has work here, or asked within ACTIVE_SECONDS); otherwise one
+        slot stays out of its reach, so another user's request starts within a
+        step instead of waiting for one of its long generations to end."""
+        if self.n_parallel < 2:
+            return True
+        mine = sum(1 for s in self._slots if s is not None and s.tenant == tenant)
+        if mine < self.n_parallel - 1:
+            return True
+        now = time.monotonic()
+        for key, seen in list(self._last_seen.items()):
+            if now - seen > self.ACTIVE_SECONDS:
+                del self._last_seen[key]  # forgotten: the map stays as small as the active users
+        others = (len(self._waiting) > self._waiting.waiting(tenant)
+                  or any(s is not None and s.tenant != tenant for s in self._slots)
+                  or any(key != tenant for key in self._last_seen))
+        return not others
 
     @staticmethod
     def _prompt_chunk(seq: _Sequence, budget: int) -> int:
@@ -525,7 +564,7 @@ class BatchingEngine(LocalGGUFEngine):
             if seq is not None:
                 self._retire(seq, None, error)
         with self._cond:
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting = self._waiting.drain()
         for seq in waiting:
             seq.out.put((_ERROR, error))
 
@@ -540,7 +579,8 @@ class BatchingEngine(LocalGGUFEngine):
             }
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "n_parallel": self.n_parallel, "max_queue": self.max_queue}
+        return {**super().info(), "n_parallel": self.n_parallel, "max_queue": self.max_queue,
+                "scheduler": "fair" if self._waiting.fair else "fifo"}
 
     def in_flight(self) -> int:
         with self._cond:

@@ -83,7 +83,9 @@ def authenticate(conn: Connection | Session, key: str) -> Row | None:
         return None
     row = conn.execute(
         select(*ACCOUNT_COLUMNS, ApiKey.id.label("key_id"), ApiKey.last_used_at,
-               ApiKey.allowed_models.label("key_models"))
+               ApiKey.allowed_models.label("key_models"), ApiKey.rpm_limit.label("key_rpm_limit"),
+               ApiKey.tpm_limit.label("key_tpm_limit"), ApiKey.concurrency_limit.label("key_concurrency_limit"),
+               ApiKey.token_budget.label("key_token_budget"), ApiKey.priority.label("key_priority"))
         .join(User)
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None), User.is_active.is_(True),
                # an expired key is refused like a revoked one

@@ -78,9 +78,10 @@ class CredentialCache:
 
 
 #: what a credential check hands back: who the caller is, their quota counters
-#: (so a caller visibly out of quota is refused before any model work) and the
-#: models they may use
-ACCOUNT_COLUMNS = (User.id, User.username, User.quota, User.used, User.window_started_at, User.allowed_models)
+#: (so a caller visibly out of quota is refused before any model work), the
+#: models they may use and their limits (services/limits.py)
+ACCOUNT_COLUMNS = (User.id, User.username, User.quota, User.used, User.window_started_at, User.allowed_models,
+                   User.rpm_limit, User.tpm_limit, User.concurrency_limit, User.token_budget)
 
 # built once: this runs on every request
 _ACCOUNT_BY_NAME = select(*ACCOUNT_COLUMNS, User.is_active, User.password_hash).where(

@@ -19,8 +19,10 @@ from dataclasses import dataclass, replace
 
 from ..engine.base import Completion, ContextOverflow, Engine, EngineError, Generation, PreparedPrompt
 from ..engine.registry import EngineRegistry
+from ..models import CallKind
 from .intent import CallIntent
-from .ledger import Ledger, QuotaPolicy, open_call, refuse_if_spent
+from .ledger import Ledger, QuotaPolicy, open_call, refuse_if_spent, reservation
+from .limits import NOTHING_HELD, Admission, Limiter, RateLimited, RateState, account_limits
 from .quota import QuotaState
 from .streaming import StreamingCall
 
@@ -34,6 +36,8 @@ class CallOutcome:
     call_id: uuid.UUID
     quota: QuotaState
     completion: Completion | None = None
+    #: the caller's request and token rate limits after this call (x-ratelimit-* headers)
+    rates: RateState = RateState()
 
 
 @dataclass(frozen=True)
@@ -43,42 +47,74 @@ class _Started:
     quota: QuotaState
     prompt_tokens: int
     model: str
+    admission: Admission = NOTHING_HELD
+
+
+def admit(limiter: Limiter | None, db, intent: CallIntent, prompt_tokens: int) -> Admission:
+    """Count a call against its caller's rate and concurrency limits (raises
+    RateLimited, nothing counted). An async job holds no concurrency slot: it
+    is in flight only while it waits or runs, which the fair queue shares out."""
+    if limiter is None:
+        return NOTHING_HELD
+    limits = intent.limits
+    if limits is None:  # not from a signed-in request (tests, tools): read them
+        with db.session() as s:
+            limits = account_limits(s, intent.user_id, intent.api_key_id)
+    try:
+        return limiter.admit(intent.user_id, intent.api_key_id, limits, reservation(prompt_tokens, intent.request),
+                             hold_slot=intent.kind != CallKind.ASYNC)
+    except RateLimited as exc:
+        exc.quota = intent.quota  # a 429 reports the quota too (X-RateLimit-*)
+        log.info("rate limited", extra={"limit_kind": exc.what, "limit_of": exc.whose, "limit": exc.limit,
+                                        "retry_after": exc.retry_after})
+        raise
 
 
 class ModelCalls:
-    def __init__(self, ledger: Ledger, engines: EngineRegistry, policy: QuotaPolicy, worker: Callable[[], str]):
+    def __init__(self, ledger: Ledger, engines: EngineRegistry, policy: QuotaPolicy, worker: Callable[[], str],
+                 limiter: Limiter | None = None):
         self.ledger = ledger
         self.db = ledger.db
         self.engines = engines
         self.policy = policy
         self.worker = worker
+        self.limiter = limiter
 
     def run(self, intent: CallIntent, cancel: threading.Event | None = None) -> CallOutcome:
         """Admit, generate and record one call, waiting for its whole reply.
 
-        Raises ContextOverflow, QuotaExceeded or EngineBusy with nothing charged
-        or written; EngineError after recording the failure and refunding the unit.
-        A database that fails after the model answered delays the row's final
-        write (:class:`DeferredWrites`), not the reply.
+        Raises ContextOverflow, QuotaExceeded, BudgetExceeded, RateLimited or
+        EngineBusy with nothing charged or written; EngineError after recording
+        the failure and refunding the unit. A database that fails after the model
+        answered delays the row's final write (:class:`DeferredWrites`), not the reply.
         """
         started = self._start(intent, cancel)
-        with self.ledger.failures_recorded(started.call_id):
-            for _ in started.gen:
-                pass
+        try:
+            with self.ledger.failures_recorded(started.call_id):
+                for _ in started.gen:
+                    pass
+        except BaseException:
+            started.admission.settle(0)
+            raise
         result = started.gen.result
         assert result is not None
         self.ledger.complete(started.call_id, result)
-        return CallOutcome(started.call_id, started.quota, result)
+        started.admission.settle(result.prompt_tokens + result.completion_tokens)
+        return CallOutcome(started.call_id, started.quota, result, started.admission.state)
 
     def stream(self, intent: CallIntent) -> StreamingCall:
         """Admit a streamed call and run it to its first delta, so that everything
         before the first token (refusals as :meth:`run`; EngineError recorded and
         refunded) can still be answered with a status code."""
         started = self._start(intent, threading.Event())
-        with self.ledger.failures_recorded(started.call_id):
-            call = StreamingCall(self.ledger, started.call_id, started.quota, started.gen, started.model,
-                                 started.prompt_tokens)
-            call.prime()
+        try:
+            with self.ledger.failures_recorded(started.call_id):
+                call = StreamingCall(self.ledger, started.call_id, started.quota, started.gen, started.model,
+                                     started.prompt_tokens, started.admission)
+                call.prime()
+        except BaseException:
+            started.admission.settle(0)
+            raise
         return call
 
     def _start(self, intent: CallIntent, cancel: threading.Event | None) -> _Started:
@@ -86,17 +122,28 @@ class ModelCalls:
         if intent.fallbacks:
             model_id, engine, prompt, gen = start_generation(self.engines, intent, cancel)
             intent = replace(intent, model=model_id)  # the row names the model that answers
+            try:
+                admission = admit(self.limiter, self.db, intent, prompt.n_tokens)
+            except BaseException:
+                gen.close()
+                raise
         else:  # the common path stays three frames below the route (tests/api/test_request_path.py)
             engine = self.engines.get(intent.model)
             prompt = engine.prepare(intent.request)
-            gen = engine.stream(prompt, cancel)
+            admission = admit(self.limiter, self.db, intent, prompt.n_tokens)
+            try:
+                gen = engine.stream(prompt, cancel)
+            except BaseException:
+                admission.settle(0)
+                raise
         try:
             call_id, state = open_call(self.db, intent, self.policy, prompt_tokens=prompt.n_tokens,
                                        model=engine.model_name, worker=self.worker())
         except BaseException:
             gen.close()
+            admission.settle(0)
             raise
-        return _Started(gen, call_id, state, prompt.n_tokens, engine.model_name)
+        return _Started(gen, call_id, state, prompt.n_tokens, engine.model_name, admission)
 
 
 def start_generation(engines: EngineRegistry, intent: CallIntent, cancel: threading.Event | None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..engine.base import GenerationRequest
 from ..models import CallKind
+from .limits import AccountLimits
 from .quota import QuotaState
 
 
@@ -30,3 +31,6 @@ class CallIntent:
     callback_url: str | None = None
     #: model ids tried in order when ``model`` fails before its first token (MODELS_FILE ``fallbacks``)
     fallbacks: tuple[str, ...] = ()
+    #: the caller's rate, token and concurrency limits as read with the credentials
+    #: (None: read from the database at admission)
+    limits: AccountLimits | None = None

@@ -23,9 +23,10 @@ from ..engine.base import ContextOverflow, EngineError
 from ..engine.registry import EngineRegistry, UnknownModel
 from ..models import Call, CallKind, CallStatus
 from ..observability import logs, metrics
-from .calls import CallOutcome, start_generation
+from .calls import CallOutcome, admit, start_generation
 from .intent import CallIntent
 from .ledger import Ledger, QuotaPolicy, open_call, record_failure, refuse_if_spent, request_of
+from .limits import Limiter, account_limits
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,9 @@ class Jobs:
     """Async jobs: submitted here, run by whichever process takes the id off the queue."""
 
     def __init__(self, ledger: Ledger, engines: EngineRegistry, policy: QuotaPolicy,
-                 queue: Callable[[], JobQueue], cancels: CancelRegistry, worker: Callable[[], str]):
+                 queue: Callable[[], JobQueue], cancels: CancelRegistry, worker: Callable[[], str],
+                 limiter: Limiter | None = None):
+        self.limiter = limiter
         self.ledger = ledger
         self.db = ledger.db
         self.engines = engines
@@ -135,14 +138,26 @@ class Jobs:
         refuse_if_spent(self.db, intent)
         engine = self.engines.get(intent.model)
         prompt = engine.prepare(intent.request)
-        job_id, state = open_call(self.db, intent, self.policy, prompt_tokens=prompt.n_tokens,
-                                  model=engine.model_name, worker=self.worker())
+        # counted against the rates now (the job's tokens are given back when it ends, wherever it runs)
+        admission = admit(self.limiter, self.db, intent, prompt.n_tokens)
         try:
-            self._queue().enqueue(str(job_id))
+            job_id, state = open_call(self.db, intent, self.policy, prompt_tokens=prompt.n_tokens,
+                                      model=engine.model_name, worker=self.worker())
+        except BaseException:
+            admission.settle(0)
+            raise
+        try:
+            queue = self._queue()
+            for_user = getattr(queue, "enqueue_for", None)  # a queue that serves users in turn
+            if for_user is not None:
+                for_user(str(job_id), intent.user_id)
+            else:
+                queue.enqueue(str(job_id))
         except Exception as exc:
             record_failure(self.db, job_id, f"could not enqueue: {exc}")
+            admission.settle(0)
             raise QueueUnavailable(str(exc)) from exc
-        return CallOutcome(job_id, state)
+        return CallOutcome(job_id, state, rates=admission.state)
 
     def claim(self, job_id: uuid.UUID, *, allow_running: bool = False) -> Call | None:
         """Move a job to running for this process; returns the claimed row (its
@@ -230,6 +245,7 @@ class Jobs:
             return CallStatus.FAILED.value
         finally:
             self.cancels.discard(str(job_uuid))
+        self._give_back_tokens(call, result.prompt_tokens + result.completion_tokens)
         if result.finish_reason == "cancelled":
             # cancelled by its owner while running: unit is kept (work was done), text kept
             self.ledger.fail(job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED,
@@ -241,6 +257,19 @@ class Jobs:
                                              "model_seconds": round(result.generation_seconds, 4)})
             return CallStatus.COMPLETED.value
         return None
+
+    def _give_back_tokens(self, call: Call, used: int) -> None:
+        """The tokens-per-window share of the job's reservation it did not use,
+        given back by whichever process ran it (its budget settles with its row)."""
+        if self.limiter is None or call.reserved_tokens is None or call.reserved_tokens <= used:
+            return
+        try:
+            with self.db.session() as s:
+                limits = account_limits(s, call.user_id, call.api_key_id)
+        except Exception:  # the windows forget the reservation anyway
+            log.warning("could not read limits to give tokens back", exc_info=True)
+            return
+        self.limiter.give_back(call.user_id, call.api_key_id, limits, call.reserved_tokens - used)
 
     def cancel(self, job_id: uuid.UUID, user_id: int) -> str:
         """Cancel the user's async job. Returns the state it is now in:

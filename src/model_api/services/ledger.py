@@ -16,18 +16,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import bindparam, exc as sa_exc, select, update
 from sqlalchemy.orm import Session
 
 from ..db import Database, utcnow
-from ..engine.base import Completion, EngineError, GenerationRequest, SamplingParams
+from ..engine.base import Completion, EngineError, GenerationRequest, SamplingParams, Tenant
 from ..models import Call, CallKind, CallStatus, User, WebhookDelivery
 from ..observability import metrics
 from . import quota
 from .intent import CallIntent
+from .limits import BudgetExceeded, reserve_budget, settle_budget
 from .quota import QuotaState
 from .webhooks import arm as arm_webhook
 
@@ -118,6 +119,14 @@ class DeferredWrites:
 class QuotaPolicy:
     default_quota: int
     window_seconds: int | None
+    #: tokens each user may use in total unless set per user (None: no budget)
+    default_token_budget: int | None = None
+
+
+def reservation(prompt_tokens: int | None, request: GenerationRequest) -> int:
+    """The most tokens a call can use: its prompt plus ``max_tokens`` (what token
+    budgets and tokens-per-minute limits hold until the call ends)."""
+    return (prompt_tokens or 0) + max(0, request.params.max_tokens)
 
 
 def prompt_text(request: GenerationRequest) -> str:
@@ -141,18 +150,22 @@ def refuse_if_spent(db: Database, intent: CallIntent) -> None:
 
 def open_call(db: Database, intent: CallIntent, policy: QuotaPolicy, *, prompt_tokens: int | None,
               model: str, worker: str) -> tuple[uuid.UUID, QuotaState]:
-    """Reserve a quota unit and write the call row in one committed transaction.
+    """Reserve a quota unit and the call's tokens (token budgets) and write the
+    call row in one committed transaction.
 
-    Raises :class:`quota.QuotaExceeded` with nothing written when the user is
-    out of quota.
+    Raises :class:`quota.QuotaExceeded` or :class:`BudgetExceeded` with nothing
+    charged or written when the user (or key) is out of quota or budget.
     """
+    request = intent.request
+    reserved = reservation(prompt_tokens, request)
     with db.session() as s:
         try:
             state = quota.reserve(s, intent.user_id, policy.default_quota, policy.window_seconds)
-        except quota.QuotaExceeded as exc:
+            reserve_budget(s, intent.user_id, intent.api_key_id, reserved, policy.default_token_budget)
+        except (quota.QuotaExceeded, BudgetExceeded) as exc:
+            s.rollback()  # the unit, if one was taken, goes back with the refusal
             _refused(s, intent.user_id, intent.kind, exc)
             raise
-        request = intent.request
         queued = intent.kind == CallKind.ASYNC
         call = Call(
             id=uuid.uuid4(),
@@ -173,6 +186,7 @@ def open_call(db: Database, intent: CallIntent, policy: QuotaPolicy, *, prompt_t
             started_at=None if queued else utcnow(),
             worker=None if queued else worker,
             attempts=0 if queued else 1,
+            reserved_tokens=reserved,
         )
         s.add(call)
         if intent.callback_url:  # the job's webhook outbox row, committed with the job
@@ -183,10 +197,14 @@ def open_call(db: Database, intent: CallIntent, policy: QuotaPolicy, *, prompt_t
     return call.id, state
 
 
-def _refused(session: Session, user_id: int, kind: CallKind, exc: quota.QuotaExceeded) -> None:
+def _refused(session: Session, user_id: int, kind: CallKind, exc: quota.QuotaExceeded | BudgetExceeded) -> None:
     """One place for every route: a warning with the user name, and the counter."""
     username = session.scalar(select(User.username).where(User.id == user_id))
-    log.warning("quota refused", extra={"user": username, "kind": kind.value, "quota_limit": exc.state.limit})
+    if isinstance(exc, BudgetExceeded):
+        log.warning("token budget refused", extra={"user": username, "kind": kind.value, "budget_of": exc.whose,
+                                                   "token_budget": exc.budget})
+    else:
+        log.warning("quota refused", extra={"user": username, "kind": kind.value, "quota_limit": exc.state.limit})
     metrics.quota_refused(kind.value)
 
 
@@ -195,10 +213,12 @@ def request_of(call: Call) -> GenerationRequest:
     stored = dict(call.params or {})
     params = SamplingParams.from_dict(stored)
     if call.messages is not None:
-        return GenerationRequest.chat(call.messages, params)
-    if stored.get("raw_prompt"):
-        return GenerationRequest(prompt=call.prompt, params=params)
-    return GenerationRequest.single_prompt(call.prompt, params)
+        request = GenerationRequest.chat(call.messages, params)
+    elif stored.get("raw_prompt"):
+        request = GenerationRequest(prompt=call.prompt, params=params)
+    else:
+        request = GenerationRequest.single_prompt(call.prompt, params)
+    return replace(request, tenant=Tenant(call.user_id))  # served in turn with its user's other calls
 
 
 _RESULT_COLUMNS = ("status", "response", "finish_reason", "prompt_tokens", "completion_tokens", "model",
@@ -215,8 +235,16 @@ def _record_statement(with_attempt: bool):
         update(Call)
         .where(*cond)
         .values(**{col: bindparam(f"new_{col}") for col in _RESULT_COLUMNS})
-        .returning(Call.kind)
+        .returning(Call.kind, Call.user_id, Call.api_key_id, Call.reserved_tokens)
     )
+
+
+def _settle(conn, row, used_tokens: int) -> None:
+    """Settle a finished call's token reservation to ``used_tokens``; ``row``: the
+    (kind, user_id, api_key_id, reserved_tokens) its final write returned. Runs in
+    that write's transaction, and a call reaches a final state once: settled once."""
+    if row is not None and row[3] is not None:
+        settle_budget(conn, row[1], row[2], used_tokens - row[3])
 
 
 _RECORD = {False: _record_statement(False), True: _record_statement(True)}
@@ -236,14 +264,11 @@ def record_completion(db: Database, call_id: uuid.UUID, result: Completion, atte
         "call_id": call_id,
         "attempt": attempt,
     }
-    if attempt is None:
-        with db.autocommit() as conn:  # one statement: its own transaction
-            row = conn.execute(_RECORD[False], values).first()
-    else:  # an async job: its webhook (if any) is armed in the same transaction as its end
-        with db.session() as s:
-            row = s.connection().execute(_RECORD[True], values).first()
-            if row is not None:
-                arm_webhook(s, call_id)
+    with db.session() as s:  # the end, the token settlement and a job's webhook commit together
+        row = s.connection().execute(_RECORD[attempt is not None], values).first()
+        _settle(s.connection(), row, result.prompt_tokens + result.completion_tokens)
+        if row is not None and attempt is not None:
+            arm_webhook(s, call_id)
     if row is None:
         return False
     # counted here, where a call becomes final exactly once, so every route and worker is covered
@@ -278,8 +303,11 @@ def record_failure(
             update(Call)
             .where(Call.id == call_id, Call.status.in_([st.value for st in from_states]))
             .values(**values)
-            .returning(Call.kind)
+            .returning(Call.kind, Call.user_id, Call.api_key_id, Call.reserved_tokens)
         ).first()
+        # a refunded call costs no tokens; a cancelled one what it had used
+        used = partial.prompt_tokens + partial.completion_tokens if partial is not None and not refund else 0
+        _settle(s.connection(), row, used)
         if row is not None and refund:
             quota.refund(s, call_id)
         if row is not None and row[0] == CallKind.ASYNC.value:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from ..engine.base import Completion, EngineError, Generation
 from ..models import CallStatus
 from .ledger import Ledger
+from .limits import NOTHING_HELD, Admission
 from .quota import QuotaState
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,10 @@ class StreamingCall:
     """
 
     def __init__(self, ledger: Ledger, call_id: uuid.UUID, quota_state: QuotaState, gen: Generation, model: str,
-                 prompt_tokens: int):
+                 prompt_tokens: int, admission: Admission = NOTHING_HELD):
         self.ledger = ledger
+        #: its rate limits' hold (settled when the stream ends, however it ends)
+        self.admission = admission
         self.call_id = call_id
         self.quota = quota_state
         self.model = model
@@ -57,12 +60,14 @@ class StreamingCall:
         except EngineError as exc:
             self._done = True
             self.ledger.fail(self.call_id, f"model error: {exc}", partial=self._partial("error"))
+            self.admission.settle(0)
             raise
         result = self._gen.result
         assert result is not None
         self.result = result
         self._done = True
         self.ledger.complete(self.call_id, result)
+        self.admission.settle(result.prompt_tokens + result.completion_tokens)
 
     def _partial(self, reason: str) -> Completion:
         text = "".join(self._pieces)
@@ -83,3 +88,4 @@ class StreamingCall:
             result = self._partial("cancelled")
         self.result = result
         self.ledger.fail(self.call_id, why, refund=False, status=CallStatus.CANCELLED, partial=result)
+        self.admission.settle(result.prompt_tokens + result.completion_tokens)
