@@ -118,13 +118,15 @@ def read_bounded_body(environ: dict[str, Any], limit: int) -> None:
 
 
 def register_blueprints(app: APIFlask) -> None:
-    from .api import health, index, model_calls, observability, openai_api
+    from .api import admin, health, index, me, model_calls, observability, openai_api
 
     app.register_blueprint(index.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(model_calls.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(observability.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(me.bp)
 
 
 def register_errors(app: APIFlask) -> None:

@@ -12,7 +12,7 @@ from apiflask import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
 from flask import current_app, g, request
 
 from ..observability import metrics
-from ..services import access, api_keys
+from ..services import access, admin, api_keys
 from ..services import auth as auth_service
 from ..services import quota
 from ..services.auth import USERNAME_MAX
@@ -137,6 +137,16 @@ def _principal(scheme: str, name_for_log: str | None, lookup) -> Principal | Non
                      quota.state_of_user(row, rt.policy.default_quota, rt.policy.window_seconds),
                      access.effective(row.allowed_models, getattr(row, "key_models", None)),
                      getattr(row, "key_id", None))
+
+
+@basic_auth.get_user_roles
+@token_auth.get_user_roles
+def _roles(principal: Principal) -> list[str]:
+    """``auth_required(auth, roles=["admin"])``: read from the database on each admin
+    request (not with the cached credentials), so a demotion takes effect at once."""
+    rt = current_app.extensions["model_api"]
+    with rt.db.autocommit() as conn:
+        return ["admin"] if admin.is_admin(conn, principal.id) else []
 
 
 def current_principal() -> Principal:
