@@ -91,6 +91,8 @@ def register_request_hooks(app: APIFlask) -> None:
         # Content-Type says (curl -d sends form-encoded), so a client gets a
         # clear "not valid JSON" rather than a puzzling "prompt missing".
         ctype = request.environ.get("CONTENT_TYPE", "")
+        if request.blueprint == "console":  # the web console's forms are form-encoded, as browsers send them
+            return
         if request.method in ("POST", "PUT", "PATCH") and "json" not in ctype and request.content_length:
             request.environ["CONTENT_TYPE"] = "application/json"  # before anything parses it
 
@@ -127,6 +129,9 @@ def register_blueprints(app: APIFlask) -> None:
     app.register_blueprint(observability.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(me.bp)
+    from . import console
+
+    console.init_app(app)
 
 
 def register_errors(app: APIFlask) -> None:

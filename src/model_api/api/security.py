@@ -133,10 +133,22 @@ def _principal(scheme: str, name_for_log: str | None, lookup) -> Principal | Non
         auth_failed(scheme, "invalid", name_for_log)
         return None
     g.user = row.username
+    return principal_of(row, rt)
+
+
+def principal_of(row, rt) -> Principal:
+    """The caller an account row (:data:`~..services.auth.ACCOUNT_COLUMNS`, plus the key's if any) describes."""
     return Principal(row.id, row.username,
                      quota.state_of_user(row, rt.policy.default_quota, rt.policy.window_seconds),
                      access.effective(row.allowed_models, getattr(row, "key_models", None)),
                      getattr(row, "key_id", None))
+
+
+def act_as(principal: Principal) -> None:
+    """Make ``principal`` the request's caller, as a successful Basic or Bearer sign-in
+    does (the console's session sign-in: its routes then share the API's helpers)."""
+    g.user = principal.username
+    g.flask_httpauth_user = principal
 
 
 @basic_auth.get_user_roles
