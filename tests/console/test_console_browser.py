@@ -22,7 +22,8 @@ from ..conftest import DEFAULT_PASSWORD, need
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = (os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("google-chrome")
+            or "/usr/bin/chromium")
 SCREENSHOT = ROOT / "docs" / "console.png"
 
 
@@ -95,7 +96,7 @@ def test_admin_and_customer_journeys_in_chromium(browser, live_server, make_user
         page = browser.new_context(viewport={"width": 1100, "height": 760}).new_page()
         sign_in(page, srv.url, "carol", "carol's long password")
         assert page.inner_text("#quota-remaining") == "2"
-        page.fill("#max-tokens", "40")
+        page.fill("#max-tokens", "24")
         chat(page, "Write three short sentences about the sea.")
         renders = page.evaluate("window.__renders")
         reply = page.locator(".msg.assistant").last.inner_text()
@@ -106,6 +107,7 @@ def test_admin_and_customer_journeys_in_chromium(browser, live_server, make_user
         assert page.inner_text("#quota-remaining") == "1"
         page.screenshot(path=str(SCREENSHOT), full_page=True)
 
+        page.fill("#max-tokens", "4")
         chat(page, "And one more about the sky.")
         assert page.inner_text("#quota-remaining") == "0"
         chat(page, "One too many?")
