@@ -319,6 +319,9 @@ def usage_command(group_by: str, since, until, as_csv: bool) -> None:
     """The usage report of GET /admin/usage: calls, outcomes, tokens, model time per group."""
     since = since.replace(tzinfo=UTC) if since else None
     until = until.replace(tzinfo=UTC) if until else None
+    require_schema()
+    with _database_errors(_rt().settings.sqlalchemy_url):
+        usage_service.roll_up(_rt().db, max_days=10_000)  # whatever days closed since the last roll-up
     with _session() as s:
         rows = usage_service.report(s, group_by, since, until)
     if as_csv:

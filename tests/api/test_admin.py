@@ -256,3 +256,33 @@ def test_admin_routes_are_in_the_openapi_document(client):
     for path in ("/admin/users", "/admin/users/{username}", "/admin/keys", "/admin/keys/{key_id}",
                  "/admin/usage", "/admin/calls", "/admin/events", "/me", "/me/usage", "/me/keys", "/me/keys/{key_id}"):
         assert path in paths, path
+
+
+def test_rolled_up_days_give_the_same_report_as_the_rows(client, admin, make_user, database, app):
+    """Days that ended are read from usage_daily once rolled up: the figures do not change."""
+    from model_api.services import usage
+
+    alice, bob = make_user("alice", quota=10), make_user("bob", quota=10)
+    key = client.post("/me/keys", json={}, headers=alice).json["key"]
+    for headers in (alice, alice, {"Authorization": f"Bearer {key}"}, bob, bob):
+        assert client.post("/call_model", json={"prompt": "Hi", "max_tokens": 2}, headers=headers).status_code == 201
+    with database.session() as s:  # spread the calls over past days: 5, 5, 4 days ago, 3 days ago, today
+        ids = list(s.scalars(select(Call.id).order_by(Call.created_at)))
+        for call_id, days in zip(ids, (5, 5, 4, 3, 0), strict=True):
+            s.execute(update(Call).where(Call.id == call_id).values(
+                created_at=Call.created_at - timedelta(days=days), started_at=Call.started_at - timedelta(days=days),
+                finished_at=Call.finished_at - timedelta(days=days)))
+        s.execute(update(Call).where(Call.id == ids[3]).values(status="running"))  # 3 days ago: still open
+    queries = [f"group_by={g}{r}" for g in ("user", "key", "model", "day")
+               for r in ("", f"&since={(datetime.now(UTC) - timedelta(days=4, hours=12)).isoformat()}",
+                         f"&since={(datetime.now(UTC) - timedelta(days=4)).date()}&until={datetime.now(UTC).date()}")]
+
+    def reports():
+        return {q: client.get("/admin/usage?" + q.replace("+", "%2B"), headers=admin).json["rows"] for q in queries}
+
+    before = reports()
+    # 5 and 4 days ago, and 2 days ago (no calls); 3 days ago is still running, today not over
+    assert usage.roll_up(app.extensions["model_api"].db) == 3
+    assert usage.roll_up(app.extensions["model_api"].db) == 0
+    assert reports() == before
+    assert sum(r["calls"] for r in before["group_by=day"]) == 5

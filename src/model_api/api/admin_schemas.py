@@ -117,8 +117,12 @@ class UsersQuery(_Strict):
     q = String(validate=Length(max=150), metadata={"description": "Only usernames containing this."})
 
 
+class UserItemOut(UserOut):
+    """One user of a listing (its own name in the document: a schema is added once)."""
+
+
 class UsersOut(Schema):
-    users = List(Nested(UserOut), required=True)
+    users = List(Nested(UserItemOut), required=True)
     next_after = String(allow_none=True)
 
 
@@ -180,8 +184,12 @@ class KeysQuery(_Strict):
     after = Integer(validate=Range(min=0, max=MAX_QUOTA), metadata={"description": "Cursor: the last id of the previous page."})
 
 
+class KeyItemOut(KeyOut):
+    """One key of a listing."""
+
+
 class KeysOut(Schema):
-    keys = List(Nested(KeyOut), required=True)
+    keys = List(Nested(KeyItemOut), required=True)
     next_after = Integer(allow_none=True)
 
 

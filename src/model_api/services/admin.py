@@ -251,7 +251,7 @@ def calls(session: Session, limit: int, *, user_id: int | None = None, status: s
             return []
         stmt = stmt.where((Call.created_at < anchor.created_at)
                           | ((Call.created_at == anchor.created_at) & (Call.id < anchor.id)))
-    return list(session.execute(stmt.order_by(Call.created_at.desc(), Call.id.desc()).limit(limit)).tuples())
+    return [(c, name) for c, name in session.execute(stmt.order_by(Call.created_at.desc(), Call.id.desc()).limit(limit))]
 
 
 def me(session: Session, user_id: int, policy) -> dict[str, Any]:

@@ -10,18 +10,23 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
 
-from sqlalchemy import case, func, select
+from sqlalchemy import and_, case, false, func, or_, select, true
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..db import as_utc
-from ..models import ApiKey, Call, CallStatus, User
+from ..db import Database, as_utc, utcnow
+from ..models import ApiKey, Call, CallStatus, UsageDaily, UsageDay, User
 
 GROUPS = ("user", "key", "model", "day")
 
 #: the figures of each row, in report (and CSV column) order
 FIGURES = ("calls", "completed", "failed", "refunded", "prompt_tokens", "completion_tokens", "model_seconds")
+
+ONE_DAY = timedelta(days=1)
+#: states a call can still leave (a day with one of these is not rolled up)
+OPEN = (CallStatus.QUEUED.value, CallStatus.RUNNING.value)
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,8 @@ class UsageRow:
 
 def _day(dialect: str):
     # UTC days: timestamps are stored in UTC on both databases
-    if dialect == "postgresql":
-        return func.to_char(func.timezone("UTC", Call.created_at), "YYYY-MM-DD")
+    if dialect == "postgresql":  # a date (cheap per row; formatted once per group)
+        return func.date(func.timezone("UTC", Call.created_at))
     return func.strftime("%Y-%m-%d", Call.created_at)
 
 
@@ -61,17 +66,9 @@ def _count(condition):
     return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
 
-def report(session: Session, group_by: str, since: datetime | None = None, until: datetime | None = None,
-           user_id: int | None = None) -> list[UsageRow]:
-    """The report over ``[since, until)``, optionally of one user's calls only,
-    one row per group (busiest first; by day, in date order)."""
-    if group_by not in GROUPS:
-        raise ValueError(f"group_by must be one of {', '.join(GROUPS)}")
-    dialect = session.get_bind().dialect.name
-    column = {"user": Call.user_id, "key": Call.api_key_id, "model": Call.model_id, "day": _day(dialect)}[group_by]
-    group = column.label("grp")
-    stmt = select(
-        group,
+def _figures(dialect: str) -> list:
+    """The aggregate of each figure over ``calls``, in FIGURES order."""
+    return [
         func.count().label("calls"),
         _count(Call.status == CallStatus.COMPLETED.value).label("completed"),
         _count(Call.status == CallStatus.FAILED.value).label("failed"),
@@ -80,23 +77,160 @@ def report(session: Session, group_by: str, since: datetime | None = None, until
         func.coalesce(func.sum(Call.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(Call.completion_tokens), 0).label("completion_tokens"),
         func.coalesce(func.sum(_seconds(dialect)), 0).label("model_seconds"),
-    ).group_by(group)
-    if since is not None:
-        stmt = stmt.where(Call.created_at >= since)
-    if until is not None:
-        stmt = stmt.where(Call.created_at < until)
+    ]
+
+
+def _column(group_by: str, dialect: str):
+    return {"user": Call.user_id, "key": Call.api_key_id, "model": Call.model_id, "day": _day(dialect)}[group_by]
+
+
+def _key(value) -> str | None:
+    """A group's value as the report shows it: ids as text, days as ISO dates, "" (rolled up) as None."""
+    if value is None or value == "":
+        return None
+    return value.isoformat() if isinstance(value, date) else str(value)
+
+
+Figures = dict[str | None, list[float]]
+
+
+def _add(into: Figures, key: str | None, figures) -> None:
+    have = into.setdefault(key, [0] * len(FIGURES))
+    for i, v in enumerate(figures):
+        # counts stay integers; seconds arrive as a float or (PostgreSQL's extract) a Decimal
+        have[i] += float(v or 0) if FIGURES[i] == "model_seconds" else int(v or 0)
+
+
+def _live(session: Session, group_by: str, where: list, out: Figures) -> None:
+    dialect = session.get_bind().dialect.name
+    group = _column(group_by, dialect).label("grp")
+    for row in session.execute(select(group, *_figures(dialect)).where(*where).group_by(group)):
+        _add(out, _key(row[0]), row[1:])
+
+
+def _rolled(session: Session, group_by: str, spans: list[tuple[date, date]], out: Figures) -> None:
+    if not spans:
+        return
+    # every call has exactly one model value (maybe none), so a day's model rows sum to the whole day
+    dimension = "model" if group_by == "day" else group_by
+    group = UsageDaily.day if group_by == "day" else UsageDaily.grp
+    stmt = (select(group, *(func.sum(getattr(UsageDaily, f)) for f in FIGURES))
+            .where(UsageDaily.dimension == dimension,
+                   or_(*(and_(UsageDaily.day >= a, UsageDaily.day < b) for a, b in spans)))
+            .group_by(group))
+    for row in session.execute(stmt):
+        _add(out, _key(row[0]), row[1:])
+
+
+def _midnight(d: date) -> datetime:
+    return datetime(d.year, d.month, d.day, tzinfo=UTC)
+
+
+def _spans(days: list[date]) -> list[tuple[date, date]]:
+    """Sorted days as [first, after-last) runs of consecutive days."""
+    spans: list[tuple[date, date]] = []
+    for d in days:
+        if spans and spans[-1][1] == d:
+            spans[-1] = (spans[-1][0], d + ONE_DAY)
+        else:
+            spans.append((d, d + ONE_DAY))
+    return spans
+
+
+def report(session: Session, group_by: str, since: datetime | None = None, until: datetime | None = None,
+           user_id: int | None = None) -> list[UsageRow]:
+    """The report over ``[since, until)``, optionally of one user's calls only,
+    one row per group (busiest first; by day, in date order).
+
+    Whole days already rolled up (:func:`roll_up`) are read from ``usage_daily``;
+    the rest of the range (today, yesterday, a day still running a job, the
+    partial days at its ends) from ``calls``, through its ``created_at`` index.
+    One user's report reads their calls directly (their own index)."""
+    if group_by not in GROUPS:
+        raise ValueError(f"group_by must be one of {', '.join(GROUPS)}")
+    since, until = as_utc(since), as_utc(until)
+    figures: Figures = {}
+    spans: list[tuple[date, date]] = []
+    if user_id is None:
+        first = None if since is None else (since + (ONE_DAY if since.time() != time() else timedelta())).date()
+        stmt = select(UsageDay.day).order_by(UsageDay.day)
+        if first is not None:
+            stmt = stmt.where(UsageDay.day >= first)
+        if until is not None:
+            stmt = stmt.where(UsageDay.day < until.date())  # days that end by `until`
+        spans = _spans(list(session.scalars(stmt)))
+    _rolled(session, group_by, spans, figures)
+    # the rest of [since, until), outside the rolled-up spans
+    gaps, start = [], since
+    for a, b in spans:
+        gaps.append((start, _midnight(a)))
+        start = _midnight(b)
+    gaps.append((start, until))
+    where = [or_(false(), *(and_(true(), *([Call.created_at >= lo] if lo is not None else []),
+                                 *([Call.created_at < hi] if hi is not None else []))
+                            for lo, hi in gaps if lo is None or hi is None or lo < hi))]
     if user_id is not None:
-        stmt = stmt.where(Call.user_id == user_id)
-    rows = session.execute(stmt).all()
-    labels = _labels(session, group_by, [r.grp for r in rows if r.grp is not None])
-    out = [UsageRow(group=None if r.grp is None else str(r.grp), label=labels.get(r.grp, _unlabelled(group_by, r.grp)),
-                    calls=int(r.calls), completed=int(r.completed), failed=int(r.failed), refunded=int(r.refunded),
-                    prompt_tokens=int(r.prompt_tokens), completion_tokens=int(r.completion_tokens),
-                    model_seconds=round(float(r.model_seconds), 3))
-           for r in rows]
+        where.append(Call.user_id == user_id)
+    _live(session, group_by, where, figures)
+
+    labels = _labels(session, group_by, [int(k) if group_by in ("user", "key") else k
+                                         for k in figures if k is not None])
+    out = []
+    for key, f in figures.items():
+        raw = int(key) if key is not None and group_by in ("user", "key") else key
+        values = dict(zip(FIGURES, f, strict=True))
+        out.append(UsageRow(group=key, label=labels.get(raw, _unlabelled(group_by, raw)),
+                            **{k: int(v) for k, v in values.items() if k != "model_seconds"},
+                            model_seconds=round(float(values["model_seconds"]), 3)))
     if group_by == "day":
         return sorted(out, key=lambda r: r.group or "")
     return sorted(out, key=lambda r: (-r.calls, r.label))
+
+
+def roll_up(db: Database, max_days: int = 31) -> int:
+    """Roll up closed days not rolled up yet, oldest first, at most ``max_days`` per
+    run; returns how many. A day is closed once it ended over a day ago *and* none
+    of its calls is queued or running (a final call never changes again), so the
+    rolled-up figures stay equal to the rows. Each day is one transaction whose
+    ``usage_days`` row is the claim: a second process doing the same day fails its
+    insert and moves on. Runs with the periodic housekeeping and before
+    ``model-api usage``."""
+    with db.session() as s:
+        first = as_utc(s.scalar(select(func.min(Call.created_at))))
+        if first is None:
+            return 0
+        last = utcnow().date() - 2 * ONE_DAY
+        done = set(s.scalars(select(UsageDay.day).where(UsageDay.day >= first.date())))
+    day, rolled = first.date(), 0
+    while day <= last and rolled < max_days:
+        if day not in done and _roll_up_day(db, day):
+            rolled += 1
+        day += ONE_DAY
+    return rolled
+
+
+def _roll_up_day(db: Database, day: date) -> bool:
+    start, end = _midnight(day), _midnight(day + ONE_DAY)
+    in_day = (Call.created_at >= start, Call.created_at < end)
+    try:
+        with db.session() as s:
+            if s.scalar(select(Call.id).where(*in_day, Call.status.in_(OPEN)).limit(1)) is not None:
+                return False  # a call of that day has not ended: later
+            claim = UsageDay(day=day, calls=0)
+            s.add(claim)
+            s.flush()
+            dialect = s.get_bind().dialect.name
+            for dimension in ("user", "key", "model"):
+                group = _column(dimension, dialect).label("grp")
+                for row in s.execute(select(group, *_figures(dialect)).where(*in_day).group_by(group)):
+                    values = dict(zip(FIGURES, row[1:], strict=True))
+                    s.add(UsageDaily(day=day, dimension=dimension, grp="" if row[0] is None else str(row[0]),
+                                     **{k: v or 0 for k, v in values.items()}))
+                    if dimension == "model":
+                        claim.calls += values["calls"]
+    except IntegrityError:  # another process rolled this day up first
+        return False
+    return True
 
 
 def _unlabelled(group_by: str, value) -> str:
@@ -109,7 +243,7 @@ def _labels(session: Session, group_by: str, values: list) -> dict:
     if not values:
         return {}
     if group_by == "user":
-        return dict(session.execute(select(User.id, User.username).where(User.id.in_(values))).tuples().all())
+        return dict(session.execute(select(User.id, User.username).where(User.id.in_(values))).all())
     if group_by == "key":
         rows = session.execute(select(ApiKey.id, ApiKey.prefix, ApiKey.name).where(ApiKey.id.in_(values))).all()
         return {r.id: f"{r.prefix}" + (f" ({r.name})" if r.name else "") for r in rows}
@@ -152,4 +286,4 @@ def iso(value: datetime | None) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
-__all__ = ["FIGURES", "GROUPS", "UsageRow", "report", "to_csv", "totals"]
+__all__ = ["FIGURES", "GROUPS", "UsageRow", "report", "roll_up", "to_csv", "totals"]
