@@ -243,8 +243,9 @@ class UsageDaily(Base):
 
     __tablename__ = "usage_daily"
 
-    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    # dimension first: a report reads one dimension's rows over a range of days
     dimension: Mapped[str] = mapped_column(String(8), primary_key=True)  # user | key | model
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
     # the user id, key id or model id as text; "" for calls without one (no key, no model)
     grp: Mapped[str] = mapped_column(String(255), primary_key=True)
     calls: Mapped[int] = mapped_column(BigInteger)

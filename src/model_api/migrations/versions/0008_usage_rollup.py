@@ -18,8 +18,8 @@ depends_on: Union[str, Sequence[str], None] = None
 
 def upgrade() -> None:
     op.create_table('usage_daily',
-    sa.Column('day', sa.Date(), nullable=False),
     sa.Column('dimension', sa.String(length=8), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
     sa.Column('grp', sa.String(length=255), nullable=False),
     sa.Column('calls', sa.BigInteger(), nullable=False),
     sa.Column('completed', sa.BigInteger(), nullable=False),
@@ -28,7 +28,7 @@ def upgrade() -> None:
     sa.Column('prompt_tokens', sa.BigInteger(), nullable=False),
     sa.Column('completion_tokens', sa.BigInteger(), nullable=False),
     sa.Column('model_seconds', sa.Float(), nullable=False),
-    sa.PrimaryKeyConstraint('day', 'dimension', 'grp', name=op.f('pk_usage_daily'))
+    sa.PrimaryKeyConstraint('dimension', 'day', 'grp', name=op.f('pk_usage_daily'))
     )
     op.create_table('usage_days',
     sa.Column('day', sa.Date(), nullable=False),
