@@ -278,7 +278,7 @@ def revoke_key(key_id: int):
         flash("Key revoked.", "ok")
     except UserError as exc:
         flash(str(exc), "error")
-    return redirect(request.form.get("back") == "admin" and url_for("console.admin_keys") or url_for("console.keys"))
+    return redirect(url_for("console.admin_keys" if request.form.get("back") == "admin" else "console.keys"))
 
 
 def _usage_rows(group_by: str, days: int, user_id: int | None):

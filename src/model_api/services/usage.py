@@ -187,11 +187,12 @@ def report(session: Session, group_by: str, since: datetime | None = None, until
     return sorted(out, key=lambda r: (-r.calls, r.label))
 
 
-def roll_up(db: Database, max_days: int = 31) -> int:
+def roll_up(db: Database, max_days: int = 7) -> int:
     """Roll up closed days not rolled up yet, oldest first, at most ``max_days`` per
     run; returns how many. A day is closed once it ended over a day ago *and* none
     of its calls is queued or running (a final call never changes again), so the
-    rolled-up figures stay equal to the rows. Each day is one transaction whose
+    rolled-up figures stay equal to the rows (a backlog is worked off a week per
+    pass, so one pass never holds the housekeeping loop for long). Each day is one transaction whose
     ``usage_days`` row is the claim: a second process doing the same day fails its
     insert and moves on. Runs with the periodic housekeeping and before
     ``model-api usage``."""
