@@ -13,11 +13,11 @@ from typing import Any
 
 from sqlalchemy import Row, func, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, contains_eager
 
 from ..db import as_utc, utcnow
 from ..models import AdminEvent, ApiKey, Call, User
-from . import api_keys, quota
+from . import api_keys, quota, usage
 from . import auth as auth_service
 from .auth import ACCOUNT_COLUMNS, UserError
 
@@ -86,29 +86,26 @@ def user_view(user: User, st: quota.QuotaState, tokens: int = 0, calls: int = 0,
 def list_users(session: Session, policy, limit: int, after: str | None = None,
                search: str | None = None) -> list[dict[str, Any]]:
     """Users by name, ``limit`` of them after the name ``after`` (a cursor), with
-    each one's quota, call count, tokens and last call: one query for the page,
-    one GROUP BY over that page's calls (indexed by user and time)."""
+    each one's quota, call count, tokens and last call (:func:`.usage.user_totals`)."""
     stmt = select(User).order_by(User.username).limit(limit)
     if after is not None:
         stmt = stmt.where(User.username > after)
     if search:
         stmt = stmt.where(User.username.contains(search, autoescape=True))
     users = list(session.scalars(stmt))
-    ids = [u.id for u in users]
-    stats: dict[int, Row] = {}
-    if ids:
-        stats = {r.user_id: r for r in session.execute(
-            select(Call.user_id, func.count().label("calls"),
-                   func.coalesce(func.sum(func.coalesce(Call.prompt_tokens, 0)
-                                          + func.coalesce(Call.completion_tokens, 0)), 0).label("tokens"),
-                   func.max(Call.created_at).label("last"))
-            .where(Call.user_id.in_(ids)).group_by(Call.user_id))}
+    stats = usage.user_totals(session, [u.id for u in users])
     out = []
     for u in users:
-        s = stats.get(u.id)
+        calls_, tokens, last = stats[u.id]
         out.append(user_view(u, quota.state_of_user(u, policy.default_quota, policy.window_seconds),
-                             int(s.tokens) if s else 0, int(s.calls) if s else 0, s.last if s else None))
+                             tokens, calls_, last))
     return out
+
+
+def usernames(session: Session, limit: int = 500) -> list[str]:
+    """Active users' names, for a picker."""
+    return list(session.scalars(select(User.username).where(User.is_active.is_(True))
+                                .order_by(User.username).limit(limit)))
 
 
 def get_user(session: Session, username: str) -> User:
@@ -183,7 +180,8 @@ def key_view(k: ApiKey, username: str | None = None) -> dict[str, Any]:
 
 def list_keys(session: Session, user_id: int | None = None, include_revoked: bool = False,
               limit: int = 100, after: int | None = None) -> list[ApiKey]:
-    stmt = select(ApiKey).join(User).order_by(ApiKey.id).limit(limit)
+    # each key's user comes with it (key_view names the owner): one query, not one per key
+    stmt = select(ApiKey).join(User).options(contains_eager(ApiKey.user)).order_by(ApiKey.id).limit(limit)
     if user_id is not None:
         stmt = stmt.where(ApiKey.user_id == user_id)
     if not include_revoked:

@@ -187,6 +187,36 @@ def report(session: Session, group_by: str, since: datetime | None = None, until
     return sorted(out, key=lambda r: (-r.calls, r.label))
 
 
+def user_totals(session: Session, user_ids: list[int]) -> dict[int, tuple[int, int, datetime | None]]:
+    """(calls, prompt + completion tokens, last call) of each of these users, all time:
+    rolled-up days from ``usage_daily``, the rest from ``calls``, the last call by an
+    index lookup per user (the admin user list shows a page of these)."""
+    if not user_ids:
+        return {}
+    spans = _spans(list(session.scalars(select(UsageDay.day).order_by(UsageDay.day))))
+    figures: Figures = {}
+    if spans:
+        stmt = (select(UsageDaily.grp, *(func.sum(getattr(UsageDaily, f)) for f in FIGURES))
+                .where(UsageDaily.dimension == "user", UsageDaily.grp.in_([str(i) for i in user_ids]),
+                       or_(*(and_(UsageDaily.day >= a, UsageDaily.day < b) for a, b in spans)))
+                .group_by(UsageDaily.grp))
+        for row in session.execute(stmt):
+            _add(figures, row[0], row[1:])
+    outside = and_(true(), *(or_(Call.created_at < _midnight(a), Call.created_at >= _midnight(b)) for a, b in spans))
+    dialect = session.get_bind().dialect.name
+    for row in session.execute(select(Call.user_id, *_figures(dialect))
+                               .where(Call.user_id.in_(user_ids), outside).group_by(Call.user_id)):
+        _add(figures, str(row[0]), row[1:])
+    last = select(func.max(Call.created_at)).where(Call.user_id == User.id).scalar_subquery()
+    lasts = dict(session.execute(select(User.id, last).where(User.id.in_(user_ids))).all())
+    calls_at, prompt_at, completion_at = (FIGURES.index(f) for f in ("calls", "prompt_tokens", "completion_tokens"))
+    out = {}
+    for uid in user_ids:
+        f = figures.get(str(uid), [0] * len(FIGURES))
+        out[uid] = (int(f[calls_at]), int(f[prompt_at] + f[completion_at]), as_utc(lasts.get(uid)))
+    return out
+
+
 def roll_up(db: Database, max_days: int = 7) -> int:
     """Roll up closed days not rolled up yet, oldest first, at most ``max_days`` per
     run; returns how many. A day is closed once it ended over a day ago *and* none
@@ -287,4 +317,4 @@ def iso(value: datetime | None) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
-__all__ = ["FIGURES", "GROUPS", "UsageRow", "report", "roll_up", "to_csv", "totals"]
+__all__ = ["FIGURES", "GROUPS", "UsageRow", "report", "roll_up", "to_csv", "totals", "user_totals"]
