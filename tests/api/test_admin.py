@@ -278,7 +278,9 @@ def test_rolled_up_days_give_the_same_report_as_the_rows(client, admin, make_use
                          f"&since={(datetime.now(UTC) - timedelta(days=4)).date()}&until={datetime.now(UTC).date()}")]
 
     def reports():
-        return {q: client.get("/admin/usage?" + q.replace("+", "%2B"), headers=admin).json["rows"] for q in queries}
+        figures = {q: client.get("/admin/usage?" + q.replace("+", "%2B"), headers=admin).json["rows"] for q in queries}
+        figures["users"] = client.get("/admin/users", headers=admin).json["users"]
+        return figures
 
     before = reports()
     # 5 and 4 days ago, and 2 days ago (no calls); 3 days ago is still running, today not over
@@ -286,3 +288,4 @@ def test_rolled_up_days_give_the_same_report_as_the_rows(client, admin, make_use
     assert usage.roll_up(app.extensions["model_api"].db) == 0
     assert reports() == before
     assert sum(r["calls"] for r in before["group_by=day"]) == 5
+    assert {u["username"]: u["calls"] for u in before["users"]} == {"alice": 3, "bob": 2, "root": 0}
