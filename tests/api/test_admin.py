@@ -289,3 +289,8 @@ def test_rolled_up_days_give_the_same_report_as_the_rows(client, admin, make_use
     assert reports() == before
     assert sum(r["calls"] for r in before["group_by=day"]) == 5
     assert {u["username"]: u["calls"] for u in before["users"]} == {"alice": 3, "bob": 2, "root": 0}
+
+
+@pytest.mark.parametrize("path", ["/admin/users/a%00b", "/admin/users/" + "x" * 300])
+def test_impossible_usernames_in_the_path_are_404(client, admin, path):
+    assert client.patch(path, json={"quota": 1}, headers=admin).status_code == 404

@@ -175,3 +175,27 @@ def test_usage_page_and_csv_show_the_calls(client, make_user):
     assert r.mimetype == "text/csv" and r.get_data(as_text=True).splitlines()[1].split(",")[2] == "1"
     assert client.get("/console/usage.csv?group_by=user").status_code == 400
     assert "Hi" in client.get("/console/history").get_data(as_text=True)
+
+
+@pytest.mark.parametrize(("method", "path", "data"), [
+    ("post", "/console/admin/users/a%00b", {"action": "deactivate"}),
+    ("post", "/console/admin/users/" + "x" * 300, {"action": "quota", "quota": "5"}),
+    ("post", "/console/admin/users", {"username": "a\x00b", "password": "a long password"}),
+    ("post", "/console/admin/users", {"username": "acme", "password": "a long\x00password"}),
+    ("post", "/console/admin/users", {"username": "acme", "password": "a long password", "quota": "99999999999"}),
+    ("post", "/console/admin/keys", {"user": "a\x00b"}),
+    ("post", "/console/admin/keys", {"user": "root", "name": "\x00"}),
+    ("post", "/console/admin/keys", {"user": "root", "expires_at": "1999-01-01"}),
+    ("post", "/console/keys", {"name": "bad\x00name"}),
+    ("post", "/console/keys", {"expires_at": "soon"}),
+    ("get", "/console/admin/users?q=%00&after=%00", None),
+    ("get", "/console/usage?group_by=%00&scope=%00", None),
+])
+def test_hostile_console_input_is_a_clear_refusal_never_a_500(client, admin_user, method, path, data):
+    sign_in(client, admin_user)
+    csrf = token(client.get("/console/keys"))
+    r = (client.post(path, data={**data, "csrf_token": csrf}, follow_redirects=True) if method == "post"
+         else client.get(path))
+    assert r.status_code in (200, 400, 404), r.status_code
+    if method == "post":
+        assert 'class="flash error"' in r.get_data(as_text=True)

@@ -15,7 +15,7 @@ from ..observability import metrics
 from ..services import access, admin, api_keys
 from ..services import auth as auth_service
 from ..services import quota
-from ..services.auth import USERNAME_MAX
+from ..services.auth import USERNAME_MAX, possible_username
 from ..services.quota import QuotaState
 from .errors import api_error
 
@@ -100,11 +100,6 @@ def _verify(username: str, password: str) -> Principal | None:
     if principal is None:
         rt.login_throttle.failed(username, address)
     return principal
-
-
-def possible_username(username: str) -> bool:
-    """Whether a user could have this name (what ``create_user`` accepts and the database stores)."""
-    return 0 < len(username) <= USERNAME_MAX and "\x00" not in username
 
 
 def auth_failed(scheme: str, reason: str, username: str | None) -> None:

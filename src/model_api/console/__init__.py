@@ -28,7 +28,7 @@ from marshmallow import ValidationError
 
 from ..api import context, security, streaming
 from ..api.admin_schemas import MAX_QUOTA, When
-from ..api.schemas import ChatCompletionIn
+from ..api.schemas import ChatCompletionIn, check_text
 from ..engine.base import GenerationRequest
 from ..models import CallKind
 from ..services import admin, usage
@@ -241,6 +241,15 @@ def keys():
     return render_template("console/keys.html", keys=rows, new_key=session.pop("new_key", None))
 
 
+def _form_text(name: str) -> str | None:
+    """A form field as text the database can take; UserError naming the field otherwise."""
+    value = (request.form.get(name) or "").strip()
+    try:
+        return check_text(value) or None
+    except ValidationError as exc:
+        raise UserError(f"{name} {exc.messages[0]}") from None
+
+
 def _expiry(raw: str | None) -> datetime | None:
     if not raw:
         return None
@@ -257,9 +266,7 @@ def create_key():
     try:
         with rt.db.session() as s:
             user = s.get(admin.User, g.console_user.id)
-            name = (request.form.get("name") or "").strip() or None
-            if name and "\x00" in name:
-                raise UserError("the name must not contain NUL characters")
+            name = _form_text("name")
             new, _row = admin.create_key(s, _actor(), user, name, _expiry(request.form.get("expires_at")))
     except UserError as exc:
         flash(str(exc), "error")
@@ -345,13 +352,21 @@ def bar_chart(points: list[tuple[str, float]], width: int = 720, height: int = 1
 
 # --- admin pages ---------------------------------------------------------------------------------
 
+def _arg(name: str) -> str | None:
+    """A query argument the database can take (text without NUL or lone surrogates), else None."""
+    value = (request.args.get(name) or "")[:150]
+    try:
+        return check_text(value) or None
+    except ValidationError:
+        return None
+
+
 @bp.get("/admin/users")
 @admin_only
 def admin_users():
     rt = context.runtime()
-    after = request.args.get("after") or None
     with rt.db.session() as s:
-        users = admin.list_users(s, rt.policy, 50, after, (request.args.get("q") or "")[:150] or None)
+        users = admin.list_users(s, rt.policy, 50, _arg("after"), _arg("q"))
     return render_template("console/admin_users.html", users=users,
                            next_after=users[-1]["username"] if len(users) == 50 else None)
 
@@ -371,8 +386,14 @@ def admin_create_user():
     rt = context.runtime()
     try:
         username = request.form.get("username") or ""
+        password = request.form.get("password") or ""
+        for value in (username, password):
+            try:
+                check_text(value)
+            except ValidationError as exc:
+                raise UserError(f"username and password {exc.messages[0]}") from None
         with rt.db.session() as s:
-            admin.create_user(s, _actor(), username, request.form.get("password") or "",
+            admin.create_user(s, _actor(), username, password,
                               _int_field("quota"), request.form.get("admin") == "on")
         flash(f"Created {username}.", "ok")
     except UserError as exc:
@@ -417,8 +438,8 @@ def admin_create_key():
     rt = context.runtime()
     try:
         with rt.db.session() as s:
-            user = admin.get_user(s, request.form.get("user") or "")
-            name = (request.form.get("name") or "").strip() or None
+            user = admin.get_user(s, _form_text("user") or "")
+            name = _form_text("name")
             new, _row = admin.create_key(s, _actor(), user, name, _expiry(request.form.get("expires_at")))
         session["new_key"] = new.key
     except UserError as exc:

@@ -109,6 +109,8 @@ def usernames(session: Session, limit: int = 500) -> list[str]:
 
 
 def get_user(session: Session, username: str) -> User:
+    if not auth_service.possible_username(username):  # NUL or too long: no such user (and no query)
+        raise NotFound(f"no user {username[:150]!r}")
     user = session.scalar(select(User).where(User.username == username))
     if user is None:
         raise NotFound(f"no user {username!r}")
