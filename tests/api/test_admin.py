@@ -166,7 +166,7 @@ def test_keys_are_created_shown_once_listed_revoked_and_expire(client, admin, ma
     ({"user": "acme", "expires_at": "2001-01-01"}, 400, None),
     ({"user": "acme", "expires_at": "tomorrow"}, 400, "expires_at"),
     ({"user": "acme", "expires_at": 5}, 400, "expires_at"),
-    ({"user": "acme", "models": ["no-such-model"]}, 400, "models"),
+    ({"user": "acme", "models": ["no-such-model"]}, 404, "models"),
     ({"user": "acme", "name": "x" * 101}, 400, "name"),
     ({"user": "nobody"}, 404, None),
     ({}, 400, "user"),
@@ -245,10 +245,17 @@ def test_usage_as_csv_for_billing(client, admin, make_user, database):
                              "completion_tokens", "model_seconds"]
 
 
-@pytest.mark.parametrize("query", ["group_by=week", "format=xml", "since=2026-13-01", "since=2026-11-02&until=2026-11-01",
-                                   "since=" + "9" * 50, "since=%00"])
+@pytest.mark.parametrize("query", ["group_by=week", "format=xml", "since=2026-13-01", "since=" + "9" * 50,
+                                   "since=%00", "since=0001-01-01T00:00:00%2B01:00"])
 def test_bad_usage_queries_are_400(client, admin, query):
     assert client.get(f"/admin/usage?{query}", headers=admin).status_code == 400
+
+
+@pytest.mark.parametrize("query", ["since=2026-11-02&until=2026-11-01", "since=0001-01-01", "until=9999-12-31",
+                                   "since=9999-12-31T23:59:59"])
+def test_empty_or_extreme_ranges_are_answered(client, admin, query):
+    r = client.get(f"/admin/usage?group_by=day&{query}", headers=admin)
+    assert r.status_code == 200 and r.json["rows"] == []
 
 
 def test_admin_routes_are_in_the_openapi_document(client):

@@ -71,16 +71,16 @@ def test_another_customers_key_is_answered_like_a_missing_one(client, make_user)
     assert client.get("/me/keys", headers=alice).json["keys"] == []
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"name": "x\x00"}, "name"),
-    ({"name": 5}, "name"),
-    ({"expires_at": "not a date"}, "expires_at"),
-    ({"models": "all"}, "models"),
-    ({"models": ["nope"]}, "models"),
+@pytest.mark.parametrize(("body", "field", "status"), [
+    ({"name": "x\x00"}, "name", 400),
+    ({"name": 5}, "name", 400),
+    ({"expires_at": "not a date"}, "expires_at", 400),
+    ({"models": "all"}, "models", 400),
+    ({"models": ["nope"]}, "models", 404),
 ])
-def test_bad_key_bodies(client, make_user, body, field):
+def test_bad_key_bodies(client, make_user, body, field, status):
     r = client.post("/me/keys", json=body, headers=make_user("alice"))
-    assert r.status_code == 400 and field in r.json["error"]["details"], r.json
+    assert r.status_code == status and field in r.json["error"]["details"], r.json
 
 
 def test_a_key_limited_to_some_models_cannot_mint_a_wider_key(client, make_user, app):
@@ -91,3 +91,8 @@ def test_a_key_limited_to_some_models_cannot_mint_a_wider_key(client, make_user,
     child = client.post("/me/keys", json={}, headers=bearer(narrow["key"]))
     assert child.status_code == 201 and child.json["models"] == [model]
     assert client.post("/me/keys", json={}, headers=basic("alice")).json["models"] is None
+
+
+@pytest.mark.parametrize("key_id", ["0", "2147483648", "99999999999999999999"])
+def test_key_ids_that_cannot_exist_are_404(client, make_user, key_id):
+    assert client.delete(f"/me/keys/{key_id}", headers=make_user("alice")).status_code == 404

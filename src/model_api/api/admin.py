@@ -54,8 +54,8 @@ def model_ids(names: list[str] | None) -> list[str] | None:
         return None
     served = context.runtime().models.names
     unknown = [n for n in names if n not in served]
-    if unknown:
-        raise api_error(400, f"no model {unknown[0]!r} is served", code="invalid_request",
+    if unknown:  # as the model routes answer an unknown model (nothing is created)
+        raise api_error(404, f"the model {unknown[0]!r} does not exist", code="model_not_found",
                         details={"models": [f"unknown model {unknown[0]!r}"]})
     return sorted({served[n] for n in names})
 
@@ -148,7 +148,8 @@ def list_keys(query_data: dict):
 @bp.input(AdminKeyIn, location="json", example={"user": "acme", "name": "billing app",
                                                 "expires_at": "2027-01-01T00:00:00Z"})
 @bp.output(NewKeyOut, status_code=201, description="The key, with its secret shown this once")
-@bp.doc(summary="Create an API key", responses=error_responses(400, 401, 403, 404, d403=_D403, d404="No such user"))
+@bp.doc(summary="Create an API key", responses=error_responses(400, 401, 403, 404, d403=_D403,
+                                                                d404="No such user, or (`model_not_found`) model"))
 def create_key(json_data: dict):
     rt = context.runtime()
     ids = model_ids(json_data.get("models"))

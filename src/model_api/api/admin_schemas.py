@@ -30,15 +30,16 @@ class When(fields.Field):
         except ValueError:
             raise ValidationError("must be an ISO 8601 date or date-time, e.g. 2026-11-01 or "
                                   "2026-11-01T12:00:00Z") from None
-        if not 1970 <= parsed.year <= 9998:
-            raise ValidationError("must be between the years 1970 and 9998")
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        try:
+            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        except OverflowError:  # an offset that takes year 1 or 9999 out of range
+            raise ValidationError("must be between the years 1 and 9999") from None
 
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
         return value if value is None or isinstance(value, str) else value.isoformat()
 
 
-_WHEN = {"type": "string", "example": "2026-11-01"}
+_WHEN = {"type": "string", "anyOf": [{"format": "date"}, {"format": "date-time"}], "example": "2026-11-01"}
 
 
 class _Strict(Schema):
@@ -47,13 +48,9 @@ class _Strict(Schema):
 
 
 class Range_(Schema):
+    # an empty range (until before since) is no error: nothing happened in it
     since = When(metadata={**_WHEN, "description": "From this date or date-time (UTC), inclusive."})
     until = When(metadata={**_WHEN, "description": "Up to this date or date-time (UTC), exclusive."})
-
-    @validates_schema
-    def _ordered(self, data: dict[str, Any], **_kw: object) -> None:
-        if data.get("since") and data.get("until") and data["since"] >= data["until"]:
-            raise ValidationError({"until": ["must be after since"]})
 
 
 class UsageQuery(Range_, _Strict):

@@ -53,7 +53,8 @@ def my_keys():
 @bp.input(KeyIn, location="json", example={"name": "my app"})
 @bp.output(NewKeyOut, status_code=201, description="The key, with its secret shown this once")
 @bp.doc(summary="Create an API key", description="A key made with a key limited to some models is "
-        "limited to them too.", responses=error_responses(400, 401, 403))
+        "limited to them too.", responses=error_responses(400, 401, 403, 404, d404="An unknown model "
+                                                          "(`model_not_found`); nothing is created"))
 def create_my_key(json_data: dict):
     rt = context.runtime()
     principal = current_principal()

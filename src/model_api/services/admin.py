@@ -209,7 +209,8 @@ def create_key(session: Session, actor: Actor, user: User, name: str | None = No
 
 def revoke_key(session: Session, actor: Actor, key_id: int, owner_id: int | None = None) -> ApiKey:
     """Revoke a key by id (only among ``owner_id``'s keys, if given); revoking twice is harmless."""
-    row = session.get(ApiKey, key_id)
+    # an id past the column's range cannot exist (and the database would refuse to compare it)
+    row = session.get(ApiKey, key_id) if 0 < key_id < 2**31 else None
     if row is None or (owner_id is not None and row.user_id != owner_id):
         raise NotFound(f"no API key {key_id}")
     if row.revoked_at is None:

@@ -25,6 +25,7 @@ GROUPS = ("user", "key", "model", "day")
 FIGURES = ("calls", "completed", "failed", "refunded", "prompt_tokens", "completion_tokens", "model_seconds")
 
 ONE_DAY = timedelta(days=1)
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 #: states a call can still leave (a day with one of these is not rolled up)
 OPEN = (CallStatus.QUEUED.value, CallStatus.RUNNING.value)
 
@@ -148,7 +149,9 @@ def report(session: Session, group_by: str, since: datetime | None = None, until
     One user's report reads their calls directly (their own index)."""
     if group_by not in GROUPS:
         raise ValueError(f"group_by must be one of {', '.join(GROUPS)}")
-    since, until = as_utc(since), as_utc(until)
+    # no call is outside these years; clamping keeps day arithmetic clear of datetime's limits
+    since = None if since is None else min(max(as_utc(since), EARLIEST), LATEST)
+    until = None if until is None else min(max(as_utc(until), EARLIEST), LATEST)
     figures: Figures = {}
     spans: list[tuple[date, date]] = []
     if user_id is None:
