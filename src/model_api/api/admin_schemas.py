@@ -111,7 +111,8 @@ class UserOut(Schema):
 class UsersQuery(_Strict):
     limit = Integer(load_default=50, validate=Range(min=1, max=200))
     after = String(validate=Length(max=150), metadata={"description": "Cursor: the `next_after` of the previous page."})
-    q = String(validate=Length(max=150), metadata={"description": "Only usernames containing this."})
+    # short, so a URL with both it and a full-length cursor stays within a request line (4 KB)
+    q = String(validate=Length(max=50), metadata={"description": "Only usernames containing this."})
 
 
 class UserItemOut(UserOut):
@@ -215,7 +216,8 @@ class AdminCallsQuery(_Strict):
     status = String(validate=OneOf(["queued", "running", "completed", "failed", "cancelled"]))
     since = When(metadata=_WHEN)
     limit = Integer(load_default=50, validate=Range(min=1, max=200))
-    before = String(metadata={"description": "Cursor: the `next_before` of the previous page.", "format": "uuid"})
+    before = String(validate=Length(max=36),
+                    metadata={"description": "Cursor: the `next_before` of the previous page.", "format": "uuid"})
 
 
 class AdminCallOut(Schema):
