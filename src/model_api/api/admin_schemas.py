@@ -8,7 +8,7 @@ from typing import Any
 from apiflask import Schema
 from apiflask.fields import Dict, Integer, List, Nested
 from apiflask.validators import Length, OneOf, Range
-from marshmallow import EXCLUDE, ValidationError, fields, validates_schema
+from marshmallow import EXCLUDE, ValidationError, fields
 
 from ..services.usage import GROUPS
 from .schemas import Boolean, String, WholeNumber, check_text
@@ -138,12 +138,7 @@ class UserPatch(_Strict):
     reset_usage = Boolean(metadata={"description": "Set the calls used so far back to 0."})
     password = String(validate=Length(min=8, max=1024))
     active = Boolean(metadata={"description": "false: the user can no longer sign in (calls kept)."})
-    admin = Boolean()
-
-    @validates_schema
-    def _something(self, data: dict[str, Any], **_kw: object) -> None:
-        if not data:
-            raise ValidationError("give at least one of quota, reset_usage, password, active, admin", "_schema")
+    admin = Boolean()  # an empty PATCH changes nothing (and writes no audit row)
 
 
 class KeyIn(_Strict):
