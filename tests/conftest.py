@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, delete, text
 from model_api import create_app
 from model_api.db import Base, Database
 from model_api.migrate import upgrade
-from model_api.models import Call, User
+from model_api.models import AdminEvent, Call, UsageDaily, UsageDay, User
 from model_api.services import auth as auth_service
 
 IN_CI = bool(os.environ.get("CI"))
@@ -90,6 +90,9 @@ def _clean_tables(request) -> Iterator[None]:
     if d is not None:
         with d.session() as s:
             s.execute(delete(Call))
+            s.execute(delete(AdminEvent))
+            s.execute(delete(UsageDaily))
+            s.execute(delete(UsageDay))
             s.execute(delete(User))
 
 

@@ -91,6 +91,8 @@ def register_request_hooks(app: APIFlask) -> None:
         # Content-Type says (curl -d sends form-encoded), so a client gets a
         # clear "not valid JSON" rather than a puzzling "prompt missing".
         ctype = request.environ.get("CONTENT_TYPE", "")
+        if request.blueprint == "console":  # the web console's forms are form-encoded, as browsers send them
+            return
         if request.method in ("POST", "PUT", "PATCH") and "json" not in ctype and request.content_length:
             request.environ["CONTENT_TYPE"] = "application/json"  # before anything parses it
 
@@ -118,13 +120,18 @@ def read_bounded_body(environ: dict[str, Any], limit: int) -> None:
 
 
 def register_blueprints(app: APIFlask) -> None:
-    from .api import health, index, model_calls, observability, openai_api
+    from .api import admin, health, index, me, model_calls, observability, openai_api
 
     app.register_blueprint(index.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(model_calls.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(observability.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(me.bp)
+    from . import console
+
+    console.init_app(app)
 
 
 def register_errors(app: APIFlask) -> None:

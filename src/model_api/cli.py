@@ -1,7 +1,8 @@
 """The commands of ``model-api`` (the group itself is in :mod:`model_api.entry`):
 user, key and database management, the first user, the Celery worker.
 
-    model-api users create NAME [--password-stdin | --password PW] [--quota N]
+    model-api users create NAME [--password-stdin | --password PW] [--quota N] [--admin]
+    model-api users set-admin NAME --on | --off
     model-api users set-quota NAME N | set-password NAME | list | delete NAME [--yes]
     model-api users set-models NAME MODEL... | --all
     model-api users webhook-secret NAME [--rotate]
@@ -10,7 +11,8 @@ user, key and database management, the first user, the Celery worker.
     model-api keys create NAME [--name LABEL] [--models M1,M2] [--rpm N ... --priority N]
     model-api keys list [NAME] | revoke ID_OR_PREFIX
     model-api db upgrade | current
-    model-api bootstrap            # first user for `make run`
+    model-api usage [--by user|key|model|day] [--since DATE] [--until DATE] [--csv]
+    model-api bootstrap            # first user (an admin) for `make run`
     model-api worker [-c N]        # Celery worker for async jobs (CELERY_BROKER_URL)
 
 A database that is missing, unreachable or not migrated is one sentence saying
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import UTC
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +39,8 @@ from sqlalchemy.orm import Session
 
 from .models import ApiKey, Call, User
 from .services import access, api_keys, limits
+from .services import admin as admin_service
+from .services import usage as usage_service
 from .services import auth as auth_service
 from .services import quota as quota_service
 from .services.auth import UserError
@@ -146,13 +151,25 @@ users = click.Group("users", help="Manage API users.")
 @click.option("--password", help="Password (visible in shell history: prefer --password-stdin).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 @click.option("--quota", type=click.IntRange(min=0), help="Model calls allowed (default: DEFAULT_QUOTA).")
+@click.option("--admin", is_flag=True, help="An operator: may use /admin and the console's operator pages.")
 @with_appcontext
-def users_create(name: str, password: str | None, password_stdin: bool, quota: int | None) -> None:
-    """Create a user."""
+def users_create(name: str, password: str | None, password_stdin: bool, quota: int | None, admin: bool) -> None:
+    """Create a user (a customer, or with --admin an operator)."""
     pw = _read_password(password, password_stdin)
     with _session() as s:
-        auth_service.create_user(s, name, pw, quota)
-    click.echo(f"created user {name}")
+        admin_service.create_user(s, admin_service.CLI, name, pw, quota, admin)
+    click.echo(f"created {'admin' if admin else 'user'} {name}")
+
+
+@users.command("set-admin")
+@click.argument("name")
+@click.option("--on/--off", "on", required=True, help="Make the user an admin, or a customer again.")
+@with_appcontext
+def users_set_admin(name: str, on: bool) -> None:
+    """Make a user an admin (--on) or a customer (--off)."""
+    with _session() as s:
+        admin_service.update_user(s, admin_service.CLI, name, admin=on)
+    click.echo(f"{name} is {'an admin' if on else 'a customer'}")
 
 
 @users.command("set-quota")
@@ -352,6 +369,36 @@ def keys_revoke(key: str) -> None:
         click.echo(f"revoked key {row.id} ({row.prefix}...) of {row.user.username}")
 
 
+@click.command("usage")
+@click.option("--by", "group_by", type=click.Choice(usage_service.GROUPS), default="user", show_default=True)
+@click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]), help="From this UTC date, inclusive.")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]), help="Up to this UTC date, exclusive.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV (for billing) instead of a table.")
+@with_appcontext
+def usage_command(group_by: str, since, until, as_csv: bool) -> None:
+    """The usage report of GET /admin/usage: calls, outcomes, tokens, model time per group."""
+    since = since.replace(tzinfo=UTC) if since else None
+    until = until.replace(tzinfo=UTC) if until else None
+    require_schema()
+    with _database_errors(_rt().settings.sqlalchemy_url):
+        usage_service.roll_up(_rt().db, max_days=10_000)  # whatever days closed since the last roll-up
+    with _session() as s:
+        rows = usage_service.report(s, group_by, since, until)
+    if as_csv:
+        click.echo(usage_service.to_csv(rows, group_by), nl=False)
+        return
+    click.echo(f"{group_by:<32} {'calls':>8} {'done':>8} {'failed':>7} {'refund':>7} "
+               f"{'prompt_tok':>11} {'compl_tok':>10} {'model_s':>9}")
+    for r in [*rows, None]:
+        if r is None:
+            t = usage_service.totals(rows)
+            label, r = "TOTAL", usage_service.UsageRow(None, "TOTAL", **t)  # type: ignore[arg-type]
+        else:
+            label = r.label
+        click.echo(f"{label[:32]:<32} {r.calls:>8} {r.completed:>8} {r.failed:>7} {r.refunded:>7} "
+                   f"{r.prompt_tokens:>11} {r.completion_tokens:>10} {r.model_seconds:>9.1f}")
+
+
 db_group = click.Group("db", help="Database schema.")
 
 
@@ -410,7 +457,8 @@ def create_first_user(rt) -> tuple[str, str, bool] | None:
         name = settings.admin_username or "demo"
         pw, generated = ((settings.admin_password, False) if settings.admin_password
                          else (auth_service.generate_password(), True))
-        auth_service.create_user(s, name, pw, settings.admin_quota)
+        # the first user runs the service: an admin (the console's operator pages, /admin)
+        admin_service.create_user(s, admin_service.CLI, name, pw, settings.admin_quota, admin=True)
     return name, pw, generated
 
 
@@ -447,4 +495,5 @@ def register_commands(app) -> None:
     app.cli.add_command(keys)
     app.cli.add_command(db_group)
     app.cli.add_command(bootstrap)
+    app.cli.add_command(usage_command)
     app.cli.add_command(worker)

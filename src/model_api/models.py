@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, Uuid, false, true
+from sqlalchemy import JSON, BigInteger, Date, Float, ForeignKey, Index, String, Text, UniqueConstraint, Uuid, false, true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .db import Base, utcnow
@@ -236,3 +236,37 @@ class AdminEvent(Base):
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class UsageDaily(Base):
+    """The usage report's figures of one closed UTC day, per user, per key and per
+    model (``dimension``), so a report over months reads a few thousand rows instead
+    of every call. Written once per day by ``services/usage.roll_up`` when every
+    call of that day has reached a final state (a final call never changes again);
+    days not rolled up yet are read from ``calls``."""
+
+    __tablename__ = "usage_daily"
+
+    # dimension first: a report reads one dimension's rows over a range of days
+    dimension: Mapped[str] = mapped_column(String(8), primary_key=True)  # user | key | model
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    # the user id, key id or model id as text; "" for calls without one (no key, no model)
+    grp: Mapped[str] = mapped_column(String(255), primary_key=True)
+    calls: Mapped[int] = mapped_column(BigInteger)
+    completed: Mapped[int] = mapped_column(BigInteger)
+    failed: Mapped[int] = mapped_column(BigInteger)
+    refunded: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    model_seconds: Mapped[float] = mapped_column(Float)
+
+
+class UsageDay(Base):
+    """A UTC day whose calls are in ``usage_daily`` (its primary key is the lock two
+    processes rolling up the same day meet on)."""
+
+    __tablename__ = "usage_days"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    calls: Mapped[int] = mapped_column(BigInteger)
+    rolled_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -25,6 +25,7 @@ from .services.history import History
 from .services.idempotency import Idempotency
 from .services.jobs import CancelRegistry, JobQueue, Jobs
 from .services.ledger import DATABASE_UNAVAILABLE, Ledger, QuotaPolicy
+from .services import usage
 from .services.limits import Caps, Limiter
 from .services.throttle import LoginThrottle
 from .services.webhooks import WebhookPolicy, Webhooks
@@ -76,7 +77,9 @@ class Runtime:
             max_attempts=settings.webhook_max_attempts, backoff=tuple(settings.webhook_backoff),
             timeout=settings.webhook_timeout_seconds, allow_private=settings.webhook_allow_private,
             production=settings.env == "production", poll_seconds=settings.webhook_poll_seconds,
-        ), housekeeping=[self.idempotency.purge_expired])
+        ), housekeeping=[self.idempotency.purge_expired,
+                         # closed days into the usage report's daily figures (services/usage.py)
+                         lambda: usage.roll_up(self.db)])
         # name -> callable returning {"status": "ready" | ..., ...}; the broker adds one
         self.extra_readiness_checks: dict[str, Callable[[], dict[str, Any]]] = {}
         if settings.celery_broker_url:

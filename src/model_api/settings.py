@@ -121,8 +121,9 @@ class Settings(BaseSettings):
     )
     secret_key: str | None = Field(
         None,
-        description="Keys the credential cache and signs nothing else; required in production "
-        "(a random per-process key is used otherwise).",
+        description="Keys the credential cache and signs the web console's session cookies; required in "
+        "production (a random per-process key is used otherwise, so console sessions end with the process "
+        "and do not cross processes: set it when WEB_WORKERS > 1).",
     )
     instance_dir: str | None = Field(
         None,

@@ -27,8 +27,9 @@ def fuzz_server(db_url, tmp_path_factory):
     """One 2-worker gunicorn for this module (conftest's live_server starts one per test)."""
     tmp = tmp_path_factory.mktemp("live")
     d = Database(db_url)
-    with d.session() as s:  # a user with a large quota, so the fuzzer is never refused for quota
-        auth_service.create_user(s, FUZZ_USER, FUZZ_PASSWORD, quota=1_000_000)
+    with d.session() as s:  # a user with a large quota, so the fuzzer is never refused for quota,
+        # and an admin, so /admin is fuzzed too (a customer's 403 there is tests/api/test_admin.py's)
+        auth_service.create_user(s, FUZZ_USER, FUZZ_PASSWORD, quota=1_000_000).is_admin = True
     d.dispose()
     port = free_port()
     env = {

@@ -21,6 +21,8 @@ from sqlalchemy import exc as sa_exc
 from ..engine.base import ContextOverflow, EngineBusy, EngineError, UpstreamError, UpstreamTimeout
 from ..engine.registry import ModelUnavailable, UnknownModel
 from ..services.access import ModelNotAllowed
+from ..services.admin import Conflict, NotFound
+from ..services.auth import UserError
 from ..services.idempotency import KeyReused, RequestInProgress
 from ..services.jobs import JobFinished, JobNotFound, QueueUnavailable
 from ..services.ledger import database_unavailable
@@ -243,6 +245,12 @@ def service_error(exc: Exception) -> HTTPError:
         return api_error(404, f"the model {exc.model_id!r} does not exist", code="model_not_found", param="model")
     if isinstance(exc, ModelNotAllowed):
         return api_error(403, str(exc), code="model_not_allowed", param="model")
+    if isinstance(exc, NotFound):
+        return api_error(404, str(exc))
+    if isinstance(exc, Conflict):
+        return api_error(409, str(exc))
+    if isinstance(exc, UserError):  # an admin or account change that cannot be made as asked
+        return api_error(400, str(exc), code="invalid_request")
     if database_unavailable(exc):
         # the type only: a driver message may name the host, and never the statement's parameters
         log.warning("database unavailable", extra={"error": type(exc).__name__})
@@ -292,6 +300,8 @@ def register_error_handlers(app: APIFlask) -> None:
             message = "no such endpoint"
         elif status == 413:
             message = "request body too large"
+        elif status == 403 and message == "Forbidden":  # a role check (admin routes): nothing more to say
+            message = "forbidden"
         elif status == 401 and message == "Unauthorized":
             message = "valid credentials required (HTTP Basic auth or an API key as a Bearer token)"
         resp = jsonify(error_body(status, code, message, details, param=(error.extra_data or {}).get("param")))
@@ -322,7 +332,7 @@ def register_error_handlers(app: APIFlask) -> None:
     # services raise these from any route; one mapping answers them all
     for service_exc in (QuotaExceeded, EngineError, QueueUnavailable, JobNotFound, JobFinished, UnknownModel,
                         RequestInProgress, KeyReused, CallbackRefused, ModelNotAllowed, RateLimited,
-                        BudgetExceeded):
+                        BudgetExceeded, UserError):
         app.register_error_handler(service_exc, lambda exc: _render(service_error(exc)))
 
     @app.errorhandler(Exception)

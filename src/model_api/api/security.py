@@ -12,10 +12,10 @@ from apiflask import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
 from flask import current_app, g, request
 
 from ..observability import metrics
-from ..services import access, api_keys
+from ..services import access, admin, api_keys
 from ..services import auth as auth_service
 from ..services import quota
-from ..services.auth import USERNAME_MAX
+from ..services.auth import USERNAME_MAX, possible_username
 from ..services.limits import AccountLimits, Caps
 from ..services.quota import QuotaState
 from .errors import api_error
@@ -105,11 +105,6 @@ def _verify(username: str, password: str) -> Principal | None:
     return principal
 
 
-def possible_username(username: str) -> bool:
-    """Whether a user could have this name (what ``create_user`` accepts and the database stores)."""
-    return 0 < len(username) <= USERNAME_MAX and "\x00" not in username
-
-
 def auth_failed(scheme: str, reason: str, username: str | None) -> None:
     """Log (warning, with the user name and never the password) and count a refused
     request. ``reason``: missing, invalid or throttled. Other schemes (API keys) call this too."""
@@ -136,6 +131,11 @@ def _principal(scheme: str, name_for_log: str | None, lookup) -> Principal | Non
         auth_failed(scheme, "invalid", name_for_log)
         return None
     g.user = row.username
+    return principal_of(row, rt)
+
+
+def principal_of(row, rt) -> Principal:
+    """The caller an account row (:data:`~..services.auth.ACCOUNT_COLUMNS`, plus the key's if any) describes."""
     key_id = getattr(row, "key_id", None)
     return Principal(row.id, row.username,
                      quota.state_of_user(row, rt.policy.default_quota, rt.policy.window_seconds),
@@ -143,6 +143,23 @@ def _principal(scheme: str, name_for_log: str | None, lookup) -> Principal | Non
                      key_id,
                      AccountLimits(Caps.of(row), None if key_id is None else Caps.of(row, "key_"),
                                    max(1, row.key_priority or 1) if key_id is not None else 1))
+
+
+def act_as(principal: Principal) -> None:
+    """Make ``principal`` the request's caller, as a successful Basic or Bearer sign-in
+    does (the console's session sign-in: its routes then share the API's helpers)."""
+    g.user = principal.username
+    g.flask_httpauth_user = principal
+
+
+@basic_auth.get_user_roles
+@token_auth.get_user_roles
+def _roles(principal: Principal) -> list[str]:
+    """``auth_required(auth, roles=["admin"])``: read from the database on each admin
+    request (not with the cached credentials), so a demotion takes effect at once."""
+    rt = current_app.extensions["model_api"]
+    with rt.db.autocommit() as conn:
+        return ["admin"] if admin.is_admin(conn, principal.id) else []
 
 
 def current_principal() -> Principal:

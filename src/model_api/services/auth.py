@@ -141,6 +141,11 @@ def set_password(session: Session, username: str, password: str) -> None:
     get_user(session, username).password_hash = hash_password(password)
 
 
+def possible_username(username: str) -> bool:
+    """Whether a user could have this name (what ``create_user`` accepts and the database stores)."""
+    return 0 < len(username) <= USERNAME_MAX and "\x00" not in username
+
+
 def generate_password() -> str:
     return secrets.token_urlsafe(18)
 
