@@ -9,7 +9,7 @@ on PYTHONPATH, so another build of llama-cpp-python installed there with
 ``pip install --target DIR --no-deps WHEEL`` is the one imported. Each round
 runs every arm once (the order reversed every other round), each in its own
 process: BatchingEngine with 8 slots, ``users`` closed-loop clients, two
-128-token greedy replies each. Prints per-arm medians, ratios to the first arm
+greedy replies of ``--max-tokens`` each. Prints per-arm medians, ratios to the first arm
 and the load average with every result: on a shared machine, read the ratios.
 """
 
@@ -46,8 +46,8 @@ def child(spec: dict) -> None:
             def user(i: int) -> None:
                 nonlocal tokens
                 for j in range(2):
-                    req = GenerationRequest.single_prompt(f"{PROMPT} ({i}-{j})",
-                                                          SamplingParams(max_tokens=128, temperature=0))
+                    req = GenerationRequest.single_prompt(
+                        f"{PROMPT} ({i}-{j})", SamplingParams(max_tokens=spec["max_tokens"], temperature=0))
                     n = engine.generate(req).completion_tokens
                     with lock:
                         tokens += n
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--arm", action="append", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--levels", default="1,8")
+    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -88,7 +89,7 @@ def main() -> None:
             env = dict(os.environ)
             if arm["path"]:
                 env["PYTHONPATH"] = os.pathsep.join([arm["path"], env.get("PYTHONPATH", "")])
-            spec = json.dumps({"deterministic": arm["deterministic"], "levels": levels})
+            spec = json.dumps({"deterministic": arm["deterministic"], "levels": levels, "max_tokens": args.max_tokens})
             out = subprocess.run([sys.executable, __file__, "--arm", arm["name"], "--child", spec], env=env,
                                  check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             res = json.loads(out)

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 OUT = ROOT / "bench" / "out"
 CACHE = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "model-api"))
-LITELLM = "litellm[proxy]==1.80.0"  # the version measured; another works the same
+LITELLM = "litellm[proxy]==1.108.7"  # the version measured
 USER, PASSWORD = "bench", "bench password 123"
 CHAT_PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 FILLER = (
@@ -103,27 +103,28 @@ def llama_cpp_version() -> str:
 
 def llama_server_binary(version: str) -> Path:
     """llama-server from the vendored llama.cpp of llama-cpp-python ``version``,
-    built natively and statically once, then reused."""
+    built natively and statically once, then reused. The build directory is
+    kept beside it, so an interrupted build resumes where it stopped."""
     home = CACHE / f"llama-server-{version}"
     binary = home / "llama-server"
     if binary.is_file():
         return binary
     home.mkdir(parents=True, exist_ok=True)
+    src = home / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
     print(f"building llama-server {version} natively into {home} (minutes, once)", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        f"llama_cpp_python=={version}", "-d", tmp], check=True)
-        with tarfile.open(next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))) as tar:
-            tar.extractall(tmp, filter="data")
-        src = Path(tmp) / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-        build = Path(tmp) / "build"
-        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                        "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
-                       check=True, stdout=subprocess.DEVNULL)
-        shutil.copy2(build / "bin" / "llama-server", binary)
+    if not src.is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                            f"llama_cpp_python=={version}", "-d", tmp], check=True)
+            with tarfile.open(next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))) as tar:
+                tar.extractall(home, filter="data")
+    build = home / "build"
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                    "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                   check=True, stdout=subprocess.DEVNULL)
+    shutil.copy2(build / "bin" / "llama-server", binary)
     return binary
 
 
