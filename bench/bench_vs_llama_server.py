@@ -253,7 +253,7 @@ def prompt_for(workload: str, user: int, j: int, salt: str) -> str:
     if workload == "chat":
         return f"{CHAT_PROMPT} ({salt} {user}-{j})"
     # a unique first line, so no server can reuse another request's prompt cache
-    return f"Note {salt}-{user}-{j}.\n" + FILLER * 12 + "\nSummarise the notes above in one sentence."
+    return f"Note {salt}-{user}-{j}.\n" + FILLER * 15 + "\nSummarise the notes above in one sentence."
 
 
 WORKLOADS = {"chat": 128, "prompt": 16}
