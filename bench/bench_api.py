@@ -72,8 +72,9 @@ def in_own_process(fn, *args):
 def raw_single_stream(max_tokens: int) -> dict:
     from llama_cpp import Llama
 
-    from model_api.engine.local import default_model_path
+    from model_api.engine.local import default_model_path, load_backends
 
+    load_backends()
     llm = Llama(default_model_path(), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
     llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)  # warm-up
     runs = []

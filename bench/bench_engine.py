@@ -24,7 +24,7 @@ import llama_cpp
 
 from model_api.engine.base import GenerationRequest, SamplingParams
 from model_api.engine.batching import BatchingEngine
-from model_api.engine.local import default_model_path, default_threads
+from model_api.engine.local import default_model_path, default_threads, load_backends
 
 PROMPT = "Write a long story about a dragon who learns to cook."
 
@@ -39,6 +39,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_raw(model_path: str, max_tokens: int, n_threads: int, runs: int) -> float:
+    load_backends()
     llm = llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_threads=n_threads,
                           n_batch=512, verbose=False)
     messages = [{"role": "user", "content": PROMPT}]
@@ -95,7 +96,8 @@ def main() -> None:
     ap.add_argument("--levels", default="1,2,4,8,16")
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--raw-runs", type=int, default=3)
-    ap.add_argument("--flash-attn", action="store_true", help="the engine with flash attention (MODEL_FLASH_ATTN)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="the engine as MODEL_DETERMINISTIC=1 builds it (flash attention off)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     path = default_model_path()
@@ -110,7 +112,7 @@ def main() -> None:
 
     engine = BatchingEngine(model_path=path, n_threads=args.threads,
                             n_parallel=max(8, max(levels)), n_ctx_per_seq=2048,
-                            flash_attn=args.flash_attn)
+                            flash_attn=not args.deterministic)
     try:
         engine.generate(GenerationRequest.single_prompt(PROMPT, SamplingParams(
             max_tokens=8, temperature=0.0)))  # warm-up

@@ -21,7 +21,7 @@ from llama_cpp import _internals
 from llama_cpp import _logger as llama_log
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from model_api.engine.local import default_model_path, default_threads  # noqa: E402
+from model_api.engine.local import default_model_path, default_threads, load_backends  # noqa: E402
 
 
 def decode_rate(model, n: int, steps: int, unified: bool, threads: int) -> float:
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=default_threads())
     args = ap.parse_args()
     llama_log.set_verbose(False)
+    load_backends()  # the CPU backend of a runtime-dispatch build (engine/local.py)
     model = _internals.LlamaModel(path_model=default_model_path(), params=llama_cpp.llama_model_default_params(),
                                   verbose=False)
     print(f"threads {args.threads}, {args.steps} decode steps per level")

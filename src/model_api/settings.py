@@ -82,10 +82,16 @@ class ModelSettings(BaseSettings):
         "first come, first served (the old order).",
     )
     flash_attn: bool = Field(
+        True,
+        description="llama.cpp's flash attention (`llama`, `batching`): 10-20 % more tokens/s (docs/performance.md). "
+        "Ignored (off) when `MODEL_DETERMINISTIC` is set.",
+    )
+    deterministic: bool = Field(
         False,
-        description="llama.cpp's flash attention (`llama`, `batching`): about 15 % more tokens/s with 8 "
-        "concurrent users on 2 cores (bench/RESULTS.md), but temperature-0 text may then depend on how a "
-        "long prompt was split into chunks, so it is no longer guaranteed identical alone and batched.",
+        description="Temperature-0 text bit-identical whether a request runs alone or batched with others and "
+        "however much of its prompt was cached (`llama`, `batching`). Turns flash attention off, which costs "
+        "tokens/s (measured in docs/performance.md); off, greedy text can differ in late tokens with load, as "
+        "it does in llama-server and vLLM.",
     )
     base_url: str | None = Field(
         None,
@@ -102,6 +108,12 @@ class ModelSettings(BaseSettings):
     connect_timeout_seconds: float = Field(
         5.0, gt=0, description="`openai` backend: longest wait to connect to the upstream; 502 when refused."
     )
+
+    @property
+    def use_flash_attn(self) -> bool:
+        """Flash attention, unless the determinism guarantee rules it out (its result for a
+        prompt token depends on how the prompt was split into chunks, which depends on load)."""
+        return self.flash_attn and not self.deterministic
 
     @model_validator(mode="after")
     def _openai_needs_a_url(self) -> ModelSettings:

@@ -131,3 +131,28 @@ def test_the_secret_of_api_key_env_never_appears_in_an_error(tmp_path):
 def test_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ModelsFileError, match="MODELS_FILE=.*nope.yaml: cannot read it"):
         load_models_file(tmp_path / "nope.yaml")
+
+
+# -- flash attention by default; MODEL_DETERMINISTIC turns it off ------------------
+
+@pytest.mark.parametrize("env, flash", [
+    ({}, True),
+    ({"MODEL_DETERMINISTIC": "1"}, False),
+    ({"MODEL_FLASH_ATTN": "0"}, False),
+    # the guarantee wins over a flag that would break it
+    ({"MODEL_DETERMINISTIC": "true", "MODEL_FLASH_ATTN": "1"}, False),
+])
+def test_flash_attention_is_on_unless_determinism_is_asked_for(monkeypatch, env, flash):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert ModelSettings().use_flash_attn is flash
+
+
+def test_a_model_in_the_file_can_ask_for_determinism(tmp_path):
+    catalog = catalog_of(tmp_path, "models:\n  exact:\n    deterministic: true\n  fast: {}\n")
+    assert catalog["exact"].settings.use_flash_attn is False
+    assert catalog["fast"].settings.use_flash_attn is True
+    assert "models.exact.deterministic: Input should be a valid boolean" in error_of(
+        tmp_path, "models:\n  exact:\n    deterministic: sometimes\n")
+    assert "models.gpu.deterministic: only for local backends" in error_of(
+        tmp_path, "models:\n  gpu:\n    backend: openai\n    base_url: http://x/v1\n    deterministic: true\n")

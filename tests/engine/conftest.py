@@ -1,4 +1,9 @@
-"""Fixtures for the engine tests: the real SmolLM2-135M model, loaded once per module."""
+"""Fixtures for the engine tests: the real SmolLM2-135M model, loaded once per module.
+
+Most engine tests compare texts (one engine against the other, alone against
+batched, a cached prefix against none), which only the determinism mode
+promises: those engines run with flash attention off, as MODEL_DETERMINISTIC=1
+builds them. ``fast_batching_engine`` is what `make run` builds by default."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import pytest
 def llama_engine():
     from model_api.engine.llama import LlamaEngine
 
-    engine = LlamaEngine(n_ctx=2048)
+    engine = LlamaEngine(n_ctx=2048, flash_attn=False)
     yield engine
     engine.close()
 
@@ -18,7 +23,7 @@ def llama_engine():
 def batching_engine():
     from model_api.engine.batching import BatchingEngine
 
-    engine = BatchingEngine(n_parallel=8, n_ctx_per_seq=2048, max_queue=64)
+    engine = BatchingEngine(n_parallel=8, n_ctx_per_seq=2048, max_queue=64, flash_attn=False)
     yield engine
     engine.close()
 
@@ -28,6 +33,16 @@ def tiny_engine():
     """One slot, one waiting place: makes queueing and slot reuse observable."""
     from model_api.engine.batching import BatchingEngine
 
-    engine = BatchingEngine(n_parallel=1, n_ctx_per_seq=512, max_queue=1)
+    engine = BatchingEngine(n_parallel=1, n_ctx_per_seq=512, max_queue=1, flash_attn=False)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def fast_batching_engine():
+    """The default engine: flash attention on, no bit-identical promise."""
+    from model_api.engine.batching import BatchingEngine
+
+    engine = BatchingEngine(n_parallel=8, n_ctx_per_seq=2048, max_queue=64)
     yield engine
     engine.close()

@@ -61,7 +61,7 @@ from llama_cpp import _logger as llama_log
 
 from .base import Completion, EngineBusy, EngineError, Generation, PreparedPrompt, SamplingParams
 from .grammar import gbnf
-from .local import LocalGGUFEngine, default_model_path, default_threads
+from .local import LocalGGUFEngine, default_model_path, default_threads, load_backends
 from .scheduling import Scheduler, make_queue, tenant_key
 from .stops import StopMatcher
 
@@ -129,7 +129,7 @@ class BatchingEngine(LocalGGUFEngine):
         n_ctx_per_seq: int = 2048,
         max_queue: int = 64,
         prefill_chunk: int = 128,
-        flash_attn: bool = False,
+        flash_attn: bool = True,
         kv_unified: bool = False,
         model_name: str | None = None,
         verbose: bool = False,
@@ -150,6 +150,7 @@ class BatchingEngine(LocalGGUFEngine):
 
         # As Llama(verbose=False) does: only errors from llama.cpp's log.
         llama_log.set_verbose(verbose)
+        load_backends()
         mparams = llama_cpp.llama_model_default_params()
         # verbose=True only stops LlamaModel from pointing the process's fd 2 at
         # /dev/null while it loads (see the context below); llama.cpp's messages

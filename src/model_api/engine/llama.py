@@ -11,7 +11,7 @@ import llama_cpp
 
 from .base import Completion, EngineError, Generation, PreparedPrompt, SamplingParams
 from .grammar import gbnf
-from .local import LocalGGUFEngine, default_model_path, default_threads
+from .local import LocalGGUFEngine, default_model_path, default_threads, load_backends
 from .stops import StopMatcher
 
 
@@ -36,9 +36,10 @@ class LlamaEngine(LocalGGUFEngine):
         n_threads: int | None = None,
         n_batch: int = 512,
         model_name: str | None = None,
-        flash_attn: bool = False,
+        flash_attn: bool = True,
     ):
         self.model_path = model_path or default_model_path()
+        load_backends()
         self._llm = llama_cpp.Llama(
             model_path=self.model_path,
             n_ctx=n_ctx,

@@ -12,6 +12,7 @@ import ctypes
 import importlib.util
 import os
 import re
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,13 @@ def kv_bytes_per_token(model_path: str) -> int:
     from llama_cpp._logger import set_verbose
 
     set_verbose(False)  # as every engine here loads its model: llama.cpp's errors only
+    load_backends()  # as before any model (a runtime-dispatch build has none until then)
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(model_path.encode(), params)
     if not model:
         raise ValueError(f"cannot read the GGUF file {model_path}")
+
     def meta(key: str) -> int:
         # a vocabulary-only load reads the GGUF's metadata but not the model's hyperparameters
         buf = ctypes.create_string_buffer(64)
@@ -109,6 +112,72 @@ def kv_bytes_per_token(model_path: str) -> int:
     finally:
         llama_cpp.llama_model_free(model)
     return 2 * 2 * n_layer * n_embd * n_head_kv // n_head  # K and V, 2 bytes each
+
+
+#: CPU-backend variants never loaded: the AMX matmul crashed (SIGSEGV) on some Sapphire Rapids
+#: Xeons, so those machines get the best variant without AMX (AVX-512 with BF16) instead
+UNSAFE_CPU_VARIANTS = frozenset({"sapphirerapids"})
+_BACKENDS_LOCK = threading.Lock()
+
+
+def load_backends() -> str | None:
+    """Load llama.cpp's CPU backend before any model; return the variant's name.
+
+    The default build (docs/performance.md) compiles the CPU backend once per
+    x86-64 level (``libggml-cpu-haswell.so``, ``-skylakex``, ...) beside
+    ``libllama.so`` and picks one at run time. llama.cpp itself looks for them
+    only beside the executable (here: python) and in the working directory, so
+    it would find none; and its own choice would include the AMX variant. Here
+    each variant's own ``ggml_backend_score`` (0 = this CPU lacks an instruction
+    it needs) picks the best one outside :data:`UNSAFE_CPU_VARIANTS`. A build
+    with the backend linked in has nothing to load: returns None.
+    """
+    from llama_cpp import _ggml
+
+    lib = _ggml.libggml
+    lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+    lib.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_load.restype = ctypes.c_void_p
+    with _BACKENDS_LOCK:
+        loaded = _loaded_cpu_variant()
+        if loaded or lib.ggml_backend_reg_count():
+            return loaded
+        best, best_score = None, 0
+        for path in sorted(Path(_ggml.libggml_base_path).glob("libggml-cpu-*.so")):
+            variant = path.stem.removeprefix("libggml-cpu-")
+            if variant in UNSAFE_CPU_VARIANTS:
+                continue
+            score = _variant_score(path)
+            if score > best_score:
+                best, best_score = path, score
+        if best is None or not lib.ggml_backend_load(os.fsencode(best)):
+            raise RuntimeError(f"no llama.cpp CPU backend for this CPU in {_ggml.libggml_base_path}")
+        return _loaded_cpu_variant()
+
+
+def _variant_score(path: Path) -> int:
+    """The variant's ``ggml_backend_score()``: loaded, asked and unloaded again."""
+    handle = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+    try:
+        score = getattr(handle, "ggml_backend_score", None)
+        if score is None:
+            return 0
+        score.restype = ctypes.c_int
+        return score()
+    finally:
+        import _ctypes
+
+        _ctypes.dlclose(handle._handle)
+
+
+def _loaded_cpu_variant() -> str | None:
+    """The CPU-backend variant mapped into this process, if any (from /proc/self/maps)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    m = re.search(r"libggml-cpu-([\w-]+)\.so", maps)
+    return m.group(1) if m else None
 
 
 def default_threads() -> int:

@@ -45,13 +45,13 @@ def build_engine(ms: ModelSettings) -> Engine:
         from .llama import LlamaEngine
 
         return LlamaEngine(model_path=ms.path, n_ctx=ms.n_ctx, n_threads=ms.n_threads, n_batch=ms.n_batch,
-                           model_name=ms.name, flash_attn=ms.flash_attn)
+                           model_name=ms.name, flash_attn=ms.use_flash_attn)
     if ms.backend == "batching":
         from .batching import BatchingEngine
 
         return BatchingEngine(model_path=ms.path, n_ctx_per_seq=ms.n_ctx, n_threads=ms.n_threads,
                               n_batch=ms.n_batch, n_parallel=ms.n_parallel, max_queue=ms.max_queue,
-                              model_name=ms.name, flash_attn=ms.flash_attn, scheduler=ms.scheduler)
+                              model_name=ms.name, flash_attn=ms.use_flash_attn, scheduler=ms.scheduler)
     if ms.backend == "openai":
         from .remote import OpenAIEngine
 

@@ -1,0 +1,113 @@
+"""A/B of engine configurations: each arm in a fresh process, arms interleaved.
+
+    .venv/bin/python bench/bench_ab_engine.py --arm default --arm deterministic:deterministic=1 \\
+        [--arm avx2:path=/dir/with/another/llama_cpp] [--rounds 3] [--levels 1,8]
+
+An arm is ``NAME[:key=value,...]``: ``deterministic=1`` builds the engine as
+MODEL_DETERMINISTIC=1 does (flash attention off); ``path=DIR`` puts DIR first
+on PYTHONPATH, so another build of llama-cpp-python installed there with
+``pip install --target DIR --no-deps WHEEL`` is the one imported. Each round
+runs every arm once (the order reversed every other round), each in its own
+process: BatchingEngine with 8 slots, ``users`` closed-loop clients, two
+greedy replies of ``--max-tokens`` each. Prints per-arm medians, ratios to the first arm
+and the load average with every result: on a shared machine, read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Write a long story about a dragon who learns to cook."
+
+
+def child(spec: dict) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from model_api.engine.base import GenerationRequest, SamplingParams
+    from model_api.engine.batching import BatchingEngine
+    from model_api.engine.local import load_backends
+
+    variant = load_backends()
+    engine = BatchingEngine(n_parallel=8, n_ctx_per_seq=2048, flash_attn=not spec["deterministic"])
+    out = {"variant": variant}
+    try:
+        engine.generate(GenerationRequest.single_prompt("Hi", SamplingParams(max_tokens=4, temperature=0)))
+        for users in spec["levels"]:
+            tokens, lock = 0, threading.Lock()
+
+            def user(i: int) -> None:
+                nonlocal tokens
+                for j in range(2):
+                    req = GenerationRequest.single_prompt(
+                        f"{PROMPT} ({i}-{j})", SamplingParams(max_tokens=spec["max_tokens"], temperature=0))
+                    n = engine.generate(req).completion_tokens
+                    with lock:
+                        tokens += n
+
+            threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            out[str(users)] = tokens / (time.perf_counter() - t0)
+    finally:
+        engine.close()
+    print(json.dumps(out))
+
+
+def parse_arm(text: str) -> dict:
+    name, _, rest = text.partition(":")
+    opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    return {"name": name, "path": opts.get("path"), "deterministic": opts.get("deterministic") == "1"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arm", action="append", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--levels", default="1,8")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    levels = [int(x) for x in args.levels.split(",")]
+    arms = [parse_arm(a) for a in args.arm]
+    results: dict[str, list[dict]] = {a["name"]: [] for a in arms}
+    for rnd in range(args.rounds):
+        for arm in (arms if rnd % 2 == 0 else arms[::-1]):
+            env = dict(os.environ)
+            if arm["path"]:
+                env["PYTHONPATH"] = os.pathsep.join([arm["path"], env.get("PYTHONPATH", "")])
+            spec = json.dumps({"deterministic": arm["deterministic"], "levels": levels, "max_tokens": args.max_tokens})
+            out = subprocess.run([sys.executable, __file__, "--arm", arm["name"], "--child", spec], env=env,
+                                 check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            res = json.loads(out)
+            res["load"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+            results[arm["name"]].append(res)
+            print(f"round {rnd + 1} {arm['name']:14} ({res['variant'] or 'linked-in CPU backend'}) "
+                  + "  ".join(f"{u} users {res[str(u)]:6.1f} tok/s" for u in levels) + f"  load {res['load']}",
+                  flush=True)
+    base = arms[0]["name"]
+    print(f"\nmedian tok/s (ratio to {base})")
+    for name, rs in results.items():
+        cells = []
+        for u in levels:
+            med = statistics.median(r[str(u)] for r in rs)
+            ref = statistics.median(r[str(u)] for r in results[base])
+            cells.append(f"{u} users {med:6.1f} ({med / ref:.2f}×)")
+        print(f"  {name:14} " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
