@@ -70,7 +70,8 @@ def bind_address() -> tuple[str, int]:
 
 
 def banner(url: str, user: FirstUser | None) -> str:
-    lines = [f"ML Model API is ready at {url}", f"  API docs (Swagger UI): {url}/docs"]
+    lines = [f"ML Model API is ready at {url}", f"  API docs (Swagger UI): {url}/docs",
+             f"  web console and playground: {url}/console/"]
     if user is not None:
         if user.password is not None:
             pw_shown = user.password + ("   (generated: shown this once, note it now)" if user.created_now else "")
