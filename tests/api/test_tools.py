@@ -128,7 +128,6 @@ def test_tools_we_cannot_enforce_are_a_400_naming_the_field(client, make_user, d
 
 
 @pytest.mark.parametrize("message", [
-    {"role": "tool", "tool_call_id": "call_1"},  # no content
     {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]},  # no arguments
     {"role": "assistant", "tool_calls": "call"},
 ])

@@ -370,7 +370,7 @@ class MessageIn(Schema):
         unknown = EXCLUDE
 
     role = String(required=True, validate=OneOf(["system", "developer", "user", "assistant", "tool"]))
-    # null (or absent, on an assistant turn that only called tools) is "no text": read as ""
+    # null or absent (an assistant turn that only called tools) is "no text": read as ""
     content = ContentField(allow_none=True, metadata={
         "description": "Text, or a list of text parts.",
         # a custom field: say in the document what _deserialize accepts (schemathesis checks both agree)
@@ -388,11 +388,6 @@ class MessageIn(Schema):
         "description": "An assistant turn's tool calls, as a chat completion returned them."})
     tool_call_id = String(validate=Length(max=256), metadata={
         "description": "On a `tool` turn: the id of the call it answers."})
-
-    @validates_schema
-    def _content_present(self, data: dict[str, Any], **_kw: object) -> None:
-        if "content" not in data and not (data.get("role") == "assistant" and data.get("tool_calls")):
-            raise ValidationError("Missing data for required field.", "content")
 
     @post_load
     def _null_content_is_empty(self, data: dict[str, Any], **_kw: object) -> dict[str, Any]:
@@ -494,18 +489,26 @@ class ChatCompletionIn(_OpenAISampling):
     max_completion_tokens = WholeNumber(strict=True, allow_none=True, validate=Range(min=1),
                                         metadata={"description": "Same as max_tokens (wins if both are given)."})
     # checked by the route (engine/tools.py: 400 naming the part that is wrong or cannot be enforced)
-    tools = List(JSONValue(), allow_none=True, validate=Length(max=128), metadata={
-        "description": "Functions the model may call (`{\"type\": \"function\", \"function\": {\"name\", "
-        "\"description\", \"parameters\"}}`). On local models a grammar makes every call name an offered "
-        "function with arguments valid for its `parameters`; passed through to remote upstreams."})
+    # the document shows the simplest tools (as for response_format); the route accepts up to
+    # 128, with any `parameters` schema the grammar can enforce (README "Tool calls")
+    tools = List(JSONValue(metadata={
+        "type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 64},
+                "description": {"type": "string"},
+                "parameters": {"type": "object", "required": ["type"], "additionalProperties": False,
+                               "properties": {"type": {"type": "string", "enum": ["object"]}}}}}}}),
+        allow_none=True, validate=Length(max=128), metadata={
+            "maxItems": 1,
+            "description": "Functions the model may call (up to 128 `{\"type\": \"function\", \"function\": "
+            "{\"name\", \"description\", \"parameters\"}}`, names unique). On local models a grammar makes "
+            "every call name an offered function with arguments valid for its `parameters` JSON Schema; passed "
+            "through to remote upstreams."})
     tool_choice = JSONValue(allow_none=True, metadata={
         "description": "`\"none\"`, `\"auto\"` (default with tools: text or a call), `\"required\"`, or "
-        "`{\"type\": \"function\", \"function\": {\"name\": ...}}`.",
-        "oneOf": [{"type": "null"}, {"type": "string", "enum": ["none", "auto", "required"]},
-                  {"type": "object", "required": ["type", "function"], "properties": {
-                      "type": {"type": "string", "enum": ["function"]},
-                      "function": {"type": "object", "required": ["name"],
-                                   "properties": {"name": {"type": "string"}}}}}]})
+        "`{\"type\": \"function\", \"function\": {\"name\": <one of tools>}}` (a call to that one).",
+        "oneOf": [{"type": "null"}, {"type": "string", "enum": ["none", "auto", "required"]}]})
 
     @validates_schema(skip_on_field_errors=False)
     def _within_caps(self, data: dict[str, Any], **_kw: object) -> None:
