@@ -134,7 +134,11 @@ def load_backends() -> str | None:
     """
     from llama_cpp import _ggml
 
-    lib = _ggml.libggml
+    # the libggml that libllama is linked against (its soname): a wheel stores libggml.so
+    # and libggml.so.0 as two files, not a link, and a backend registered in the copy
+    # llama_cpp._ggml opened (libggml.so) is invisible to libllama ("no backends are loaded")
+    soname = Path(_ggml.libggml_base_path) / "libggml.so.0"
+    lib = ctypes.CDLL(str(soname)) if soname.exists() else _ggml.libggml
     lib.ggml_backend_reg_count.restype = ctypes.c_size_t
     lib.ggml_backend_load.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_load.restype = ctypes.c_void_p
