@@ -28,7 +28,7 @@ llama: $(BIN)/python
 	@house=$$(scripts/build-llama.sh --where $(BIN)/pip $(LLAMA_VERSION)); \
 	if [[ "$$(cat $(VENV)/.llama-build 2>/dev/null)" != "$$house" ]]; then \
 	  ls "$$house"/*.whl >/dev/null 2>&1 || { \
-	    echo ">>> Compiling llama-cpp-python $(LLAMA_VERSION) for these build flags: about 8 minutes on"; \
+	    echo ">>> Compiling llama-cpp-python $(LLAMA_VERSION) for these build flags: about 20 minutes on"; \
 	    echo ">>> 2 cores with no output, once (the wheel is kept in $$house)."; \
 	    echo ">>> Started $$(date +%H:%M:%S)."; }; \
 	  wheel=$$(scripts/build-llama.sh $(BIN)/pip $(LLAMA_VERSION)) \
