@@ -55,7 +55,7 @@ main() {
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   echo ">>> building llama-cpp-python $version ($CMAKE_ARGS; CPU variants: $LLAMA_CPU_VARIANTS) into $house" >&2
-  "$pip" download --quiet --no-deps --no-binary :all: "llama_cpp_python==$version" -d "$work" >&2
+  "$pip" download --quiet --no-deps --no-binary llama_cpp_python "llama_cpp_python==$version" -d "$work" >&2
   tar xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
   src="$work/llama_cpp_python-$version"
   # llama.cpp offers no option to pick variants: drop the other x86 lines of its list
