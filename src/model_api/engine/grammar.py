@@ -94,10 +94,18 @@ def gbnf(response_format: str) -> str:
     if spec["type"] == "tools":
         return _tools_gbnf(spec)
     try:
-        return llama_grammar.json_schema_to_gbnf(json.dumps(spec["json_schema"]["schema"]))
+        return _strict_strings(llama_grammar.json_schema_to_gbnf(json.dumps(spec["json_schema"]["schema"])))
     except Exception as exc:  # the converter asserts on what it does not know
         raise GrammarError(f"response_format.json_schema.schema cannot be turned into a grammar: {exc}",
                            "response_format.json_schema") from None
+
+
+def _strict_strings(gbnf_text: str) -> str:
+    """The converter's string character rule admits raw control characters
+    (``[^"\\]``), which JSON forbids inside strings: a reply could then fail to
+    parse. Exclude them, as llama.cpp's own JSON grammar does."""
+    return "\n".join(line.replace(r'[^"\\]', r'[^"\\\x7F\x00-\x1F]', 1) if line.startswith("char ::=") else line
+                     for line in gbnf_text.splitlines())
 
 
 def call_schema(spec: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +126,7 @@ def _tools_gbnf(spec: dict[str, Any]) -> str:
     from llama_cpp import llama_grammar
 
     try:
-        call = llama_grammar.json_schema_to_gbnf(json.dumps(call_schema(spec)))
+        call = _strict_strings(llama_grammar.json_schema_to_gbnf(json.dumps(call_schema(spec))))
     except Exception as exc:
         raise GrammarError(f"a function's parameters cannot be turned into a grammar: {exc}", "tools") from None
     if spec["choice"] != "auto":
