@@ -130,6 +130,7 @@ class EngineRegistry:
                  on_load: Callable[[str, Engine], Any] | None = None, residency: Residency | None = None,
                  on_unload: Callable[[str], Any] | None = None,
                  load: Callable[[ModelSettings], Engine] | None = None,
+                 unload: Callable[[ModelSettings, Engine], None] | None = None,
                  footprint: Callable[[ModelSettings], int] | None = None):
         if default not in models:
             raise ValueError(f"the default model {default!r} is not among {sorted(models)}")
@@ -139,7 +140,9 @@ class EngineRegistry:
         self._on_unload = on_unload
         self.residency = residency or Residency()
         self._room = threading.Condition()  # held while choosing what to unload for a load
-        self._load = load or load_shared
+        # how engines are made and freed: the process-wide shared copies, or (tests) anything
+        self._load, self._unload_engine = (load, unload or (lambda _ms, e: e.close())) if load else (
+            load_shared, unload_shared)
         self._footprint = footprint or estimate_footprint
 
     def _entry(self, model_id: str | None) -> _Entry:
@@ -218,10 +221,7 @@ class EngineRegistry:
         if engine is None:
             return
         log.info("unloading idle model", extra={"model": entry.id})
-        if self._load is load_shared:
-            unload_shared(entry.settings, engine)
-        else:
-            engine.close()
+        self._unload_engine(entry.settings, engine)
         if self._on_unload is not None:
             self._on_unload(entry.id)
 

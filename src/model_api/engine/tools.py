@@ -19,6 +19,7 @@ call rows, streams, idempotent replays and async jobs need nothing new:
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any
 
 from .grammar import GrammarError, gbnf, refuse_unenforceable
@@ -70,15 +71,25 @@ def canonical(tools: Any, tool_choice: Any, *, enforce: bool = True) -> str | No
     return text
 
 
+@lru_cache(maxsize=256)
+def _spec(response_format: str | None) -> dict[str, Any] | None:
+    """The tool spec of a canonical response_format (None: not a tool-calling one),
+    parsed once: a streamed reply asks at its start, its end and for its body."""
+    if response_format is None:
+        return None
+    spec = json.loads(response_format)
+    return spec if spec.get("type") == KIND else None
+
+
 def is_tools(response_format: str | None) -> bool:
-    return response_format is not None and json.loads(response_format).get("type") == KIND
+    return _spec(response_format) is not None
 
 
 def local_messages(messages: list[dict[str, Any]], response_format: str | None) -> list[dict[str, str]]:
     """The conversation as a chat template without tool support can render it:
     the tools described in a system message, assistant tool calls as their JSON
     text, tool results as user turns naming the call they answer."""
-    spec = json.loads(response_format) if is_tools(response_format) else None
+    spec = _spec(response_format)
     out: list[dict[str, str]] = []
     for m in messages:
         role, content = m["role"], m.get("content") or ""
@@ -126,9 +137,10 @@ def parse(text: str, response_format: str | None, id_prefix: str) -> list[dict[s
     """OpenAI ``tool_calls`` if the reply to a tool-calling request is a call
     (None: it is plain text). Ids are ``call_<id_prefix><n>``: derived from the
     call's id, a replayed reply names its calls as the first answer did."""
-    if not is_tools(response_format) or not text.lstrip().startswith(("{", "[")):
+    spec = _spec(response_format)
+    if spec is None or not text.lstrip().startswith(("{", "[")):
         return None
-    names = {f["name"] for f in json.loads(response_format)["functions"]}
+    names = {f["name"] for f in spec["functions"]}
     try:
         value = json.loads(text)
     except ValueError:
