@@ -274,12 +274,12 @@ def test_rolled_up_days_give_the_same_report_as_the_rows(client, admin, make_use
     for headers in (alice, alice, {"Authorization": f"Bearer {key}"}, bob, bob):
         assert client.post("/call_model", json={"prompt": "Hi", "max_tokens": 2}, headers=headers).status_code == 201
     with database.session() as s:  # spread the calls over past days: 5, 5, 4 days ago, 3 days ago, today
-        ids = list(s.scalars(select(Call.id).order_by(Call.created_at)))
-        for call_id, days in zip(ids, (5, 5, 4, 3, 0), strict=True):
-            s.execute(update(Call).where(Call.id == call_id).values(
-                created_at=Call.created_at - timedelta(days=days), started_at=Call.started_at - timedelta(days=days),
-                finished_at=Call.finished_at - timedelta(days=days)))
-        s.execute(update(Call).where(Call.id == ids[3]).values(status="running"))  # 3 days ago: still open
+        # shifted in Python, not in SQL: SQLite has no datetime arithmetic and would store a number
+        calls = list(s.scalars(select(Call).order_by(Call.created_at)))
+        for call, days in zip(calls, (5, 5, 4, 3, 0), strict=True):
+            for column in ("created_at", "started_at", "finished_at"):
+                setattr(call, column, getattr(call, column) - timedelta(days=days))
+        calls[3].status = "running"  # 3 days ago: still open
     queries = [f"group_by={g}{r}" for g in ("user", "key", "model", "day")
                for r in ("", f"&since={(datetime.now(UTC) - timedelta(days=4, hours=12)).isoformat()}",
                          f"&since={(datetime.now(UTC) - timedelta(days=4)).date()}&until={datetime.now(UTC).date()}")]
