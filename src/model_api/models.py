@@ -96,8 +96,8 @@ class Call(Base):
     # can never be given back twice.
     charged: Mapped[bool] = mapped_column(default=True, server_default=true())
     # tokens (prompt + max_tokens) added to its user's and key's tokens_used at
-    # admission; the final write settles them to the real count (NULL: rows from
-    # before token budgets, never settled)
+    # admission when a token budget applied to either; the final write settles
+    # them to the real count (NULL: no budget applied, nothing to settle)
     reserved_tokens: Mapped[int | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     # set by /async_call_cancel on a running job; whichever process runs it polls this

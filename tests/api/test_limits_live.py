@@ -160,7 +160,7 @@ def test_retry_after_is_honest(db_url, tmp_path, database):
 
 
 def test_tokens_per_window_are_settled_to_what_a_short_reply_used(server, database):
-    uid, headers = _user_with_key(database, "tpm-settle", tpm_limit=1200)
+    uid, headers = _user_with_key(database, "tpm-settle", tpm_limit=1200, token_budget=10**6)
     # stop at the first space: a reply of a token or two, although up to 1,000 were reserved
     first = requests.post(server.url + "/v1/chat/completions", json=_chat(1000, stop=[" "]), headers=headers,
                           timeout=120)

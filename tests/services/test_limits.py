@@ -70,8 +70,21 @@ def test_concurrent_reservations_never_overspend_a_budget(make_user, database):
 
 
 def test_a_finished_call_is_settled_to_what_it_used(make_user, database):
-    uid = _user(make_user, database)
+    uid = _user(make_user, database, token_budget=1000)
     _calls(database, FakeEngine()).run(intent_for(uid, REQ))
+    assert _tokens_used(database, uid) == USED
+
+
+def test_without_a_budget_a_call_reserves_and_settles_nothing(make_user, database):
+    uid = _user(make_user, database)
+    calls = _calls(database, FakeEngine())
+    calls.run(intent_for(uid, REQ))
+    with database.session() as s:
+        assert s.scalar(select(Call.reserved_tokens)) is None
+    assert _tokens_used(database, uid) == 0
+    with database.session() as s:  # a budget set later counts from then on
+        s.execute(update(User).where(User.id == uid).values(token_budget=1000))
+    calls.run(intent_for(uid, REQ))
     assert _tokens_used(database, uid) == USED
 
 
@@ -83,7 +96,7 @@ def test_a_failure_on_our_side_costs_no_tokens(make_user, database):
 
 
 def test_a_stream_cut_short_costs_what_it_had_used(make_user, database):
-    uid = _user(make_user, database)
+    uid = _user(make_user, database, token_budget=1000)
     call = _calls(database, FakeEngine("one two three four")).stream(intent_for(uid, REQ, CallKind.STREAM))
     next(iter(call))  # one word reaches the client
     call.cancel()

@@ -25,7 +25,7 @@ from ..models import Call, CallKind, CallStatus
 from ..observability import logs, metrics
 from .calls import CallOutcome, admit, start_generation
 from .intent import CallIntent
-from .ledger import Ledger, QuotaPolicy, open_call, record_failure, refuse_if_spent, request_of
+from .ledger import Ledger, QuotaPolicy, open_call, record_failure, refuse_if_spent, request_of, reservation
 from .limits import Limiter, account_limits
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,11 @@ class Jobs:
     def _give_back_tokens(self, call: Call, used: int) -> None:
         """The tokens-per-window share of the job's reservation it did not use,
         given back by whichever process ran it (its budget settles with its row)."""
-        if self.limiter is None or call.reserved_tokens is None or call.reserved_tokens <= used:
+        if self.limiter is None:
+            return
+        # what admission reserved (calls.reserved_tokens is the budget's share, set only under a budget)
+        reserved = reservation(call.prompt_tokens, request_of(call))
+        if reserved <= used:
             return
         try:
             with self.db.session() as s:
@@ -269,7 +273,7 @@ class Jobs:
         except Exception:  # the windows forget the reservation anyway
             log.warning("could not read limits to give tokens back", exc_info=True)
             return
-        self.limiter.give_back(call.user_id, call.api_key_id, limits, call.reserved_tokens - used)
+        self.limiter.give_back(call.user_id, call.api_key_id, limits, reserved - used)
 
     def cancel(self, job_id: uuid.UUID, user_id: int) -> str:
         """Cancel the user's async job. Returns the state it is now in:

@@ -28,7 +28,7 @@ from ..models import Call, CallKind, CallStatus, User, WebhookDelivery
 from ..observability import metrics
 from . import quota
 from .intent import CallIntent
-from .limits import BudgetExceeded, reserve_budget, settle_budget
+from .limits import BudgetExceeded, account_limits, reserve_budget, settle_budget
 from .quota import QuotaState
 from .webhooks import arm as arm_webhook
 
@@ -157,11 +157,14 @@ def open_call(db: Database, intent: CallIntent, policy: QuotaPolicy, *, prompt_t
     charged or written when the user (or key) is out of quota or budget.
     """
     request = intent.request
-    reserved = reservation(prompt_tokens, request)
     with db.session() as s:
+        # only a call some budget applies to reserves tokens (and so settles when it ends):
+        # without budgets, the common case, the call costs no extra statements
+        reserved = reservation(prompt_tokens, request) if _budgeted(s, intent, policy) else None
         try:
             state = quota.reserve(s, intent.user_id, policy.default_quota, policy.window_seconds)
-            reserve_budget(s, intent.user_id, intent.api_key_id, reserved, policy.default_token_budget)
+            if reserved is not None:
+                reserve_budget(s, intent.user_id, intent.api_key_id, reserved, policy.default_token_budget)
         except (quota.QuotaExceeded, BudgetExceeded) as exc:
             s.rollback()  # the unit, if one was taken, goes back with the refusal
             _refused(s, intent.user_id, intent.kind, exc)
@@ -195,6 +198,15 @@ def open_call(db: Database, intent: CallIntent, policy: QuotaPolicy, *, prompt_t
     if queued:
         metrics.job_state(CallStatus.QUEUED.value)
     return call.id, state
+
+
+def _budgeted(session: Session, intent: CallIntent, policy: QuotaPolicy) -> bool:
+    """Whether a token budget applies to the call's user or key: the default one, or
+    their own as read with the credentials (read here for calls made otherwise)."""
+    if policy.default_token_budget is not None:
+        return True
+    limits = intent.limits or account_limits(session, intent.user_id, intent.api_key_id)
+    return limits.user.token_budget is not None or (limits.key is not None and limits.key.token_budget is not None)
 
 
 def _refused(session: Session, user_id: int, kind: CallKind, exc: quota.QuotaExceeded | BudgetExceeded) -> None:
