@@ -4,9 +4,11 @@
 
 What a user would run instead of us: ``llama-server`` built natively
 (``GGML_NATIVE=ON``) from the llama.cpp that the pinned llama-cpp-python
-vendors, serving the same GGUF with ``-np 8 -t <cores> -c 16384``. It is built
-once into ~/.cache/model-api/llama-server-<version> (outside the repo) from the
-sdist that ``pip download`` fetches.
+vendors, serving the same GGUF with ``-np 8 -t <cores> -c 16384``; on a CPU
+that advertises AMX, where the native build dies in its first matmul, with
+every other extension the CPU has (``native-no-amx``). It is built once into
+~/.cache/model-api/llama-server-<version>[-native-no-amx] (outside the repo)
+from the sdist that ``pip download`` fetches.
 
 1. Throughput: our ``make run`` defaults (gunicorn, SQLite, the batching engine)
    and llama-server side by side, both on ``/v1/chat/completions`` with
@@ -101,17 +103,40 @@ def llama_cpp_version() -> str:
     return pinned.group(1)
 
 
+#: /proc/cpuinfo flag -> llama.cpp's option, for a build of every extension the CPU has but AMX
+X86_OPTIONS = {"sse4_2": "SSE42", "f16c": "F16C", "fma": "FMA", "bmi2": "BMI2", "avx": "AVX", "avx2": "AVX2",
+               "avx_vnni": "AVX_VNNI", "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI",
+               "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16"}
+
+
+def cpu_build_flags() -> tuple[str, list[str]]:
+    """(name, cmake flags) of the fastest llama-server build that runs here: native,
+    except on CPUs that advertise AMX. There the native build dies in its first
+    matmul (SIGILL on ``tilezero`` in ``tinygemm_kernel_amx`` on this project's
+    Sapphire Rapids VMs, whose hypervisor does not enable the AMX state), so a
+    user gets every other extension the CPU has, named one by one."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    if "amx_tile" not in flags:
+        return "native", ["-DGGML_NATIVE=ON"]
+    return "native-no-amx", ["-DGGML_NATIVE=OFF", *(f"-DGGML_{opt}=ON" for flag, opt in X86_OPTIONS.items()
+                                                   if flag in flags)]
+
+
 def llama_server_binary(version: str) -> Path:
     """llama-server from the vendored llama.cpp of llama-cpp-python ``version``,
-    built natively and statically once, then reused. The build directory is
-    kept beside it, so an interrupted build resumes where it stopped."""
-    home = CACHE / f"llama-server-{version}"
+    built for this CPU (:func:`cpu_build_flags`) and statically once, then reused.
+    The build directory is kept beside it, so an interrupted build resumes where it stopped."""
+    name, cpu_flags = cpu_build_flags()
+    home = CACHE / (f"llama-server-{version}" + ("" if name == "native" else f"-{name}"))
     binary = home / "llama-server"
     if binary.is_file():
         return binary
     home.mkdir(parents=True, exist_ok=True)
     src = home / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    print(f"building llama-server {version} natively into {home} (minutes, once)", flush=True)
+    print(f"building llama-server {version} ({name}) into {home} (minutes, once)", flush=True)
     if not src.is_dir():
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
@@ -120,7 +145,7 @@ def llama_server_binary(version: str) -> Path:
                 tar.extractall(home, filter="data")
     build = home / "build"
     subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                    "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                    *cpu_flags, "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                    check=True, stdout=subprocess.DEVNULL)

@@ -312,8 +312,9 @@ class Settings(BaseSettings):
     )
     default_token_budget: int | None = Field(
         None, ge=0,
-        description="Tokens each user may use in total (reserved at admission, settled at the end), unless "
-        "set per user; unset = no budget. 429 `insufficient_quota` when spent.",
+        description="Tokens each user may use (reserved at admission, settled at the end), unless set per "
+        "user: per QUOTA_WINDOW_SECONDS when that is set, else in total; unset = no budget. "
+        "429 `insufficient_quota` when spent.",
     )
     limits_window_seconds: int = Field(
         60, ge=1, description="The window of the request and token rate limits (`rpm`, `tpm`): 60 = per minute."

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
 
+from model_api.db import utcnow
 from model_api.engine.base import EngineError, GenerationRequest, SamplingParams
 from model_api.models import Call, CallKind, User
 from model_api.process import ProcessIdentity
@@ -38,9 +40,14 @@ def _tokens_used(database, uid: int) -> int:
         return s.scalar(select(User.tokens_used).where(User.id == uid))
 
 
-def _calls(database, engine, limiter=None, budget=None) -> ModelCalls:
-    return ModelCalls(Ledger(database), registry_of(engine), QuotaPolicy(1000, None, budget), ProcessIdentity(),
+def _calls(database, engine, limiter=None, budget=None, window=None) -> ModelCalls:
+    return ModelCalls(Ledger(database), registry_of(engine), QuotaPolicy(1000, window, budget), ProcessIdentity(),
                       limiter)
+
+
+def _set(database, uid: int, **values) -> None:
+    with database.session() as s:
+        s.execute(update(User).where(User.id == uid).values(**values))
 
 
 def test_concurrent_reservations_never_overspend_a_budget(make_user, database):
@@ -101,6 +108,28 @@ def test_a_stream_cut_short_costs_what_it_had_used(make_user, database):
     next(iter(call))  # one word reaches the client
     call.cancel()
     assert _tokens_used(database, uid) == 2 + 1  # the prompt and the one word generated before the cut
+
+
+def test_with_a_quota_window_the_budget_renews_with_it(make_user, database):
+    uid = _user(make_user, database, token_budget=RESERVED)
+    calls = _calls(database, FakeEngine(), window=3600)
+    calls.run(intent_for(uid, REQ))
+    with pytest.raises(BudgetExceeded):  # 6 used + 52 reserved > 52
+        calls.run(intent_for(uid, REQ))
+    _set(database, uid, window_started_at=utcnow() - timedelta(hours=2))  # the window has passed
+    calls.run(intent_for(uid, REQ))
+    assert _tokens_used(database, uid) == USED  # this window's call only
+
+
+def test_a_call_reserved_in_the_last_window_settles_nothing_into_the_new_one(make_user, database):
+    uid = _user(make_user, database, token_budget=1000)
+    call = _calls(database, FakeEngine("one two three four"), window=3600).stream(
+        intent_for(uid, REQ, CallKind.STREAM))
+    next(iter(call))
+    # meanwhile another call of the user's opened a new window
+    _set(database, uid, window_started_at=utcnow() + timedelta(seconds=1), tokens_used=0)
+    call.cancel()  # would give back 52 - 3 tokens: not to a window that never held them
+    assert _tokens_used(database, uid) == 0
 
 
 def test_the_default_budget_applies_to_users_without_their_own(make_user, database):

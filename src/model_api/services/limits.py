@@ -19,7 +19,9 @@ Token budgets are money, so they live in the database: reserved with one
 conditional UPDATE per row in the transaction that writes the call row (see
 :func:`reserve_budget`), settled to the real count in the call's final write
 (``ledger.record_completion`` / ``record_failure``), exactly once, like quota
-refunds.
+refunds. Only calls a budget applies to reserve anything. A user's budget is
+per quota window when QUOTA_WINDOW_SECONDS is set (it renews with the call
+quota, in the same UPDATE), lifetime otherwise; a key's is lifetime.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from limits import RateLimitItem, RateLimitItemPerSecond
@@ -187,13 +190,17 @@ def reserve_budget(session: Session, user_id: int, api_key_id: int | None, token
             raise BudgetExceeded("API key", int(row[0]), int(row[1]), tokens)
 
 
-def settle_budget(conn, user_id: int, api_key_id: int | None, delta: int) -> None:
+def settle_budget(conn, user_id: int, api_key_id: int | None, delta: int, reserved_at: datetime) -> None:
     """Add ``delta`` (real tokens minus the reservation: usually negative) to the
-    user's and key's ``tokens_used``; run in the transaction of the call's final write."""
+    user's and key's ``tokens_used``; run in the transaction of the call's final write.
+    A user's budget renews with the quota window (QUOTA_WINDOW_SECONDS): a call
+    reserved (``reserved_at``) before the user's current window began was paid for
+    in full by the last one, and settles nothing into this one."""
     if delta == 0:
         return
-    conn.execute(update(User).where(User.id == user_id).values(tokens_used=User.tokens_used + delta)
-                 .execution_options(synchronize_session=False))
+    conn.execute(update(User).where(User.id == user_id, or_(User.window_started_at.is_(None),
+                                                            User.window_started_at <= reserved_at))
+                 .values(tokens_used=User.tokens_used + delta).execution_options(synchronize_session=False))
     if api_key_id is not None:
         conn.execute(update(ApiKey).where(ApiKey.id == api_key_id)
                      .values(tokens_used=ApiKey.tokens_used + delta).execution_options(synchronize_session=False))

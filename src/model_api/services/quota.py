@@ -57,6 +57,8 @@ def reserve(session: Session, user_id: int, default_quota: int, window_seconds: 
             .values(
                 used=case((expired, 1), else_=User.used + 1),
                 window_started_at=case((expired, now), else_=User.window_started_at),
+                # the user's token budget renews with the window (services/limits.py)
+                tokens_used=case((expired, 0), else_=User.tokens_used),
             )
         )
     # RETURNING hands back the new state in the same round trip as the reservation
