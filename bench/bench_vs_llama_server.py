@@ -254,7 +254,14 @@ def stream_chat(session: requests.Session, url: str, key: str | None, content: s
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, chunks, usage = None, 0, None
-    with session.post(url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=600) as r:
+    try:
+        r = session.post(url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=600)
+    except requests.ConnectionError:
+        # llama-server closes a keep-alive connection idle for 5 s; the session reused
+        # it after the other side's turn: once more, on a new connection
+        t0 = time.perf_counter()
+        r = session.post(url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=600)
+    with r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
