@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 
 from .. import process
 from ..db import Database, as_utc, utcnow
-from ..engine.base import ContextOverflow, EngineError
+from ..engine.base import ContextOverflow, EngineError, GenerationRequest
 from ..engine.registry import EngineRegistry, UnknownModel
 from ..models import Call, CallKind, CallStatus
 from ..observability import logs, metrics
@@ -219,7 +219,8 @@ class Jobs:
         try:
             # the model the job was submitted to (rows from before MODELS_FILE: the default),
             # or when it fails before its first token the fallbacks it was submitted with
-            intent = CallIntent(user_id=call.user_id, request=request_of(call), kind=CallKind.ASYNC,
+            request = request_of(call)
+            intent = CallIntent(user_id=call.user_id, request=request, kind=CallKind.ASYNC,
                                 model=call.model_id, fallbacks=tuple(call.params.get("fallbacks") or ()))
             answered, _, _, gen = start_generation(self.engines, intent, event)
             if answered != call.model_id:  # the row names the model that answers, as a sync call's does
@@ -245,7 +246,7 @@ class Jobs:
             return CallStatus.FAILED.value
         finally:
             self.cancels.discard(str(job_uuid))
-        self._give_back_tokens(call, result.prompt_tokens + result.completion_tokens)
+        self._give_back_tokens(call, request, result.prompt_tokens + result.completion_tokens)
         if result.finish_reason == "cancelled":
             # cancelled by its owner while running: unit is kept (work was done), text kept
             self.ledger.fail(job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED,
@@ -258,13 +259,13 @@ class Jobs:
             return CallStatus.COMPLETED.value
         return None
 
-    def _give_back_tokens(self, call: Call, used: int) -> None:
+    def _give_back_tokens(self, call: Call, request: GenerationRequest, used: int) -> None:
         """The tokens-per-window share of the job's reservation it did not use,
         given back by whichever process ran it (its budget settles with its row)."""
         if self.limiter is None:
             return
         # what admission reserved (calls.reserved_tokens is the budget's share, set only under a budget)
-        reserved = reservation(call.prompt_tokens, request_of(call))
+        reserved = reservation(call.prompt_tokens, request)
         if reserved <= used:
             return
         try:

@@ -237,6 +237,10 @@ _RESULT_COLUMNS = ("status", "response", "finish_reason", "prompt_tokens", "comp
                    "finished_at")
 
 
+#: what a call's final write returns: its kind, for the metrics, and what settling its tokens needs
+_FINAL = (Call.kind, Call.user_id, Call.api_key_id, Call.reserved_tokens, Call.created_at)
+
+
 def _record_statement(with_attempt: bool):
     # Built once with bound parameters: constructing the statement anew each time
     # cost more than the database round trip on this per-call hot path.
@@ -247,16 +251,16 @@ def _record_statement(with_attempt: bool):
         update(Call)
         .where(*cond)
         .values(**{col: bindparam(f"new_{col}") for col in _RESULT_COLUMNS})
-        .returning(Call.kind, Call.user_id, Call.api_key_id, Call.reserved_tokens, Call.created_at)
+        .returning(*_FINAL)
     )
 
 
 def _settle(conn, row, used_tokens: int) -> None:
-    """Settle a finished call's token reservation to ``used_tokens``; ``row``: the
-    (kind, user_id, api_key_id, reserved_tokens, created_at) its final write returned.
-    Runs in that write's transaction, and a call reaches a final state once: settled once."""
-    if row is not None and row[3] is not None:
-        settle_budget(conn, row[1], row[2], used_tokens - row[3], row[4])
+    """Settle a finished call's token reservation to ``used_tokens``; ``row``: what
+    its final write returned (``_FINAL``). Runs in that write's transaction, and a
+    call reaches a final state once: settled once."""
+    if row is not None and row.reserved_tokens is not None:
+        settle_budget(conn, row.user_id, row.api_key_id, used_tokens - row.reserved_tokens, row.created_at)
 
 
 _RECORD = {False: _record_statement(False), True: _record_statement(True)}
@@ -315,7 +319,7 @@ def record_failure(
             update(Call)
             .where(Call.id == call_id, Call.status.in_([st.value for st in from_states]))
             .values(**values)
-            .returning(Call.kind, Call.user_id, Call.api_key_id, Call.reserved_tokens, Call.created_at)
+            .returning(*_FINAL)
         ).first()
         # a refunded call costs no tokens; a cancelled one what it had used
         used = partial.prompt_tokens + partial.completion_tokens if partial is not None and not refund else 0
