@@ -284,7 +284,9 @@ def stream_chat(session: requests.Session, url: str, key: str | None, content: s
 def prompt_for(workload: str, user: int, j: int, salt: str) -> str:
     if workload == "chat":
         return f"{CHAT_PROMPT} ({salt} {user}-{j})"
-    # a unique first line, so no server can reuse another request's prompt cache
+    # a unique first line, so no server can reuse another request's prompt cache; the salt
+    # names the round, the side and the level: llama-server keeps earlier prompts in RAM
+    # (--cache-ram, 8 GiB), so a prompt repeated from an earlier level would be free there
     return f"Note {salt}-{user}-{j}.\n" + FILLER * 15 + "\nSummarise the notes above in one sentence."
 
 
@@ -307,6 +309,7 @@ def run_level(url: str, key: str | None, workload: str, users: int, per_user: in
     ttft = [r["ttft"] for r in results]
     return {"tok_s": (out_tokens if workload == "chat" else all_tokens) / wall, "out_tok_s": out_tokens / wall,
             "ttft_p50_ms": pct(ttft, 50) * 1000, "ttft_p99_ms": pct(ttft, 99) * 1000,
+            "latency_p50_ms": pct([r["seconds"] for r in results], 50) * 1000,
             "requests": len(results), "prompt_tokens_mean": statistics.mean(r["prompt_tokens"] for r in results),
             "wall_s": wall, "load": load()}
 
@@ -319,10 +322,11 @@ def throughput(ls: LlamaServer, ours: Ours, levels: list[int], rounds: int, per_
             for rnd in range(rounds):
                 sides = [("llama-server", ls.url, None), ("ours", ours.url, ours.key)]
                 for name, url, key in (sides if rnd % 2 == 0 else sides[::-1]):
-                    res = run_level(url, key, workload, users, per_user, f"r{rnd}{name[0]}")
+                    res = run_level(url, key, workload, users, per_user, f"r{rnd}{name[0]}u{users}")
                     runs[name].append(res)
                     print(f"  {workload:6} {users:2} users  {name:12} {res['tok_s']:7.1f} tok/s  "
                           f"TTFT p50 {res['ttft_p50_ms']:6.0f} ms p99 {res['ttft_p99_ms']:6.0f} ms  "
+                          f"latency p50 {res['latency_p50_ms']:6.0f} ms  "
                           f"(load {res['load']})", flush=True)
             row = {"workload": workload, "users": users}
             for name, rs in runs.items():
@@ -330,6 +334,7 @@ def throughput(ls: LlamaServer, ours: Ours, levels: list[int], rounds: int, per_
                     "tok_s": statistics.median(r["tok_s"] for r in rs),
                     "ttft_p50_ms": statistics.median(r["ttft_p50_ms"] for r in rs),
                     "ttft_p99_ms": statistics.median(r["ttft_p99_ms"] for r in rs),
+                    "latency_p50_ms": statistics.median(r["latency_p50_ms"] for r in rs),
                     "runs": rs,
                 }
             row["ratio"] = row["ours"]["tok_s"] / row["llama-server"]["tok_s"]
@@ -458,12 +463,13 @@ def main() -> None:
     if "throughput" in results:
         rows = results["throughput"]
         print("| workload | users | llama-server tok/s | ours tok/s | ratio | TTFT p50 ls / ours (ms) | "
-              "TTFT p99 ls / ours (ms) |")
-        print("|---|---|---|---|---|---|---|")
+              "TTFT p99 ls / ours (ms) | latency p50 ls / ours (ms) |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             a, b = r["llama-server"], r["ours"]
             print(f"| {r['workload']} | {r['users']} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {r['ratio']:.2f}× | "
-                  f"{a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f} | {a['ttft_p99_ms']:.0f} / {b['ttft_p99_ms']:.0f} |")
+                  f"{a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f} | {a['ttft_p99_ms']:.0f} / {b['ttft_p99_ms']:.0f} | "
+                  f"{a['latency_p50_ms']:.0f} / {b['latency_p50_ms']:.0f} |")
         print("\n" + ascii_chart(rows))
         if plot(rows, ROOT / "bench" / "vs_llama_server.png"):
             print("plot: bench/vs_llama_server.png")
