@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -106,6 +107,81 @@ def test_error_events_and_garbage_mid_stream_are_upstream_errors():
     assert next(gen) == "a"
     with pytest.raises(UpstreamError, match="malformed"):
         next(gen)
+
+
+def test_the_upstream_request_goes_out_when_the_generation_is_made_not_at_its_first_read():
+    # so the caller's database work overlaps the upstream's first token (engine/remote.py)
+    asked = threading.Event()
+
+    def handler(request):
+        asked.set()
+        return httpx.Response(200, content=_sse({"choices": [{"delta": {"content": "a"}}]}, b"[DONE]"))
+
+    gen = start(_engine(handler, model_name="m"), REQ)
+    assert asked.wait(5), "nothing was sent before the first read"
+    assert list(gen) == ["a"] and gen.result.finish_reason == "stop"
+
+
+def test_closing_mid_stream_stops_reading_the_upstream_and_keeps_what_came():
+    sent = []
+
+    def slow_events():
+        for i in range(200):
+            sent.append(i)
+            yield _sse({"choices": [{"delta": {"content": f"t{i} "}}]})
+            time.sleep(0.01)
+        yield _sse(b"[DONE]")
+
+    gen = start(_engine(lambda r: httpx.Response(200, content=slow_events()), model_name="m"), REQ)
+    assert next(gen) == "t0 "
+    gen.close()
+    assert gen.result is not None and gen.result.finish_reason == "cancelled"
+    assert gen.result.text.startswith("t0 ") and len(sent) < 200
+    assert list(gen) == []
+
+
+def _read_request(conn: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += conn.recv(65536)
+
+
+def test_a_kept_alive_connection_the_upstream_closed_is_retried_on_a_new_one():
+    # a real socket: the first connection answers, then reads the next request and hangs
+    # up without answering (what a server closing an idle keep-alive connection looks like)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    body = _sse({"choices": [{"delta": {"content": "ok"}}]}, b"[DONE]")
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    accepted = []
+
+    def serve():
+        for n in range(2):
+            conn, _ = srv.accept()
+            accepted.append(conn)
+            _read_request(conn)
+            conn.sendall(answer)
+            if n == 0:
+                _read_request(conn)  # the second request, on the kept-alive connection
+                conn.close()  # ... never answered
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        eng = OpenAIEngine(f"http://127.0.0.1:{srv.getsockname()[1]}/v1", model_name="m", timeout=5)
+        assert list(start(eng, REQ)) == ["ok"]
+        assert list(start(eng, REQ)) == ["ok"]
+        assert len(accepted) == 2
+    finally:
+        srv.close()
+        for c in accepted:
+            c.close()
 
 
 def test_check_is_a_cheap_character_guard():

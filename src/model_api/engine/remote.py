@@ -17,12 +17,16 @@ misbehaving upstream → :class:`UpstreamError` (502), no answer in time →
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import queue
 import re
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import httpx
@@ -33,6 +37,7 @@ from .base import (
     ContextOverflow,
     Engine,
     EngineBusy,
+    EngineError,
     Generation,
     GenerationRequest,
     PreparedPrompt,
@@ -86,6 +91,9 @@ class OpenAIEngine(Engine):
             timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=connect_timeout),
             transport=transport,
         )
+        # the threads that read upstream streams (_RemoteGeneration), kept between calls:
+        # starting a thread per call cost about a millisecond on a busy 2-core machine
+        self._readers = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="upstream-stream")
         self._configured_model = model_name
         self._discovered_model: str | None = None
         self._discover_lock = threading.Lock()
@@ -136,12 +144,17 @@ class OpenAIEngine(Engine):
         return PreparedPrompt(request, max(1, math.ceil(chars / CHARS_PER_TOKEN)))
 
     def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
-        return _RemoteGeneration(self, prompt, cancel)
+        try:
+            return _RemoteGeneration(self, prompt, cancel)
+        except RuntimeError as exc:  # the reader pool is shut down: this engine is closed
+            raise EngineError(f"the {self.base_url} backend is closed") from exc
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "backend": "openai", "base_url": self.base_url}
 
     def close(self) -> None:
+        # readers still queued run and fail on the closed client, so their callers hear of it
+        self._readers.shutdown(wait=False)
         self._client.close()
 
     # --- plumbing -----------------------------------------------------------
@@ -203,6 +216,25 @@ class _mapped_errors:
         return False
 
 
+@contextlib.contextmanager
+def _post_stream(client: httpx.Client, path: str, body: dict[str, Any]) -> Iterator[httpx.Response]:
+    """POST and stream the answer; once more on a new connection when the upstream
+    hung up before answering. A kept-alive connection from the pool may have been
+    closed by the upstream a moment after it was checked (llama-server closes
+    them, seen as "Server disconnected without sending a response"): that is not
+    the upstream failing, and the client should not get a 502 for it."""
+    for attempt in range(2):
+        answered = False
+        try:
+            with client.stream("POST", path, json=body) as resp:
+                answered = True
+                yield resp
+            return
+        except httpx.RemoteProtocolError:
+            if answered or attempt:
+                raise
+
+
 def _status_error(resp: httpx.Response, engine: OpenAIEngine, prompt_estimate: int) -> Exception:
     """The engine error for a non-2xx upstream answer (its body must be read)."""
     try:
@@ -239,21 +271,61 @@ def _add_tool_call_delta(calls: dict[int, dict[str, Any]], delta: dict[str, Any]
         call["function"]["arguments"] += fn["arguments"]
 
 
+#: what the reader thread hands the caller (see _RemoteGeneration)
+_PIECE, _END, _FAIL = 0, 1, 2
+#: longest wait in close() for the reader to stop; it stops at the upstream's next line
+CLOSE_WAIT_SECONDS = 5.0
+#: streams one engine reads at once; more wait for a reader (a gunicorn worker serves far fewer)
+READER_THREADS = 256
+
+
 class _RemoteGeneration(Generation):
+    """The upstream request starts when the generation is made, as a local
+    engine's does: a thread sends it and reads the stream into a queue. So the
+    caller's database work (reserving the unit, writing the call row) overlaps
+    the upstream's time to first token instead of preceding it, which was most
+    of the gateway's added latency (bench/RESULTS.md)."""
+
     def __init__(self, engine: OpenAIEngine, prompt: PreparedPrompt, cancel: threading.Event | None):
         self._engine = engine
         self._request = prompt.request
         self._estimate = prompt.n_tokens
         self._cancel = cancel or threading.Event()
-        self._it = self._run()
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = False
         self.result = None
+        self._reader = engine._readers.submit(self._read)
+
+    def _read(self) -> None:
+        try:
+            for piece in self._run():
+                self._out.put((_PIECE, piece))
+        except BaseException as exc:  # handed to the caller, raised from __next__
+            self._out.put((_FAIL, exc))
+            return
+        self._out.put((_END, None))
 
     def __next__(self) -> str:
-        return next(self._it)
+        if self._done:
+            raise StopIteration
+        kind, value = self._out.get()
+        if kind == _PIECE:
+            return value
+        self._done = True
+        if kind == _END:
+            raise StopIteration
+        raise value
 
     def close(self) -> None:
+        """Stop reading: the reader leaves the stream at the upstream's next line,
+        which closes the upstream connection and so stops the upstream's work.
+        Waits for that (bounded), so ``result`` holds what was produced."""
         self._cancel.set()
-        self._it.close()  # leaves the `with` below: the upstream connection is closed
+        self._done = True
+        try:
+            self._reader.result(CLOSE_WAIT_SECONDS)
+        except (FutureTimeout, CancelledError):
+            pass  # still waiting for the upstream's next line, or never started
 
     def _run(self) -> Iterator[str]:
         eng = self._engine
@@ -264,53 +336,60 @@ class _RemoteGeneration(Generation):
         calls: dict[int, dict[str, Any]] = {}  # tool calls streamed in parts, by index
         finish = "stop"
         usage: dict[str, Any] = {}
+        done = False  # [DONE] came
         model = eng.model_name
         try:
             with _mapped_errors(eng.base_url):
                 path, body = eng.payload(self._request)
                 model = body["model"]
-                with eng.client.stream("POST", path, json=body) as resp:
-                    if resp.status_code >= 400:
-                        resp.read()
-                        raise _status_error(resp, eng, estimate)
-                    for line in resp.iter_lines():
-                        if self._cancel.is_set():
-                            finish = "cancelled"
-                            break
-                        if not line.startswith("data:"):
-                            continue  # comments, event names, keep-alives
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            break
-                        try:
-                            chunk = json.loads(data)
-                        except ValueError:
-                            raise UpstreamError(f"{eng.base_url} sent a malformed event: {data[:100]!r}") from None
-                        if "error" in chunk:
-                            raise UpstreamError(f"{eng.base_url} failed mid-stream: "
-                                                f"{_message_of(chunk, 'unknown error')[0]}")
-                        model = chunk.get("model") or model
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                        for choice in chunk.get("choices") or ():
-                            delta = choice.get("delta") or {}
-                            for tc in delta.get("tool_calls") or ():
-                                if isinstance(tc, dict):
-                                    _add_tool_call_delta(calls, tc)
-                            piece = delta.get("content") if "delta" in choice else choice.get("text")
-                            if piece:
-                                if ttft is None:
-                                    ttft = time.perf_counter() - start
-                                pieces.append(piece)
-                                yield piece
-                            if choice.get("finish_reason"):
-                                finish = _FINISH.get(choice["finish_reason"], "stop")
+                if self._cancel.is_set():  # closed before the request went out: don't send it
+                    finish = "cancelled"
+                else:
+                    with _post_stream(eng.client, path, body) as resp:
+                        if resp.status_code >= 400:
+                            resp.read()
+                            raise _status_error(resp, eng, estimate)
+                        for line in resp.iter_lines():
+                            if self._cancel.is_set():
+                                finish = "cancelled"
+                                break
+                            if done or not line.startswith("data:"):
+                                continue  # comments, event names, keep-alives
+                            data = line[5:].strip()
+                            if data == "[DONE]":
+                                # read on to the body's end, which is here: leaving a body unread
+                                # closes its connection, and the next call had to open a new one
+                                done = True
+                                continue
+                            try:
+                                chunk = json.loads(data)
+                            except ValueError:
+                                raise UpstreamError(f"{eng.base_url} sent a malformed event: {data[:100]!r}") from None
+                            if "error" in chunk:
+                                raise UpstreamError(f"{eng.base_url} failed mid-stream: "
+                                                    f"{_message_of(chunk, 'unknown error')[0]}")
+                            model = chunk.get("model") or model
+                            if chunk.get("usage"):
+                                usage = chunk["usage"]
+                            for choice in chunk.get("choices") or ():
+                                delta = choice.get("delta") or {}
+                                for tc in delta.get("tool_calls") or ():
+                                    if isinstance(tc, dict):
+                                        _add_tool_call_delta(calls, tc)
+                                piece = delta.get("content") if "delta" in choice else choice.get("text")
+                                if piece:
+                                    if ttft is None:
+                                        ttft = time.perf_counter() - start
+                                    pieces.append(piece)
+                                    yield piece
+                                if choice.get("finish_reason"):
+                                    finish = _FINISH.get(choice["finish_reason"], "stop")
             if calls and finish != "cancelled":
                 # the upstream's calls, in the text form every engine uses (engine/tools.py)
                 pieces.append(tools.calls_text([calls[i] for i in sorted(calls)]))
                 ttft = ttft if ttft is not None else time.perf_counter() - start
                 yield pieces[-1]
-        except GeneratorExit:
+        except GeneratorExit:  # not driven to its end (the reader thread always is)
             finish = "cancelled"
         text = "".join(pieces)
         self.result = Completion(
