@@ -3,6 +3,7 @@ carried into async jobs, auth and quota refusals as warnings without secrets."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from ..conftest import DEFAULT_PASSWORD, basic, wait_for
@@ -34,6 +35,22 @@ def test_one_json_line_per_request_with_user_route_status_latency_and_usage(clie
     assert SECRET_PROMPT not in cap.text
     assert r.json["response"].strip() not in cap.text
     assert DEFAULT_PASSWORD not in cap.text
+
+
+def test_a_streamed_call_logs_its_usage_when_the_stream_ends(client, make_user):
+    headers = make_user("alice")
+    with LogCapture() as cap:
+        r = client.post("/v1/chat/completions", headers={**headers, "X-Request-ID": "req-log-sse"},
+                        json={"messages": [{"role": "user", "content": SECRET_PROMPT}], "max_tokens": 3,
+                              "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+        body = r.get_data(as_text=True)
+        r.close()
+    assert r.status_code == 200 and body.rstrip().endswith("data: [DONE]")
+    usage = next(json.loads(ln[6:])["usage"] for ln in body.splitlines() if '"usage": {' in ln or '"usage":{' in ln)
+    [line] = _access(cap.lines(), "req-log-sse")
+    assert (line["route"], line["status"]) == ("/v1/chat/completions", 200)
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert line["model_seconds"] > 0
 
 
 def test_unmatched_paths_are_logged_under_one_route_label(client):

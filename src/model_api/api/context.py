@@ -82,6 +82,7 @@ def intent(request: GenerationRequest, kind: CallKind, model: ModelEntry | None 
                       fallbacks=fallbacks, limits=user.limits)
 
 
-def note_usage(c: Completion) -> None:
-    """What the access log line reports for this request."""
-    g.usage = (c.prompt_tokens, c.completion_tokens, c.generation_seconds)
+def note_usage(c: Completion, state: Any = None) -> None:
+    """What the access log line reports for this request. A streamed body ends after
+    the request context: it passes the request's ``g``, kept when the stream began."""
+    (g if state is None else state).usage = (c.prompt_tokens, c.completion_tokens, c.generation_seconds)

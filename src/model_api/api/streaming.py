@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 from flask import Response, g
 
 from ..engine.base import EngineError
 from ..services.intent import CallIntent
 from ..services.streaming import StreamingCall
-from .context import runtime
+from .context import note_usage, runtime
 from .errors import error_body, rate_headers, request_dialect, service_error
 from .protocol import SSE_DONE, ChunkFormat, sse
 
@@ -34,8 +35,10 @@ SSE_HEADERS = {
 }
 
 
-def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, dialect: str) -> Iterator[str]:
-    """The SSE lines of a stream; closing the iterator early cancels the call."""
+def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, dialect: str,
+           state: Any = None) -> Iterator[str]:
+    """The SSE lines of a stream; closing the iterator early cancels the call.
+    ``state``: the request's ``g``, for the access log line's usage."""
     ended = False
     try:
         start = fmt.start()
@@ -72,6 +75,8 @@ def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, dialec
         if not ended:
             log.info("stream cut short", extra={"call_id": str(call.call_id)})
             call.cancel("client disconnected")
+        if state is not None and call.result is not None:
+            note_usage(call.result, state)
 
 
 class _Body:
@@ -95,7 +100,8 @@ def stream_response(call: StreamingCall, *, chat: bool, include_usage: bool, dia
                     headers: dict[str, str], response_format: str | None = None) -> Response:
     """A 200 ``text/event-stream`` response for a started call."""
     fmt = ChunkFormat(call.call_id, call.model, chat=chat, response_format=response_format)
-    body = _Body(events(call, fmt, include_usage=include_usage, dialect=dialect), call)
+    body = _Body(events(call, fmt, include_usage=include_usage, dialect=dialect, state=g._get_current_object()),
+                 call)
     return Response(body, status=200, mimetype="text/event-stream", headers={**SSE_HEADERS, **headers})
 
 
