@@ -314,9 +314,10 @@ def run_level(url: str, key: str | None, workload: str, users: int, per_user: in
             "wall_s": wall, "load": load()}
 
 
-def throughput(ls: LlamaServer, ours: Ours, levels: list[int], rounds: int, per_user: int) -> list[dict]:
+def throughput(ls: LlamaServer, ours: Ours, levels: list[int], rounds: int, per_user: int,
+               workloads: list[str]) -> list[dict]:
     rows = []
-    for workload in WORKLOADS:
+    for workload in workloads:
         for users in levels:
             runs: dict[str, list[dict]] = {"llama-server": [], "ours": []}
             for rnd in range(rounds):
@@ -432,6 +433,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level (median reported)")
     ap.add_argument("--per-user", type=int, default=2, help="requests per user per round")
     ap.add_argument("--gateway-calls", type=int, default=300)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="of: " + ", ".join(WORKLOADS))
     ap.add_argument("--skip-gateway", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, levels 1 and 8, 30 gateway calls")
@@ -451,7 +453,8 @@ def main() -> None:
     with LlamaServer(binary, default_model_path(), threads) as ls:
         if not args.skip_throughput:
             with Ours("defaults") as ours:
-                results["throughput"] = throughput(ls, ours, levels, args.rounds, args.per_user)
+                results["throughput"] = throughput(ls, ours, levels, args.rounds, args.per_user,
+                                                   args.workloads.split(","))
                 results["local_gateway"] = local_gateway(ours, min(args.gateway_calls, 200))
         if not args.skip_gateway:
             results["gateway"] = gateway(ls, args.gateway_calls)
