@@ -50,9 +50,10 @@ class InProcessExecutor:
             self._pending.push(job_id, tenant)
             self._cond.notify()
 
-    def enqueue_for(self, job_id: str, user_id: int) -> None:
-        """Queue a job of this user's (served in turn with other users' jobs)."""
-        self.enqueue(job_id, Tenant(user_id))
+    def enqueue_for(self, job_id: str, user_id: int, weight: int = 1) -> None:
+        """Queue a job of this user's (served in turn with other users' jobs,
+        ``weight`` at a time: its API key's priority)."""
+        self.enqueue(job_id, Tenant(user_id, weight))
 
     def _next(self) -> str | None:
         with self._cond:

@@ -50,16 +50,24 @@ class _Started:
     admission: Admission = NOTHING_HELD
 
 
+def with_limits(db, intent: CallIntent) -> CallIntent:
+    """The intent with its caller's limits. A signed-in request's come with its
+    credentials; others (tools, tests) are read here, once, for both admission
+    and the token-budget check of the call's row."""
+    if intent.limits is not None:
+        return intent
+    with db.session() as s:
+        return replace(intent, limits=account_limits(s, intent.user_id, intent.api_key_id))
+
+
 def admit(limiter: Limiter | None, db, intent: CallIntent, prompt_tokens: int) -> Admission:
     """Count a call against its caller's rate and concurrency limits (raises
     RateLimited, nothing counted). An async job holds no concurrency slot: it
     is in flight only while it waits or runs, which the fair queue shares out."""
     if limiter is None:
         return NOTHING_HELD
-    limits = intent.limits
-    if limits is None:  # not from a signed-in request (tests, tools): read them
-        with db.session() as s:
-            limits = account_limits(s, intent.user_id, intent.api_key_id)
+    limits = with_limits(db, intent).limits
+    assert limits is not None
     try:
         return limiter.admit(intent.user_id, intent.api_key_id, limits, reservation(prompt_tokens, intent.request),
                              hold_slot=intent.kind != CallKind.ASYNC)
@@ -119,6 +127,7 @@ class ModelCalls:
 
     def _start(self, intent: CallIntent, cancel: threading.Event | None) -> _Started:
         refuse_if_spent(self.db, intent)
+        intent = with_limits(self.db, intent)
         if intent.fallbacks:
             model_id, engine, prompt, gen = start_generation(self.engines, intent, cancel)
             intent = replace(intent, model=model_id)  # the row names the model that answers

@@ -21,9 +21,9 @@ from .. import process
 from ..db import Database, as_utc, utcnow
 from ..engine.base import ContextOverflow, EngineError, GenerationRequest
 from ..engine.registry import EngineRegistry, UnknownModel
-from ..models import Call, CallKind, CallStatus
+from ..models import ApiKey, Call, CallKind, CallStatus
 from ..observability import logs, metrics
-from .calls import CallOutcome, admit, start_generation
+from .calls import CallOutcome, admit, start_generation, with_limits
 from .intent import CallIntent
 from .ledger import Ledger, QuotaPolicy, open_call, record_failure, refuse_if_spent, request_of, reservation
 from .limits import Limiter, account_limits
@@ -136,6 +136,7 @@ class Jobs:
         'processing' for ever.
         """
         refuse_if_spent(self.db, intent)
+        intent = with_limits(self.db, intent)
         engine = self.engines.get(intent.model)
         prompt = engine.prepare(intent.request)
         # counted against the rates now (the job's tokens are given back when it ends, wherever it runs)
@@ -149,8 +150,9 @@ class Jobs:
         try:
             queue = self._queue()
             for_user = getattr(queue, "enqueue_for", None)  # a queue that serves users in turn
-            if for_user is not None:
-                for_user(str(job_id), intent.user_id)
+            if for_user is not None:  # weighted by the API key's priority, as a sync call is
+                tenant = intent.request.tenant
+                for_user(str(job_id), intent.user_id, tenant.weight if tenant is not None else 1)
             else:
                 queue.enqueue(str(job_id))
         except Exception as exc:
@@ -219,7 +221,7 @@ class Jobs:
         try:
             # the model the job was submitted to (rows from before MODELS_FILE: the default),
             # or when it fails before its first token the fallbacks it was submitted with
-            request = request_of(call)
+            request = request_of(call, _key_priority(self.db, call.api_key_id))
             intent = CallIntent(user_id=call.user_id, request=request, kind=CallKind.ASYNC,
                                 model=call.model_id, fallbacks=tuple(call.params.get("fallbacks") or ()))
             answered, _, _, gen = start_generation(self.engines, intent, event)
@@ -416,3 +418,12 @@ def recover(db: Database, stale_seconds: int, requeue_after: int | None = None) 
 
 
 __all__ = ["CancelRegistry", "JobFinished", "JobNotFound", "JobQueue", "Jobs", "QueueUnavailable", "recover"]
+
+
+def _key_priority(db: Database, api_key_id: int | None) -> int:
+    """The fair scheduler's weight for a job submitted with an API key (its
+    ``--priority``), read when the job runs, as a sync call has it from its credentials."""
+    if api_key_id is None:
+        return 1
+    with db.session() as s:
+        return s.scalar(select(ApiKey.priority).where(ApiKey.id == api_key_id)) or 1

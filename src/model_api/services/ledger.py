@@ -220,8 +220,9 @@ def _refused(session: Session, user_id: int, kind: CallKind, exc: quota.QuotaExc
     metrics.quota_refused(kind.value)
 
 
-def request_of(call: Call) -> GenerationRequest:
-    """Rebuild the engine request stored in a call row (async jobs run from this)."""
+def request_of(call: Call, weight: int = 1) -> GenerationRequest:
+    """Rebuild the engine request stored in a call row (async jobs run from this);
+    ``weight``: its API key's priority in the fair scheduler."""
     stored = dict(call.params or {})
     params = SamplingParams.from_dict(stored)
     if call.messages is not None:
@@ -230,7 +231,7 @@ def request_of(call: Call) -> GenerationRequest:
         request = GenerationRequest(prompt=call.prompt, params=params)
     else:
         request = GenerationRequest.single_prompt(call.prompt, params)
-    return replace(request, tenant=Tenant(call.user_id))  # served in turn with its user's other calls
+    return replace(request, tenant=Tenant(call.user_id, weight))  # served in turn with its user's other calls
 
 
 _RESULT_COLUMNS = ("status", "response", "finish_reason", "prompt_tokens", "completion_tokens", "model",
