@@ -2,7 +2,7 @@
 own code (auth, quota reservation, call row, result write, JSON) with an engine
 that answers instantly, so only the gateway is measured.
 
-    .venv/bin/python bench/bench_gateway_ab.py --base ../old-checkout --new . [--db URL] [--rounds 30]
+    .venv/bin/python bench/bench_gateway_ab.py --base ../old-checkout --new . [--db URL] [--rounds 30] [--auth key]
 
 Each checkout runs in its own process (its own copy of the package) with the
 real Flask app and a real database; the two take turns, a batch of calls each,
@@ -65,6 +65,13 @@ WORKER = textwrap.dedent('''
             pass
     client = app.test_client()
     headers = {"Authorization": "Basic " + base64.b64encode(f"{user}:bench password 123".encode()).decode()}
+    if sys.argv[3] == "key":  # an API key (its own lookup each call; Basic's is cached)
+        from sqlalchemy import select
+        from model_api.models import User
+        from model_api.services import api_keys
+        with rt.db.session() as s:
+            key = api_keys.create_key(s, s.scalars(select(User).where(User.username == user)).one()).key
+        headers = {"Authorization": f"Bearer {key}"}
     body = {"prompt": "Hi", "max_tokens": 1}
     for _ in range(20):
         client.post("/call_model", json=body, headers=headers)
@@ -81,9 +88,9 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def start(checkout: Path, db: str, user: str) -> subprocess.Popen:
+def start(checkout: Path, db: str, user: str, auth: str = "basic") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(checkout.resolve() / "src"), "LOG_LEVEL": "WARNING"}
-    p = subprocess.Popen([sys.executable, "-c", WORKER, db, user], env=env, cwd=checkout, text=True,
+    p = subprocess.Popen([sys.executable, "-c", WORKER, db, user, auth], env=env, cwd=checkout, text=True,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     line = p.stdout.readline().strip()
     if line != "ready":
@@ -103,8 +110,11 @@ def main() -> None:
     ap.add_argument("--db", required=True, help="a migrated database both checkouts can use (the newer schema)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--auth", choices=("basic", "key"), default="basic",
+                    help="sign in with HTTP Basic (its check is cached) or an API key (looked up each call)")
     args = ap.parse_args()
-    sides = {"base": start(args.base, args.db, "bench-base"), "new": start(args.new, args.db, "bench-new")}
+    sides = {"base": start(args.base, args.db, "bench-base", args.auth),
+             "new": start(args.new, args.db, "bench-new", args.auth)}
     lat: dict[str, list[float]] = {k: [] for k in sides}
     try:
         for i in range(args.rounds):

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Row, case, func, or_, select, update
+from sqlalchemy import Integer, Row, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from ..db import as_utc, utcnow
@@ -37,23 +37,20 @@ def _limit_expr(default_quota: int):
     return func.coalesce(User.quota, default_quota)
 
 
-def reserve(session: Session, user_id: int, default_quota: int, window_seconds: int | None) -> QuotaState:
-    """Take one unit or raise :class:`QuotaExceeded`. Runs inside the caller's
-    transaction, so the unit and the call row commit (or roll back) together."""
-    now = utcnow()
-    limit = _limit_expr(default_quota)
-    if window_seconds is None:
-        stmt = (
-            update(User)
-            .where(User.id == user_id, User.used < limit)
-            .values(used=User.used + 1)
-        )
+def _reserve_statement(windowed: bool):
+    # Built once with bound parameters (as the ledger's final write): constructing
+    # this UPDATE anew and running it through the ORM's bulk-update path took
+    # ~450 µs a call, the prebuilt one on a connection ~45 µs (SQLite, idle machine).
+    limit = func.coalesce(User.quota, bindparam("default_quota", type_=Integer))
+    if not windowed:
+        stmt = update(User).where(User.id == bindparam("user_id"), User.used < limit).values(used=User.used + 1)
     else:
-        cutoff = now - timedelta(seconds=window_seconds)
-        expired = or_(User.window_started_at.is_(None), User.window_started_at <= cutoff)
+        now = bindparam("now", type_=User.window_started_at.type)
+        expired = or_(User.window_started_at.is_(None),
+                      User.window_started_at <= bindparam("cutoff", type_=User.window_started_at.type))
         stmt = (
             update(User)
-            .where(User.id == user_id, limit > 0, or_(expired, User.used < limit))
+            .where(User.id == bindparam("user_id"), limit > 0, or_(expired, User.used < limit))
             .values(
                 used=case((expired, 1), else_=User.used + 1),
                 window_started_at=case((expired, now), else_=User.window_started_at),
@@ -62,9 +59,20 @@ def reserve(session: Session, user_id: int, default_quota: int, window_seconds: 
             )
         )
     # RETURNING hands back the new state in the same round trip as the reservation
-    row = session.execute(
-        stmt.returning(limit, User.used, User.window_started_at).execution_options(synchronize_session=False)
-    ).first()
+    return stmt.returning(limit, User.used, User.window_started_at)
+
+
+_RESERVE = {False: _reserve_statement(False), True: _reserve_statement(True)}
+
+
+def reserve(session: Session, user_id: int, default_quota: int, window_seconds: int | None) -> QuotaState:
+    """Take one unit or raise :class:`QuotaExceeded`. Runs inside the caller's
+    transaction, so the unit and the call row commit (or roll back) together."""
+    now = utcnow()
+    params: dict[str, object] = {"user_id": user_id, "default_quota": default_quota}
+    if window_seconds is not None:
+        params.update(now=now, cutoff=now - timedelta(seconds=window_seconds))
+    row = session.connection().execute(_RESERVE[window_seconds is not None], params).first()
     if row is None:
         raise QuotaExceeded(state(session, user_id, default_quota, window_seconds))
     return _state_of(row, window_seconds)
