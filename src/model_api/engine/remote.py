@@ -338,59 +338,56 @@ class _RemoteGeneration(Generation):
         usage: dict[str, Any] = {}
         done = False  # [DONE] came
         model = eng.model_name
-        try:
-            with _mapped_errors(eng.base_url):
-                path, body = eng.payload(self._request)
-                model = body["model"]
-                if self._cancel.is_set():  # closed before the request went out: don't send it
-                    finish = "cancelled"
-                else:
-                    with _post_stream(eng.client, path, body) as resp:
-                        if resp.status_code >= 400:
-                            resp.read()
-                            raise _status_error(resp, eng, estimate)
-                        for line in resp.iter_lines():
-                            if self._cancel.is_set():
-                                finish = "cancelled"
-                                break
-                            if done or not line.startswith("data:"):
-                                continue  # comments, event names, keep-alives
-                            data = line[5:].strip()
-                            if data == "[DONE]":
-                                # read on to the body's end, which is here: leaving a body unread
-                                # closes its connection, and the next call had to open a new one
-                                done = True
-                                continue
-                            try:
-                                chunk = json.loads(data)
-                            except ValueError:
-                                raise UpstreamError(f"{eng.base_url} sent a malformed event: {data[:100]!r}") from None
-                            if "error" in chunk:
-                                raise UpstreamError(f"{eng.base_url} failed mid-stream: "
-                                                    f"{_message_of(chunk, 'unknown error')[0]}")
-                            model = chunk.get("model") or model
-                            if chunk.get("usage"):
-                                usage = chunk["usage"]
-                            for choice in chunk.get("choices") or ():
-                                delta = choice.get("delta") or {}
-                                for tc in delta.get("tool_calls") or ():
-                                    if isinstance(tc, dict):
-                                        _add_tool_call_delta(calls, tc)
-                                piece = delta.get("content") if "delta" in choice else choice.get("text")
-                                if piece:
-                                    if ttft is None:
-                                        ttft = time.perf_counter() - start
-                                    pieces.append(piece)
-                                    yield piece
-                                if choice.get("finish_reason"):
-                                    finish = _FINISH.get(choice["finish_reason"], "stop")
-            if calls and finish != "cancelled":
-                # the upstream's calls, in the text form every engine uses (engine/tools.py)
-                pieces.append(tools.calls_text([calls[i] for i in sorted(calls)]))
-                ttft = ttft if ttft is not None else time.perf_counter() - start
-                yield pieces[-1]
-        except GeneratorExit:  # not driven to its end (the reader thread always is)
-            finish = "cancelled"
+        with _mapped_errors(eng.base_url):
+            path, body = eng.payload(self._request)
+            model = body["model"]
+            if self._cancel.is_set():  # closed before the request went out: don't send it
+                finish = "cancelled"
+            else:
+                with _post_stream(eng.client, path, body) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        raise _status_error(resp, eng, estimate)
+                    for line in resp.iter_lines():
+                        if self._cancel.is_set():
+                            finish = "cancelled"
+                            break
+                        if done or not line.startswith("data:"):
+                            continue  # comments, event names, keep-alives
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            # read on to the body's end, which is here: leaving a body unread
+                            # closes its connection, and the next call had to open a new one
+                            done = True
+                            continue
+                        try:
+                            chunk = json.loads(data)
+                        except ValueError:
+                            raise UpstreamError(f"{eng.base_url} sent a malformed event: {data[:100]!r}") from None
+                        if "error" in chunk:
+                            raise UpstreamError(f"{eng.base_url} failed mid-stream: "
+                                                f"{_message_of(chunk, 'unknown error')[0]}")
+                        model = chunk.get("model") or model
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        for choice in chunk.get("choices") or ():
+                            delta = choice.get("delta") or {}
+                            for tc in delta.get("tool_calls") or ():
+                                if isinstance(tc, dict):
+                                    _add_tool_call_delta(calls, tc)
+                            piece = delta.get("content") if "delta" in choice else choice.get("text")
+                            if piece:
+                                if ttft is None:
+                                    ttft = time.perf_counter() - start
+                                pieces.append(piece)
+                                yield piece
+                            if choice.get("finish_reason"):
+                                finish = _FINISH.get(choice["finish_reason"], "stop")
+        if calls and finish != "cancelled":
+            # the upstream's calls, in the text form every engine uses (engine/tools.py)
+            pieces.append(tools.calls_text([calls[i] for i in sorted(calls)]))
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            yield pieces[-1]
         text = "".join(pieces)
         self.result = Completion(
             text=text,

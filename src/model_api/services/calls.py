@@ -60,14 +60,15 @@ def with_limits(db, intent: CallIntent) -> CallIntent:
         return replace(intent, limits=account_limits(s, intent.user_id, intent.api_key_id))
 
 
-def admit(limiter: Limiter | None, db, intent: CallIntent, prompt_tokens: int) -> Admission:
+def admit(limiter: Limiter | None, intent: CallIntent, prompt_tokens: int) -> Admission:
     """Count a call against its caller's rate and concurrency limits (raises
-    RateLimited, nothing counted). An async job holds no concurrency slot: it
-    is in flight only while it waits or runs, which the fair queue shares out."""
+    RateLimited, nothing counted). ``intent`` carries its limits (:func:`with_limits`).
+    An async job holds no concurrency slot: it is in flight only while it waits or
+    runs, which the fair queue shares out."""
     if limiter is None:
         return NOTHING_HELD
-    limits = with_limits(db, intent).limits
-    assert limits is not None
+    limits = intent.limits
+    assert limits is not None, "admit() needs the intent's limits: with_limits()"
     try:
         return limiter.admit(intent.user_id, intent.api_key_id, limits, reservation(prompt_tokens, intent.request),
                              hold_slot=intent.kind != CallKind.ASYNC)
@@ -132,14 +133,14 @@ class ModelCalls:
             model_id, engine, prompt, gen = start_generation(self.engines, intent, cancel)
             intent = replace(intent, model=model_id)  # the row names the model that answers
             try:
-                admission = admit(self.limiter, self.db, intent, prompt.n_tokens)
+                admission = admit(self.limiter, intent, prompt.n_tokens)
             except BaseException:
                 gen.close()
                 raise
         else:  # the common path stays three frames below the route (tests/api/test_request_path.py)
             engine = self.engines.get(intent.model)
             prompt = engine.prepare(intent.request)
-            admission = admit(self.limiter, self.db, intent, prompt.n_tokens)
+            admission = admit(self.limiter, intent, prompt.n_tokens)
             try:
                 gen = engine.stream(prompt, cancel)
             except BaseException:

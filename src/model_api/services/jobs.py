@@ -21,12 +21,12 @@ from .. import process
 from ..db import Database, as_utc, utcnow
 from ..engine.base import ContextOverflow, EngineError, GenerationRequest
 from ..engine.registry import EngineRegistry, UnknownModel
-from ..models import ApiKey, Call, CallKind, CallStatus
+from ..models import Call, CallKind, CallStatus
 from ..observability import logs, metrics
 from .calls import CallOutcome, admit, start_generation, with_limits
 from .intent import CallIntent
 from .ledger import Ledger, QuotaPolicy, open_call, record_failure, refuse_if_spent, request_of, reservation
-from .limits import Limiter, account_limits
+from .limits import AccountLimits, Limiter, account_limits
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Jobs:
         engine = self.engines.get(intent.model)
         prompt = engine.prepare(intent.request)
         # counted against the rates now (the job's tokens are given back when it ends, wherever it runs)
-        admission = admit(self.limiter, self.db, intent, prompt.n_tokens)
+        admission = admit(self.limiter, intent, prompt.n_tokens)
         try:
             job_id, state = open_call(self.db, intent, self.policy, prompt_tokens=prompt.n_tokens,
                                       model=engine.model_name, worker=self.worker())
@@ -221,7 +221,10 @@ class Jobs:
         try:
             # the model the job was submitted to (rows from before MODELS_FILE: the default),
             # or when it fails before its first token the fallbacks it was submitted with
-            request = request_of(call, _key_priority(self.db, call.api_key_id))
+            # its caller's limits, read once: the key's priority now, the tpm give-back at the end
+            with self.db.session() as s:
+                limits = account_limits(s, call.user_id, call.api_key_id)
+            request = request_of(call, limits.priority)
             intent = CallIntent(user_id=call.user_id, request=request, kind=CallKind.ASYNC,
                                 model=call.model_id, fallbacks=tuple(call.params.get("fallbacks") or ()))
             answered, _, _, gen = start_generation(self.engines, intent, event)
@@ -248,7 +251,7 @@ class Jobs:
             return CallStatus.FAILED.value
         finally:
             self.cancels.discard(str(job_uuid))
-        self._give_back_tokens(call, request, result.prompt_tokens + result.completion_tokens)
+        self._give_back_tokens(call, request, limits, result.prompt_tokens + result.completion_tokens)
         if result.finish_reason == "cancelled":
             # cancelled by its owner while running: unit is kept (work was done), text kept
             self.ledger.fail(job_uuid, "cancelled by the user", refund=False, status=CallStatus.CANCELLED,
@@ -261,22 +264,15 @@ class Jobs:
             return CallStatus.COMPLETED.value
         return None
 
-    def _give_back_tokens(self, call: Call, request: GenerationRequest, used: int) -> None:
+    def _give_back_tokens(self, call: Call, request: GenerationRequest, limits: AccountLimits, used: int) -> None:
         """The tokens-per-window share of the job's reservation it did not use,
         given back by whichever process ran it (its budget settles with its row)."""
         if self.limiter is None:
             return
         # what admission reserved (calls.reserved_tokens is the budget's share, set only under a budget)
         reserved = reservation(call.prompt_tokens, request)
-        if reserved <= used:
-            return
-        try:
-            with self.db.session() as s:
-                limits = account_limits(s, call.user_id, call.api_key_id)
-        except Exception:  # the windows forget the reservation anyway
-            log.warning("could not read limits to give tokens back", exc_info=True)
-            return
-        self.limiter.give_back(call.user_id, call.api_key_id, limits, reserved - used)
+        if reserved > used:
+            self.limiter.give_back(call.user_id, call.api_key_id, limits, reserved - used)
 
     def cancel(self, job_id: uuid.UUID, user_id: int) -> str:
         """Cancel the user's async job. Returns the state it is now in:
@@ -419,11 +415,3 @@ def recover(db: Database, stale_seconds: int, requeue_after: int | None = None) 
 
 __all__ = ["CancelRegistry", "JobFinished", "JobNotFound", "JobQueue", "Jobs", "QueueUnavailable", "recover"]
 
-
-def _key_priority(db: Database, api_key_id: int | None) -> int:
-    """The fair scheduler's weight for a job submitted with an API key (its
-    ``--priority``), read when the job runs, as a sync call has it from its credentials."""
-    if api_key_id is None:
-        return 1
-    with db.session() as s:
-        return s.scalar(select(ApiKey.priority).where(ApiKey.id == api_key_id)) or 1

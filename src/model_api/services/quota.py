@@ -33,7 +33,7 @@ class QuotaExceeded(Exception):
         self.state = state
 
 
-def _limit_expr(default_quota: int):
+def _limit_expr(default_quota):
     return func.coalesce(User.quota, default_quota)
 
 
@@ -41,7 +41,7 @@ def _reserve_statement(windowed: bool):
     # Built once with bound parameters (as the ledger's final write): constructing
     # this UPDATE anew and running it through the ORM's bulk-update path took
     # ~450 µs a call, the prebuilt one on a connection ~45 µs (SQLite, idle machine).
-    limit = func.coalesce(User.quota, bindparam("default_quota", type_=Integer))
+    limit = _limit_expr(bindparam("default_quota", type_=Integer))
     if not windowed:
         stmt = update(User).where(User.id == bindparam("user_id"), User.used < limit).values(used=User.used + 1)
     else:
