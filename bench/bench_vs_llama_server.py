@@ -1,6 +1,7 @@
 """This service against llama.cpp's own llama-server on the same machine and model.
 
     .venv/bin/python bench/bench_vs_llama_server.py [--rounds 2] [--levels 1,8,16] [--quick]
+        [--skip-throughput] [--gateway-base CHECKOUT]
 
 What a user would run instead of us: ``llama-server`` built natively
 (``GGML_NATIVE=ON``) from the llama.cpp that the pinned llama-cpp-python
@@ -23,7 +24,8 @@ from the sdist that ``pip download`` fetches.
    own venv, ~/.cache/model-api/litellm-venv) in front of it, interleaved one
    call each in turn, client-side; added p50/p99 over direct. Plus our local
    engine's server-side gateway time (request latency minus model time, from
-   the access log).
+   the access log). ``--gateway-base ../other-checkout`` puts another tree's
+   gateway into the same interleaved calls (an A/B of a change).
 
 Writes bench/out/vs_llama_server.json and bench/vs_llama_server.png (matplotlib
 from bench/requirements.txt; an ASCII chart is printed either way). The
@@ -33,6 +35,7 @@ machine is shared: read the ratios of one run, not absolute numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -173,16 +176,18 @@ class LlamaServer:
 
 # ---------------------------------------------------------------- this service
 class Ours:
-    """gunicorn as ``make run`` starts it (its defaults; a SQLite file), plus ``env``."""
+    """gunicorn as ``make run`` starts it (its defaults; a SQLite file), plus ``env``;
+    from this checkout, or from the checkout at ``root`` (an A/B of two trees)."""
 
-    def __init__(self, name: str, env: dict[str, str] | None = None):
+    def __init__(self, name: str, env: dict[str, str] | None = None, root: Path = ROOT):
         self.name = name
+        self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tmp = tempfile.mkdtemp(prefix=f"bench-{name}-")
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "DATABASE_URL", "WEB_"))},
-            "PYTHONPATH": str(ROOT / "src"),
+            "PYTHONPATH": str(root / "src"),
             "INSTANCE_DIR": self.tmp,
             "DATABASE_URL": f"sqlite:///{self.tmp}/model_api.sqlite3",
             "BIND": f"127.0.0.1:{self.port}",
@@ -201,7 +206,7 @@ class Ours:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "python:model_api.gunicorn_conf", "model_api.wsgi:app"],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root)
         wait_ready(self.url + "/ready", self.proc, f"our server ({self.name})")
         return self
 
@@ -354,10 +359,17 @@ def one_token(session: requests.Session, url: str, key: str | None) -> float:
     return dt
 
 
-def gateway(ls: LlamaServer, calls: int) -> dict:
-    with Ours("gateway", {"MODEL_BACKEND": "openai", "MODEL_BASE_URL": ls.url + "/v1"}) as proxy, \
-            LiteLLM(ls.url) as lite:
+def gateway(ls: LlamaServer, calls: int, base: Path | None = None) -> dict:
+    """With ``base`` (another checkout), its gateway joins the same interleaved
+    calls as ``ours-base``: an A/B of two trees against the same upstream."""
+    remote = {"MODEL_BACKEND": "openai", "MODEL_BASE_URL": ls.url + "/v1"}
+    with contextlib.ExitStack() as stack:
+        proxy = stack.enter_context(Ours("gateway", remote))
+        lite = stack.enter_context(LiteLLM(ls.url))
         targets = {"direct": (ls.url, None), "ours": (proxy.url, proxy.key), "litellm": (lite.url, lite.key)}
+        if base is not None:
+            old = stack.enter_context(Ours("gateway-base", remote, root=base))
+            targets["ours-base"] = (old.url, old.key)
         sessions = {name: requests.Session() for name in targets}
         for name, (url, key) in targets.items():  # warm: connections, caches
             for _ in range(5):
@@ -368,10 +380,12 @@ def gateway(ls: LlamaServer, calls: int) -> dict:
                 lat[name].append(one_token(sessions[name], url, key) * 1000)
     base50, base99 = pct(lat["direct"], 50), pct(lat["direct"], 99)
     out = {name: {"p50_ms": pct(v, 50), "p99_ms": pct(v, 99)} for name, v in lat.items()}
-    for name in ("ours", "litellm"):
+    for name in targets.keys() - {"direct"}:
         out[name]["added_p50_ms"] = out[name]["p50_ms"] - base50
         out[name]["added_p99_ms"] = out[name]["p99_ms"] - base99
     out["ours_vs_litellm_added_p50"] = out["ours"]["added_p50_ms"] / out["litellm"]["added_p50_ms"]
+    if base is not None:
+        out["ours_vs_base_added_p50"] = out["ours"]["added_p50_ms"] / out["ours-base"]["added_p50_ms"]
     out["calls"], out["load"] = calls, load()
     return out
 
@@ -435,6 +449,8 @@ def main() -> None:
     ap.add_argument("--gateway-calls", type=int, default=300)
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="of: " + ", ".join(WORKLOADS))
     ap.add_argument("--skip-gateway", action="store_true")
+    ap.add_argument("--gateway-base", type=Path, metavar="CHECKOUT",
+                    help="also measure the gateway of another checkout (e.g. a git worktree of main) in the same run")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, levels 1 and 8, 30 gateway calls")
     args = ap.parse_args()
@@ -457,7 +473,7 @@ def main() -> None:
                                                    args.workloads.split(","))
                 results["local_gateway"] = local_gateway(ours, min(args.gateway_calls, 200))
         if not args.skip_gateway:
-            results["gateway"] = gateway(ls, args.gateway_calls)
+            results["gateway"] = gateway(ls, args.gateway_calls, args.gateway_base)
     results["load_at_end"] = load()
     (OUT / "vs_llama_server.json").write_text(json.dumps(results, indent=1))
 
@@ -483,10 +499,14 @@ def main() -> None:
         g = results["gateway"]
         print(f"\ngateway, {g['calls']} one-token calls each, interleaved (client-side):")
         print(f"  llama-server direct  p50 {g['direct']['p50_ms']:.1f} ms  p99 {g['direct']['p99_ms']:.1f} ms")
-        for name in ("ours", "litellm"):
-            print(f"  through {name:8}     p50 {g[name]['p50_ms']:.1f} ms  p99 {g[name]['p99_ms']:.1f} ms  "
+        for name in ("ours", "litellm", "ours-base"):
+            if name not in g:
+                continue
+            print(f"  through {name:9}     p50 {g[name]['p50_ms']:.1f} ms  p99 {g[name]['p99_ms']:.1f} ms  "
                   f"added p50 {g[name]['added_p50_ms']:+.1f} ms  p99 {g[name]['added_p99_ms']:+.1f} ms")
         print(f"  ours / LiteLLM added p50: {g['ours_vs_litellm_added_p50']:.2f}×")
+        if "ours_vs_base_added_p50" in g:
+            print(f"  ours / ours-base added p50: {g['ours_vs_base_added_p50']:.2f}×")
 
 
 if __name__ == "__main__":
