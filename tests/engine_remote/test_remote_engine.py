@@ -1,8 +1,8 @@
 """OpenAIEngine: how upstream answers and failures map to engine errors.
 
-Upstream servers are simulated with httpx.MockTransport (the HTTP boundary, not
-our code) for the answers a real server is hard to provoke into; unreachable
-and silent upstreams use real sockets. Two real service processes talking to
+Upstreams are real HTTP servers on local ports (:func:`upstream`), scripted
+to give the answers a real model server is hard to provoke into; unreachable
+and silent upstreams are real sockets. Two real service processes talking to
 each other are in tests/live/test_openai_live.py.
 """
 
@@ -12,8 +12,12 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import select
 
@@ -33,8 +37,95 @@ from ..conftest import free_port
 REQ = GenerationRequest.single_prompt("Hi", SamplingParams(max_tokens=4, temperature=0))
 
 
+@dataclass
+class Asked:
+    """A request the upstream received."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    client_port: int
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Reply:
+    """The upstream's answer: a JSON object or bytes (sent with a Content-Length),
+    or an iterable of byte pieces (sent chunked, each as soon as it is made)."""
+
+    status: int = 200
+    body: Any = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@contextmanager
+def upstream(answer: Callable[[Asked], Reply]) -> Iterator[str]:
+    """A real HTTP/1.1 server answering with ``answer``; yields its ``/v1`` base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, chunked streams: as model servers do
+
+        def do_GET(self) -> None:
+            self._serve()
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _serve(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            reply = answer(Asked(self.path, {k.lower(): v for k, v in self.headers.items()}, body,
+                                 self.client_address[1]))
+            self.send_response(reply.status)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            if isinstance(reply.body, bytes | dict):
+                data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for piece in reply.body:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:  # the client hung up
+                self.close_connection = True
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def engine_for() -> Iterator[Callable[..., OpenAIEngine]]:
+    """``engine_for(answer, **kw)``: an OpenAIEngine in front of a real upstream answering with ``answer``."""
+    with ExitStack() as stack:
+        def make(answer: Callable[[Asked], Reply], **kw: Any) -> OpenAIEngine:
+            engine = OpenAIEngine(stack.enter_context(upstream(answer)), **kw)
+            stack.callback(engine.close)
+            return engine
+
+        yield make
+
+
 def _sse(*objs) -> bytes:
     return b"".join(b"data: " + (o if isinstance(o, bytes) else json.dumps(o).encode()) + b"\n\n" for o in objs)
+
+
+def _events(*objs) -> Reply:
+    return Reply(headers={"Content-Type": "text/event-stream"}, body=[_sse(o) for o in objs])
 
 
 def start(engine, request):
@@ -45,30 +136,27 @@ def prepared_tokens(engine, request) -> int:
     return engine.prepare(request).n_tokens
 
 
-def _engine(handler, **kw) -> OpenAIEngine:
-    return OpenAIEngine("http://upstream.test/v1", transport=httpx.MockTransport(handler), **kw)
-
-
-def test_streams_deltas_and_takes_usage_and_model_from_the_upstream():
+def test_streams_deltas_and_takes_usage_and_model_from_the_upstream(engine_for):
     seen = {}
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"object": "list", "data": [{"id": "up-model"}]})
-        seen.update(json.loads(request.content), auth=request.headers.get("authorization"))
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(
+    def answer(asked: Asked) -> Reply:
+        if asked.path == "/v1/models":
+            return Reply(body={"object": "list", "data": [{"id": "up-model"}]})
+        seen.update(asked.json, auth=asked.headers.get("authorization"), path=asked.path)
+        return _events(
             {"model": "up-model", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
             {"model": "up-model", "choices": [{"index": 0, "delta": {"content": "Bon"}}]},
             {"model": "up-model", "choices": [{"index": 0, "delta": {"content": "jour"}, "finish_reason": "length"}]},
             {"model": "up-model", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 2}},
-            b"[DONE]"))
+            b"[DONE]")
 
-    eng = _engine(handler, api_key="sk-up")
+    eng = engine_for(answer, api_key="sk-up")
     gen = start(eng, REQ)
     assert list(gen) == ["Bon", "jour"]
     r = gen.result
     assert (r.text, r.prompt_tokens, r.completion_tokens, r.finish_reason, r.model) == (
         "Bonjour", 11, 2, "length", "up-model")
+    assert seen["path"] == "/v1/chat/completions"
     assert seen["model"] == "up-model" and seen["stream"] is True
     assert seen["stream_options"] == {"include_usage": True} and seen["max_tokens"] == 4
     assert seen["messages"] == [{"role": "user", "content": "Hi"}]
@@ -83,46 +171,81 @@ def test_streams_deltas_and_takes_usage_and_model_from_the_upstream():
     (503, {"error": {"message": "busy"}}, {"Retry-After": "7"}, EngineBusy),
     (504, {"error": {"message": "slow"}}, {}, UpstreamTimeout),
     (401, {"error": {"message": "bad key"}}, {}, UpstreamError),
-    (500, "<html>oops</html>", {}, UpstreamError),
+    (500, b"<html>oops</html>", {}, UpstreamError),
 ])
-def test_upstream_error_statuses_map_to_engine_errors(status, body, headers, error):
-    def handler(request):
-        kw = {"json": body} if isinstance(body, dict) else {"content": body.encode()}
-        return httpx.Response(status, headers=headers, **kw)
-
+def test_upstream_error_statuses_map_to_engine_errors(engine_for, status, body, headers, error):
+    eng = engine_for(lambda asked: Reply(status, body, headers), model_name="m")
     with pytest.raises(error) as info:
-        list(start(_engine(handler, model_name="m"), REQ))
+        list(start(eng, REQ))
     if status == 422:
         assert (info.value.prompt_tokens, info.value.context_size) == (3000, 2048)
     if status == 503:
         assert info.value.retry_after == 7
+    if status == 500:
+        assert "oops" in str(info.value)
     assert not isinstance(info.value, UpstreamTimeout) or status == 504
 
 
-def test_error_events_and_garbage_mid_stream_are_upstream_errors():
-    def handler(request):
-        return httpx.Response(200, content=_sse({"choices": [{"delta": {"content": "a"}}]}, b"{not json"))
-
-    gen = start(_engine(handler, model_name="m"), REQ)
+def test_error_events_and_garbage_mid_stream_are_upstream_errors(engine_for):
+    eng = engine_for(lambda asked: Reply(body=[_sse({"choices": [{"delta": {"content": "a"}}]}), _sse(b"{not json")]),
+                     model_name="m")
+    gen = start(eng, REQ)
     assert next(gen) == "a"
     with pytest.raises(UpstreamError, match="malformed"):
         next(gen)
 
 
-def test_the_upstream_request_goes_out_when_the_generation_is_made_not_at_its_first_read():
+def test_the_upstream_request_goes_out_when_the_generation_is_made_not_at_its_first_read(engine_for):
     # so the caller's database work overlaps the upstream's first token (engine/remote.py)
     asked = threading.Event()
 
-    def handler(request):
+    def answer(_asked: Asked) -> Reply:
         asked.set()
-        return httpx.Response(200, content=_sse({"choices": [{"delta": {"content": "a"}}]}, b"[DONE]"))
+        return _events({"choices": [{"delta": {"content": "a"}}]}, b"[DONE]")
 
-    gen = start(_engine(handler, model_name="m"), REQ)
+    gen = start(engine_for(answer, model_name="m"), REQ)
     assert asked.wait(5), "nothing was sent before the first read"
     assert list(gen) == ["a"] and gen.result.finish_reason == "stop"
 
 
-def test_closing_mid_stream_stops_reading_the_upstream_and_keeps_what_came():
+def test_each_event_reaches_the_caller_as_it_arrives_not_when_a_buffer_fills(engine_for):
+    read_first = threading.Event()
+
+    def events() -> Iterable[bytes]:
+        yield _sse({"choices": [{"delta": {"content": "first"}}]})
+        # the second event is sent only once the caller has the first
+        assert read_first.wait(10)
+        yield _sse({"choices": [{"delta": {"content": "second"}}]}) + _sse(b"[DONE]")
+
+    gen = start(engine_for(lambda asked: Reply(body=events()), model_name="m"), REQ)
+    assert next(gen) == "first"
+    read_first.set()
+    assert list(gen) == ["second"]
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_events_split_across_pieces_and_either_line_ending_are_read_whole(engine_for, ending):
+    text = ("data: " + json.dumps({"choices": [{"delta": {"content": "h\u00e9llo"}}]}) + "\n\ndata: [DONE]\n\n")
+    raw = text.replace("\n", ending.decode()).encode()
+    pieces = [raw[i:i + 7] for i in range(0, len(raw), 7)]  # "é" is split across two pieces too
+    gen = start(engine_for(lambda asked: Reply(body=pieces), model_name="m"), REQ)
+    assert list(gen) == ["h\u00e9llo"] and gen.result.finish_reason == "stop"
+
+
+def test_calls_one_after_another_share_one_kept_alive_connection(engine_for):
+    ports = []
+
+    def answer(asked: Asked) -> Reply:
+        ports.append(asked.client_port)
+        return _events({"choices": [{"delta": {"content": "a"}}]}, b"[DONE]")
+
+    eng = engine_for(answer, model_name="m")
+    for _ in range(3):
+        assert list(start(eng, REQ)) == ["a"]
+    assert len(ports) == 3 and len(set(ports)) == 1
+
+
+def test_closing_mid_stream_stops_reading_the_upstream_and_keeps_what_came(engine_for):
     sent = []
 
     def slow_events():
@@ -132,12 +255,34 @@ def test_closing_mid_stream_stops_reading_the_upstream_and_keeps_what_came():
             time.sleep(0.01)
         yield _sse(b"[DONE]")
 
-    gen = start(_engine(lambda r: httpx.Response(200, content=slow_events()), model_name="m"), REQ)
+    gen = start(engine_for(lambda asked: Reply(body=slow_events()), model_name="m"), REQ)
     assert next(gen) == "t0 "
     gen.close()
     assert gen.result is not None and gen.result.finish_reason == "cancelled"
-    assert gen.result.text.startswith("t0 ") and len(sent) < 200
+    assert gen.result.text.startswith("t0 ")
+    time.sleep(0.2)  # the upstream's next writes find the connection closed, and it stops
+    assert len(sent) < 100
     assert list(gen) == []
+
+
+def test_the_proxy_the_environment_names_is_used(monkeypatch, engine_for):
+    # the scripted upstream plays the proxy: a forward proxy is asked for the whole URL
+    seen = []
+
+    def proxy(asked: Asked) -> Reply:
+        seen.append(asked.path)
+        return _events({"choices": [{"delta": {"content": "via proxy"}}]}, b"[DONE]")
+
+    with upstream(proxy) as proxy_url:
+        for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy_url.removesuffix("/v1"))
+        eng = OpenAIEngine("http://upstream.invalid/v1", model_name="m")
+        assert list(start(eng, REQ)) == ["via proxy"]
+        monkeypatch.setenv("NO_PROXY", "upstream.invalid")
+        with pytest.raises(UpstreamError):  # not through the proxy: the name does not resolve
+            list(start(OpenAIEngine("http://upstream.invalid/v1", model_name="m", connect_timeout=2), REQ))
+    assert seen == ["http://upstream.invalid/v1/chat/completions"]
 
 
 def _read_request(conn: socket.socket) -> None:
@@ -185,7 +330,7 @@ def test_a_kept_alive_connection_the_upstream_closed_is_retried_on_a_new_one():
 
 
 def test_check_is_a_cheap_character_guard():
-    eng = _engine(lambda r: httpx.Response(500), model_name="m", context_size=128)
+    eng = OpenAIEngine(f"http://127.0.0.1:{free_port()}/v1", model_name="m", context_size=128)  # never asked
     assert prepared_tokens(eng, GenerationRequest.single_prompt("x" * 400, SamplingParams())) > 0  # may fit: upstream decides
     with pytest.raises(ContextOverflow):
         prepared_tokens(eng, GenerationRequest.single_prompt("x" * 8 * 200, SamplingParams()))

@@ -24,12 +24,16 @@ import queue
 import re
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+import urllib3
+from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError
+from urllib3.exceptions import TimeoutError as HTTPTimeout
 
 from . import tools
 from .base import (
@@ -67,7 +71,12 @@ def _message_of(body: Any, fallback: str) -> tuple[str, str | None, dict[str, An
 
 
 class OpenAIEngine(Engine):
-    """Talks to ``{base_url}/chat/completions`` and ``{base_url}/completions`` with httpx."""
+    """Talks to ``{base_url}/chat/completions`` and ``{base_url}/completions``
+    with urllib3. Not httpx, which the webhooks use: per streamed call httpx
+    took 2.3 ms of CPU and urllib3 1.3 ms on this project's 2-core machines,
+    where the gateway's CPU competes with the upstream's own (bench/RESULTS.md).
+    Like httpx, it honours HTTP(S)_PROXY and NO_PROXY and verifies TLS against
+    the system's CA bundle (SSL_CERT_FILE)."""
 
     def __init__(
         self,
@@ -78,19 +87,13 @@ class OpenAIEngine(Engine):
         context_size: int = 2048,
         timeout: float = 120.0,
         connect_timeout: float = 5.0,
-        transport: httpx.BaseTransport | None = None,
     ):
         self.base_url = base_url.rstrip("/")
-        headers = {"Accept": "application/json, text/event-stream"}
+        self._headers = {"Accept": "application/json, text/event-stream"}
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+            self._headers["Authorization"] = f"Bearer {api_key}"
         # read= bounds the wait for each chunk (the first token included), not the whole stream
-        self._client = httpx.Client(
-            base_url=self.base_url + "/",
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=connect_timeout),
-            transport=transport,
-        )
+        self._http = _pool_manager(self.base_url, urllib3.Timeout(connect=connect_timeout, read=timeout))
         # the threads that read upstream streams (_RemoteGeneration), kept between calls:
         # starting a thread per call cost about a millisecond on a busy 2-core machine
         self._readers = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="upstream-stream")
@@ -121,11 +124,12 @@ class OpenAIEngine(Engine):
         with self._discover_lock:
             if self._discovered_model is None:
                 with _mapped_errors(self.base_url):
-                    resp = self._client.get("models")
-                    if resp.status_code >= 400:
+                    resp = self._http.request("GET", self.url("models"), headers=self._headers,
+                                              retries=False, redirect=False)
+                    if resp.status >= 400:
                         raise _status_error(resp, self, 0)
                     try:
-                        self._discovered_model = str(resp.json()["data"][0]["id"])
+                        self._discovered_model = str(json.loads(resp.data)["data"][0]["id"])
                     except (ValueError, KeyError, IndexError, TypeError):
                         raise UpstreamError(
                             f"{self.base_url}/models lists no model; set MODEL_NAME"
@@ -155,7 +159,7 @@ class OpenAIEngine(Engine):
     def close(self) -> None:
         # readers still queued run and fail on the closed client, so their callers hear of it
         self._readers.shutdown(wait=False)
-        self._client.close()
+        self._http.clear()
 
     # --- plumbing -----------------------------------------------------------
     def payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
@@ -185,9 +189,57 @@ class OpenAIEngine(Engine):
             return "completions", {**body, "prompt": request.prompt}
         return "chat/completions", {**body, "messages": [dict(m) for m in request.messages or ()]}
 
-    @property
-    def client(self) -> httpx.Client:
-        return self._client
+    def url(self, path: str) -> str:
+        return f"{self.base_url}/{path}"
+
+    @contextlib.contextmanager
+    def post_stream(self, path: str, body: dict[str, Any]) -> Iterator[urllib3.BaseHTTPResponse]:
+        """POST and stream the answer; once more on a new connection when the upstream
+        hung up before answering. A kept-alive connection from the pool may have been
+        closed by the upstream a moment after it was checked (llama-server closes
+        them after every stream, seen as "Remote end closed connection without
+        response"): that is not the upstream failing, and the client should not get
+        a 502 for it. A body left unread (the generation was closed) closes its
+        connection, which is what stops the upstream's work."""
+        payload = json.dumps(body).encode()
+        headers = {**self._headers, "Content-Type": "application/json"}
+        for attempt in range(2):
+            try:
+                resp = self._http.urlopen("POST", self.url(path), body=payload, headers=headers,
+                                          preload_content=False, retries=False, redirect=False)
+            except ProtocolError:
+                if attempt:
+                    raise
+                continue
+            try:
+                yield resp
+            finally:
+                if not resp.isclosed():
+                    resp.close()
+                resp.release_conn()
+            return
+
+
+def _pool_manager(base_url: str, timeout: urllib3.Timeout) -> urllib3.PoolManager:
+    """Connections to the upstream, through the proxy the environment names for it, if any."""
+    proxy = None if urllib.request.proxy_bypass(urlsplit(base_url).hostname or "") else \
+        urllib.request.getproxies().get(urlsplit(base_url).scheme)
+    # block=False: a burst beyond maxsize opens extra connections rather than waiting for one
+    kw: dict[str, Any] = dict(maxsize=POOL_CONNECTIONS, block=False, timeout=timeout, retries=False)
+    return urllib3.ProxyManager(proxy, **kw) if proxy else urllib3.PoolManager(**kw)
+
+
+def _lines(resp: urllib3.BaseHTTPResponse) -> Iterator[str]:
+    """The body's lines as they arrive (``read1``: whatever the socket has, so an
+    event is handed on at once, not when a buffer fills)."""
+    rest = b""
+    while chunk := resp.read1(65536):
+        lines = (rest + chunk).splitlines(keepends=True)
+        rest = lines.pop() if not lines[-1].endswith((b"\n", b"\r")) else b""
+        for line in lines:
+            yield line.rstrip(b"\r\n").decode("utf-8", "replace")
+    if rest:
+        yield rest.decode("utf-8", "replace")
 
 
 def _prompt_chars(request: GenerationRequest) -> int:
@@ -197,7 +249,7 @@ def _prompt_chars(request: GenerationRequest) -> int:
 
 
 class _mapped_errors:
-    """Turn httpx failures into engine errors (a context manager so it also
+    """Turn urllib3 failures into engine errors (a context manager so it also
     covers the body of a streaming response)."""
 
     def __init__(self, base_url: str):
@@ -209,40 +261,23 @@ class _mapped_errors:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None:
             return False
-        if isinstance(exc, httpx.TimeoutException):
+        # urllib3 makes a refused connection a kind of connect timeout: it is not one
+        if isinstance(exc, HTTPTimeout) and not isinstance(exc, NewConnectionError):
             raise UpstreamTimeout(f"no answer from {self.base_url} in time ({type(exc).__name__})") from exc
-        if isinstance(exc, httpx.HTTPError):
+        if isinstance(exc, HTTPError):
             raise UpstreamError(f"cannot talk to {self.base_url}: {type(exc).__name__}: {exc}") from exc
         return False
 
 
-@contextlib.contextmanager
-def _post_stream(client: httpx.Client, path: str, body: dict[str, Any]) -> Iterator[httpx.Response]:
-    """POST and stream the answer; once more on a new connection when the upstream
-    hung up before answering. A kept-alive connection from the pool may have been
-    closed by the upstream a moment after it was checked (llama-server closes
-    them, seen as "Server disconnected without sending a response"): that is not
-    the upstream failing, and the client should not get a 502 for it."""
-    for attempt in range(2):
-        answered = False
-        try:
-            with client.stream("POST", path, json=body) as resp:
-                answered = True
-                yield resp
-            return
-        except httpx.RemoteProtocolError:
-            if answered or attempt:
-                raise
-
-
-def _status_error(resp: httpx.Response, engine: OpenAIEngine, prompt_estimate: int) -> Exception:
-    """The engine error for a non-2xx upstream answer (its body must be read)."""
+def _status_error(resp: urllib3.BaseHTTPResponse, engine: OpenAIEngine, prompt_estimate: int) -> Exception:
+    """The engine error for a non-2xx upstream answer (reads its body)."""
+    raw = resp.data
     try:
-        body = resp.json()
+        body = json.loads(raw)
     except ValueError:
         body = None
-    message, code, details = _message_of(body, resp.text[:300] or resp.reason_phrase)
-    status = resp.status_code
+    message, code, details = _message_of(body, raw[:300].decode("utf-8", "replace") or resp.reason or "")
+    status = resp.status
     if status in (400, 413, 422) and (code in ("context_length_exceeded", "prompt_too_long")
                                       or _CONTEXT_HINTS.search(message)):
         exc = ContextOverflow(int(details.get("prompt_tokens") or prompt_estimate),
@@ -277,6 +312,8 @@ _PIECE, _END, _FAIL = 0, 1, 2
 CLOSE_WAIT_SECONDS = 5.0
 #: streams one engine reads at once; more wait for a reader (a gunicorn worker serves far fewer)
 READER_THREADS = 256
+#: kept-alive connections to the upstream (more are opened when needed, and closed after use)
+POOL_CONNECTIONS = 32
 
 
 class _RemoteGeneration(Generation):
@@ -344,11 +381,10 @@ class _RemoteGeneration(Generation):
             if self._cancel.is_set():  # closed before the request went out: don't send it
                 finish = "cancelled"
             else:
-                with _post_stream(eng.client, path, body) as resp:
-                    if resp.status_code >= 400:
-                        resp.read()
+                with eng.post_stream(path, body) as resp:
+                    if resp.status >= 400:
                         raise _status_error(resp, eng, estimate)
-                    for line in resp.iter_lines():
+                    for line in _lines(resp):
                         if self._cancel.is_set():
                             finish = "cancelled"
                             break
