@@ -9,7 +9,10 @@ each other are in tests/live/test_openai_live.py.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -62,8 +65,9 @@ class Reply:
 
 
 @contextmanager
-def upstream(answer: Callable[[Asked], Reply]) -> Iterator[str]:
-    """A real HTTP/1.1 server answering with ``answer``; yields its ``/v1`` base URL."""
+def upstream(answer: Callable[[Asked], Reply], tls: tuple[str, str] | None = None) -> Iterator[str]:
+    """A real HTTP/1.1 server answering with ``answer``; yields its ``/v1`` base URL.
+    ``tls``: (certificate file, key file) to serve https instead."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, chunked streams: as model servers do
@@ -100,9 +104,13 @@ def upstream(answer: Callable[[Asked], Reply]) -> Iterator[str]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}/v1"
     finally:
         server.shutdown()
         server.server_close()
@@ -327,6 +335,22 @@ def test_a_kept_alive_connection_the_upstream_closed_is_retried_on_a_new_one():
         srv.close()
         for c in accepted:
             c.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_an_https_upstream_is_verified_against_the_ca_bundle_ssl_cert_file_names(monkeypatch, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=upstream",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    answer = lambda asked: _events({"choices": [{"delta": {"content": "secure"}}]}, b"[DONE]")  # noqa: E731
+    with upstream(answer, tls=(str(cert), str(key))) as url:
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        with pytest.raises(UpstreamError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            list(start(OpenAIEngine(url, model_name="m", timeout=5), REQ))  # self-signed: not in certifi's bundle
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert list(start(OpenAIEngine(url, model_name="m", timeout=5), REQ)) == ["secure"]
 
 
 def test_check_is_a_cheap_character_guard():

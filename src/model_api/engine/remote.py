@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import queue
 import re
 import threading
@@ -31,6 +32,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 from urllib.parse import urlsplit
 
+import certifi
 import urllib3
 from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError
 from urllib3.exceptions import TimeoutError as HTTPTimeout
@@ -75,8 +77,8 @@ class OpenAIEngine(Engine):
     with urllib3. Not httpx, which the webhooks use: per streamed call httpx
     took 2.3 ms of CPU and urllib3 1.3 ms on this project's 2-core machines,
     where the gateway's CPU competes with the upstream's own (bench/RESULTS.md).
-    Like httpx, it honours HTTP(S)_PROXY and NO_PROXY and verifies TLS against
-    the system's CA bundle (SSL_CERT_FILE)."""
+    As httpx did, it honours HTTP(S)_PROXY and NO_PROXY and verifies TLS
+    (:func:`_pool_manager`)."""
 
     def __init__(
         self,
@@ -221,11 +223,20 @@ class OpenAIEngine(Engine):
 
 
 def _pool_manager(base_url: str, timeout: urllib3.Timeout) -> urllib3.PoolManager:
-    """Connections to the upstream, through the proxy the environment names for it, if any."""
+    """Connections to the upstream, through the proxy the environment names for it,
+    if any, and for https verified as httpx did: against SSL_CERT_FILE or
+    SSL_CERT_DIR when set, else certifi's CA bundle."""
     proxy = None if urllib.request.proxy_bypass(urlsplit(base_url).hostname or "") else \
         urllib.request.getproxies().get(urlsplit(base_url).scheme)
     # block=False: a burst beyond maxsize opens extra connections rather than waiting for one
-    kw: dict[str, Any] = dict(maxsize=POOL_CONNECTIONS, block=False, timeout=timeout, retries=False)
+    kw: dict[str, Any] = dict(maxsize=POOL_CONNECTIONS, block=False, timeout=timeout, retries=False,
+                              cert_reqs="CERT_REQUIRED")
+    if os.environ.get("SSL_CERT_FILE"):
+        kw["ca_certs"] = os.environ["SSL_CERT_FILE"]
+    elif os.environ.get("SSL_CERT_DIR"):
+        kw["ca_cert_dir"] = os.environ["SSL_CERT_DIR"]
+    else:
+        kw["ca_certs"] = certifi.where()
     return urllib3.ProxyManager(proxy, **kw) if proxy else urllib3.PoolManager(**kw)
 
 
