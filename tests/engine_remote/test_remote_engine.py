@@ -32,6 +32,7 @@ from model_api.engine.base import (
     UpstreamError,
     UpstreamTimeout,
 )
+from model_api.engine import remote
 from model_api.engine.remote import OpenAIEngine
 from model_api.models import Call, User
 
@@ -238,6 +239,13 @@ def test_events_split_across_pieces_and_either_line_ending_are_read_whole(engine
     pieces = [raw[i:i + 7] for i in range(0, len(raw), 7)]  # "é" is split across two pieces too
     gen = start(engine_for(lambda asked: Reply(body=pieces), model_name="m"), REQ)
     assert list(gen) == ["h\u00e9llo"] and gen.result.finish_reason == "stop"
+
+
+def test_an_endless_line_is_an_upstream_error_not_a_memory_leak(engine_for, monkeypatch):
+    monkeypatch.setattr(remote, "MAX_LINE_BYTES", 100_000)
+    eng = engine_for(lambda asked: Reply(body=(b"data: " + b"x" * 10_000 for _ in range(1_000))), model_name="m")
+    with pytest.raises(UpstreamError, match="a line of over 100000 bytes"):
+        list(start(eng, REQ))
 
 
 def test_calls_one_after_another_share_one_kept_alive_connection(engine_for):

@@ -242,11 +242,14 @@ def _pool_manager(base_url: str, timeout: urllib3.Timeout) -> urllib3.PoolManage
 
 def _lines(resp: urllib3.BaseHTTPResponse) -> Iterator[str]:
     """The body's lines as they arrive (``read1``: whatever the socket has, so an
-    event is handed on at once, not when a buffer fills)."""
+    event is handed on at once, not when a buffer fills). A line longer than
+    MAX_LINE_BYTES is an upstream failing, not one to hold in memory."""
     rest = b""
     while chunk := resp.read1(65536):
         lines = (rest + chunk).splitlines(keepends=True)
         rest = lines.pop() if not lines[-1].endswith((b"\n", b"\r")) else b""
+        if len(rest) > MAX_LINE_BYTES:
+            raise UpstreamError(f"the upstream sent a line of over {MAX_LINE_BYTES} bytes")
         for line in lines:
             yield line.rstrip(b"\r\n").decode("utf-8", "replace")
     if rest:
@@ -323,6 +326,8 @@ _PIECE, _END, _FAIL = 0, 1, 2
 CLOSE_WAIT_SECONDS = 5.0
 #: streams one engine reads at once; more wait for a reader (a gunicorn worker serves far fewer)
 READER_THREADS = 256
+#: the longest event line read from an upstream (a whole reply fits in one line many times over)
+MAX_LINE_BYTES = 16 * 1024 * 1024
 #: kept-alive connections to the upstream (more are opened when needed, and closed after use)
 POOL_CONNECTIONS = 32
 
