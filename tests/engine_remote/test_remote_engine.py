@@ -58,11 +58,16 @@ class Asked:
 @dataclass
 class Reply:
     """The upstream's answer: a JSON object or bytes (sent with a Content-Length),
-    or an iterable of byte pieces (sent chunked, each as soon as it is made)."""
+    or an iterable of byte pieces (sent chunked, each as soon as it is made;
+    :data:`HANG_UP` among them closes the connection there)."""
 
     status: int = 200
     body: Any = b""
     headers: dict[str, str] = field(default_factory=dict)
+
+
+#: a piece of a chunked Reply body: the upstream closes the connection there, mid-body
+HANG_UP = None
 
 
 @contextmanager
@@ -98,6 +103,9 @@ def upstream(answer: Callable[[Asked], Reply], tls: tuple[str, str] | None = Non
             self.end_headers()
             try:
                 for piece in reply.body:
+                    if piece is HANG_UP:
+                        self.close_connection = True
+                        return
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 self.wfile.write(b"0\r\n\r\n")
             except OSError:  # the client hung up
@@ -202,6 +210,32 @@ def test_error_events_and_garbage_mid_stream_are_upstream_errors(engine_for):
     assert next(gen) == "a"
     with pytest.raises(UpstreamError, match="malformed"):
         next(gen)
+
+
+def test_an_upstream_that_hangs_up_mid_stream_is_an_upstream_error_after_what_came(engine_for):
+    eng = engine_for(lambda asked: Reply(body=[_sse({"choices": [{"delta": {"content": "a"}}]}), HANG_UP]),
+                     model_name="m")
+    gen = start(eng, REQ)
+    assert next(gen) == "a"
+    with pytest.raises(UpstreamError, match="cannot talk to"):
+        next(gen)
+
+
+def test_an_upstream_that_stops_sending_mid_stream_is_a_timeout(engine_for):
+    stalled = threading.Event()
+
+    def events() -> Iterable[bytes]:
+        yield _sse({"choices": [{"delta": {"content": "a"}}]})
+        stalled.wait(10)  # longer than the engine waits for its next piece
+        yield _sse(b"[DONE]")
+
+    gen = start(engine_for(lambda asked: Reply(body=events()), model_name="m", timeout=0.5), REQ)
+    try:
+        assert next(gen) == "a"
+        with pytest.raises(UpstreamTimeout):
+            next(gen)
+    finally:
+        stalled.set()
 
 
 def test_the_upstream_request_goes_out_when_the_generation_is_made_not_at_its_first_read(engine_for):
