@@ -203,6 +203,20 @@ def test_upstream_error_statuses_map_to_engine_errors(engine_for, status, body, 
     assert not isinstance(info.value, UpstreamTimeout) or status == 504
 
 
+def test_only_the_start_of_an_error_answer_is_read(engine_for):
+    huge = b'{"error": {"message": "' + b"x" * (8 * 1024 * 1024) + b'"}}'
+    eng = engine_for(lambda asked: Reply(500, huge), model_name="m")
+    with pytest.raises(UpstreamError, match=r"answered 500: \{\"error\": \{\"message\": \"xxx") as info:
+        list(start(eng, REQ))
+    assert len(str(info.value)) < 1000  # not the whole answer: it is not JSON from its first 64 KiB on
+
+
+def test_a_model_list_the_upstream_refuses_is_an_upstream_error(engine_for):
+    eng = engine_for(lambda asked: Reply(401, {"error": {"message": "bad key"}}))  # no MODEL_NAME: asks /models
+    with pytest.raises(UpstreamError, match="answered 401: bad key"):
+        eng.upstream_model()
+
+
 def test_error_events_and_garbage_mid_stream_are_upstream_errors(engine_for):
     eng = engine_for(lambda asked: Reply(body=[_sse({"choices": [{"delta": {"content": "a"}}]}), _sse(b"{not json")]),
                      model_name="m")

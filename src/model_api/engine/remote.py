@@ -77,7 +77,7 @@ class OpenAIEngine(Engine):
     with urllib3. Not httpx, which the webhooks use: per streamed call httpx
     took 2.3 ms of CPU and urllib3 1.3 ms on this project's 2-core machines,
     where the gateway's CPU competes with the upstream's own (bench/RESULTS.md).
-    As httpx did, it honours HTTP(S)_PROXY and NO_PROXY and verifies TLS
+    As httpx did, it honours HTTP(S)_PROXY, ALL_PROXY and NO_PROXY and verifies TLS
     (:func:`_pool_manager`)."""
 
     def __init__(
@@ -127,15 +127,17 @@ class OpenAIEngine(Engine):
             if self._discovered_model is None:
                 with _mapped_errors(self.base_url):
                     resp = self._http.request("GET", self.url("models"), headers=self._headers,
-                                              retries=False, redirect=False)
-                    if resp.status >= 400:
-                        raise _status_error(resp, self, 0)
+                                              preload_content=False, retries=False, redirect=False)
                     try:
-                        self._discovered_model = str(json.loads(resp.data)["data"][0]["id"])
+                        if resp.status >= 400:
+                            raise _status_error(resp, self, 0)
+                        self._discovered_model = str(json.loads(resp.read())["data"][0]["id"])
                     except (ValueError, KeyError, IndexError, TypeError):
                         raise UpstreamError(
                             f"{self.base_url}/models lists no model; set MODEL_NAME"
                         ) from None
+                    finally:
+                        resp.release_conn()
             return self._discovered_model
 
     # --- Engine -------------------------------------------------------------
@@ -226,8 +228,9 @@ def _pool_manager(base_url: str, timeout: urllib3.Timeout) -> urllib3.PoolManage
     """Connections to the upstream, through the proxy the environment names for it,
     if any, and for https verified as httpx did: against SSL_CERT_FILE or
     SSL_CERT_DIR when set, else certifi's CA bundle."""
-    proxy = None if urllib.request.proxy_bypass(urlsplit(base_url).hostname or "") else \
-        urllib.request.getproxies().get(urlsplit(base_url).scheme)
+    url = urlsplit(base_url)
+    proxies = urllib.request.getproxies()
+    proxy = None if urllib.request.proxy_bypass(url.hostname or "") else proxies.get(url.scheme) or proxies.get("all")
     # block=False: a burst beyond maxsize opens extra connections rather than waiting for one
     kw: dict[str, Any] = dict(maxsize=POOL_CONNECTIONS, block=False, timeout=timeout, retries=False,
                               cert_reqs="CERT_REQUIRED")
@@ -284,8 +287,9 @@ class _mapped_errors:
 
 
 def _status_error(resp: urllib3.BaseHTTPResponse, engine: OpenAIEngine, prompt_estimate: int) -> Exception:
-    """The engine error for a non-2xx upstream answer (reads its body)."""
-    raw = resp.data
+    """The engine error for a non-2xx upstream answer (reads the start of its body:
+    enough for any error message, and all an upstream can make us hold)."""
+    raw = resp.read(ERROR_BODY_BYTES)
     try:
         body = json.loads(raw)
     except ValueError:
@@ -328,6 +332,8 @@ CLOSE_WAIT_SECONDS = 5.0
 READER_THREADS = 256
 #: the longest event line read from an upstream (a whole reply fits in one line many times over)
 MAX_LINE_BYTES = 16 * 1024 * 1024
+#: how much of an upstream's error answer is read for its message
+ERROR_BODY_BYTES = 64 * 1024
 #: kept-alive connections to the upstream (more are opened when needed, and closed after use)
 POOL_CONNECTIONS = 32
 
