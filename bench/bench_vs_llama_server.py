@@ -431,11 +431,14 @@ def plot(rows: list[dict], path: Path) -> bool:
         rs = [r for r in rows if r["workload"] == workload]
         x = range(len(rs))
         for k, name in enumerate(("llama-server", "ours")):
-            ax.bar([i + 0.4 * k for i in x], [r[name]["tok_s"] for r in rs], width=0.4, label=name)
+            bars = ax.bar([i + 0.4 * k for i in x], [r[name]["tok_s"] for r in rs], width=0.4, label=name)
+            if name == "ours":  # our ratio over each pair
+                ax.bar_label(bars, [f"{r['ratio']:.2f}×" for r in rs], padding=2)
         ax.set_xticks([i + 0.2 for i in x], [f"{r['users']} users" for r in rs])
         ax.set_title({"chat": "chat: 128 tokens out", "prompt": "prompt-heavy: ~1,000 in, 16 out"}[workload])
         ax.set_ylabel("tokens/s" if workload == "chat" else "prompt + completion tokens/s")
-        ax.legend()
+        ax.set_ylim(0, 1.25 * max(max(r["llama-server"]["tok_s"], r["ours"]["tok_s"]) for r in rs))
+        ax.legend(loc="upper left", ncols=2)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     return True
