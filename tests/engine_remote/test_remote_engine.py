@@ -217,21 +217,17 @@ def test_a_model_list_the_upstream_refuses_is_an_upstream_error(engine_for):
         eng.upstream_model()
 
 
-def test_error_events_and_garbage_mid_stream_are_upstream_errors(engine_for):
-    eng = engine_for(lambda asked: Reply(body=[_sse({"choices": [{"delta": {"content": "a"}}]}), _sse(b"{not json")]),
+@pytest.mark.parametrize("then,error", [
+    (_sse(b"{not json"), "malformed"),
+    (_sse({"error": {"message": "out of memory"}}), "failed mid-stream: out of memory"),
+    (HANG_UP, "cannot talk to"),
+])
+def test_a_stream_that_breaks_after_a_delta_is_an_upstream_error_after_it(engine_for, then, error):
+    eng = engine_for(lambda asked: Reply(body=[_sse({"choices": [{"delta": {"content": "a"}}]}), then]),
                      model_name="m")
     gen = start(eng, REQ)
     assert next(gen) == "a"
-    with pytest.raises(UpstreamError, match="malformed"):
-        next(gen)
-
-
-def test_an_upstream_that_hangs_up_mid_stream_is_an_upstream_error_after_what_came(engine_for):
-    eng = engine_for(lambda asked: Reply(body=[_sse({"choices": [{"delta": {"content": "a"}}]}), HANG_UP]),
-                     model_name="m")
-    gen = start(eng, REQ)
-    assert next(gen) == "a"
-    with pytest.raises(UpstreamError, match="cannot talk to"):
+    with pytest.raises(UpstreamError, match=error):
         next(gen)
 
 
