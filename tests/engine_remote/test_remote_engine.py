@@ -305,6 +305,23 @@ def test_calls_one_after_another_share_one_kept_alive_connection(engine_for):
     assert len(ports) == 3 and len(set(ports)) == 1
 
 
+def test_many_streams_at_once_each_keep_their_connection(engine_for, caplog):
+    n = 40  # more than a small pool would keep
+    all_open = threading.Barrier(n, timeout=20)
+
+    def events() -> Iterable[bytes]:
+        yield _sse({"choices": [{"delta": {"content": "a"}}]})
+        all_open.wait()  # every stream is open at once
+        yield _sse(b"[DONE]")
+
+    eng = engine_for(lambda asked: Reply(body=events()), model_name="m")
+    for _ in range(2):
+        gens = [start(eng, REQ) for _ in range(n)]
+        assert [list(g) for g in gens] == [["a"]] * n
+        all_open.reset()
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+
+
 def test_closing_mid_stream_stops_reading_the_upstream_and_keeps_what_came(engine_for):
     sent = []
 

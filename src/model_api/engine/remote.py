@@ -231,7 +231,6 @@ def _pool_manager(base_url: str, timeout: urllib3.Timeout) -> urllib3.PoolManage
     url = urlsplit(base_url)
     proxies = urllib.request.getproxies()
     proxy = None if urllib.request.proxy_bypass(url.hostname or "") else proxies.get(url.scheme) or proxies.get("all")
-    # block=False: a burst beyond maxsize opens extra connections rather than waiting for one
     kw: dict[str, Any] = dict(maxsize=POOL_CONNECTIONS, block=False, timeout=timeout, retries=False,
                               cert_reqs="CERT_REQUIRED")
     if os.environ.get("SSL_CERT_FILE"):
@@ -334,8 +333,9 @@ READER_THREADS = 256
 MAX_LINE_BYTES = 16 * 1024 * 1024
 #: how much of an upstream's error answer is read for its message
 ERROR_BODY_BYTES = 64 * 1024
-#: kept-alive connections to the upstream (more are opened when needed, and closed after use)
-POOL_CONNECTIONS = 32
+#: kept-alive connections to the upstream: one per reader, so no stream ever waits for a
+#: connection and none is closed for want of room in the pool (urllib3 warns each time)
+POOL_CONNECTIONS = READER_THREADS
 
 
 class _RemoteGeneration(Generation):
