@@ -94,6 +94,7 @@ class OpenAIEngine(Engine):
         self._headers = {"Accept": "application/json, text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._post_headers = {**self._headers, "Content-Type": "application/json"}
         # read= bounds the wait for each chunk (the first token included), not the whole stream
         self._http = _pool_manager(self.base_url, urllib3.Timeout(connect=connect_timeout, read=timeout))
         # the threads that read upstream streams (_RemoteGeneration), kept between calls:
@@ -131,13 +132,13 @@ class OpenAIEngine(Engine):
                     try:
                         if resp.status >= 400:
                             raise _status_error(resp, self, 0)
-                        self._discovered_model = str(json.loads(resp.read())["data"][0]["id"])
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        raise UpstreamError(
-                            f"{self.base_url}/models lists no model; set MODEL_NAME"
-                        ) from None
+                        listed = resp.read()
                     finally:
                         resp.release_conn()
+                try:
+                    self._discovered_model = str(json.loads(listed)["data"][0]["id"])
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise UpstreamError(f"{self.base_url}/models lists no model; set MODEL_NAME") from None
             return self._discovered_model
 
     # --- Engine -------------------------------------------------------------
@@ -206,10 +207,9 @@ class OpenAIEngine(Engine):
         a 502 for it. A body left unread (the generation was closed) closes its
         connection, which is what stops the upstream's work."""
         payload = json.dumps(body).encode()
-        headers = {**self._headers, "Content-Type": "application/json"}
         for attempt in range(2):
             try:
-                resp = self._http.urlopen("POST", self.url(path), body=payload, headers=headers,
+                resp = self._http.urlopen("POST", self.url(path), body=payload, headers=self._post_headers,
                                           preload_content=False, retries=False, redirect=False)
             except ProtocolError:
                 if attempt:
@@ -246,16 +246,20 @@ def _lines(resp: urllib3.BaseHTTPResponse) -> Iterator[str]:
     """The body's lines as they arrive (``read1``: whatever the socket has, so an
     event is handed on at once, not when a buffer fills). A line longer than
     MAX_LINE_BYTES is an upstream failing, not one to hold in memory."""
-    rest = b""
+    pending: list[bytes] = []  # the unfinished line's pieces: kept, not re-joined per chunk
+    held = 0
     while chunk := resp.read1(65536):
-        lines = (rest + chunk).splitlines(keepends=True)
-        rest = lines.pop() if not lines[-1].endswith((b"\n", b"\r")) else b""
-        if len(rest) > MAX_LINE_BYTES:
-            raise UpstreamError(f"the upstream sent a line of over {MAX_LINE_BYTES} bytes")
-        for line in lines:
-            yield line.rstrip(b"\r\n").decode("utf-8", "replace")
-    if rest:
-        yield rest.decode("utf-8", "replace")
+        for piece in chunk.splitlines(keepends=True):
+            if piece.endswith((b"\n", b"\r")):
+                yield b"".join((*pending, piece)).rstrip(b"\r\n").decode("utf-8", "replace")
+                pending, held = [], 0
+                continue
+            pending.append(piece)  # only a chunk's last piece can lack its line ending
+            held += len(piece)
+            if held > MAX_LINE_BYTES:
+                raise UpstreamError(f"the upstream sent a line of over {MAX_LINE_BYTES} bytes")
+    if pending:
+        yield b"".join(pending).decode("utf-8", "replace")
 
 
 def _prompt_chars(request: GenerationRequest) -> int:
