@@ -269,12 +269,15 @@ def test_multibyte_text_split_across_tokens(llama_engine, batching_engine):
     assert llama_engine.generate(req).text == res.text
 
 
-def test_scheduler_error_fails_the_request_not_the_engine(tiny_engine, monkeypatch):
+# greedy picks the top logit itself (BatchingEngine._greedy); other temperatures draw with llama.cpp's sampler
+@pytest.mark.parametrize("temperature, sampling_call", [(0.0, "llama_get_logits_ith"),
+                                                        (0.8, "llama_sampler_sample")])
+def test_scheduler_error_fails_the_request_not_the_engine(tiny_engine, monkeypatch, temperature, sampling_call):
     import llama_cpp
 
     from model_api.engine.base import EngineError
 
-    real = llama_cpp.llama_sampler_sample
+    real = getattr(llama_cpp, sampling_call)
     calls = {"n": 0}
 
     def flaky(*args):
@@ -283,10 +286,11 @@ def test_scheduler_error_fails_the_request_not_the_engine(tiny_engine, monkeypat
             raise RuntimeError("injected sampler failure")
         return real(*args)
 
-    monkeypatch.setattr(llama_cpp, "llama_sampler_sample", flaky)
+    monkeypatch.setattr(llama_cpp, sampling_call, flaky)
     with pytest.raises(EngineError):
-        tiny_engine.generate(chat("Write a long story about a dragon.", max_tokens=10))
-    monkeypatch.setattr(llama_cpp, "llama_sampler_sample", real)
+        tiny_engine.generate(chat("Write a long story about a dragon.", max_tokens=10, temperature=temperature))
+    assert calls["n"] == 3
+    monkeypatch.setattr(llama_cpp, sampling_call, real)
     assert tiny_engine.generate(chat("Hi", max_tokens=4)).completion_tokens > 0
     assert tiny_engine.stats()["active"] == 0
 

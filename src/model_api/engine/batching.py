@@ -18,7 +18,8 @@ scheduler step:
    step, not by its whole length), each sequence's chunk in a ``llama_decode``
    of its own;
 4. after each decode, samples one token per sequence that produced logits,
-   with that sequence's own sampler chain, and streams the detokenized text;
+   with that sequence's own sampler chain (at temperature 0, the top logit,
+   read in place), and streams the detokenized text;
 5. retires finished sequences (end-of-generation token, stop string,
    max_tokens, end of the sequence's context, cancellation), leaving their
    KV cells to the slot's next sequence; a failed sequence's are cleared.
@@ -198,6 +199,7 @@ class BatchingEngine(LocalGGUFEngine):
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._one = (llama_cpp.llama_token_data * 1)()
         self._candidates = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
+        self._logits_row = ctypes.c_float * self._n_vocab  # one token's logits, read in place (_greedy)
 
         self._cond = threading.Condition()
         # who gets the next free slot (engine/scheduling.py); `fair`: users in turn, and
@@ -372,13 +374,27 @@ class BatchingEngine(LocalGGUFEngine):
     def _sample(self, seq: _Sequence, index: int) -> None:
         """4-5. sample from the logits at ``index`` of the last decode, stream, retire."""
         try:
-            token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, index)
+            if seq.params.temperature <= 0:
+                token = self._greedy(index)
+            else:
+                token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, index)
             if seq.grammar is not None:
                 token = self._constrain(seq, index, token)
             self._advance(seq, token)
         except Exception as exc:
             log.exception("sampling failed")
             self._retire(seq, None, EngineError(f"sampling failed: {exc}"))
+
+    def _greedy(self, index: int) -> int:
+        """The most likely token at ``index`` of the last decode: the token
+        llama.cpp's greedy sampler picks (the first of equal maxima, as numpy's
+        argmax), at a tenth of its cost. The sampler first copies the whole
+        vocabulary into a candidate array (~50 µs a token on these 2-core
+        machines, paid by every sequence at every step); numpy reads the logits
+        where llama.cpp left them (~5 µs)."""
+        logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        row = self._logits_row.from_address(ctypes.addressof(logits.contents))
+        return int(np.frombuffer(row, dtype=np.float32).argmax())
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch
