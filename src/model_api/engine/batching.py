@@ -387,8 +387,8 @@ class BatchingEngine(LocalGGUFEngine):
 
     def _greedy(self, index: int) -> int:
         """The most likely token at ``index`` of the last decode: the token
-        llama.cpp's greedy sampler picks (the first of equal maxima, as numpy's
-        argmax), at a tenth of its cost. The sampler first copies the whole
+        llama.cpp's greedy sampler picks (of finite logits, the first of equal
+        maxima, as numpy's argmax), at a tenth of its cost. The sampler first copies the whole
         vocabulary into a candidate array (~50 µs a token on these 2-core
         machines, paid by every sequence at every step); numpy reads the logits
         where llama.cpp left them (~5 µs)."""
