@@ -27,6 +27,11 @@ class SamplingParams:
     #: OpenAI's response_format as canonical JSON (engine/grammar.py); None: free text
     response_format: str | None = None
 
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0 (or below): always the most likely token, no draw."""
+        return self.temperature <= 0
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (a call row stores this, and an async job is rebuilt from it)."""
         out = {**asdict(self), "stop": list(self.stop)}

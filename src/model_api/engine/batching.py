@@ -374,7 +374,7 @@ class BatchingEngine(LocalGGUFEngine):
     def _sample(self, seq: _Sequence, index: int) -> None:
         """4-5. sample from the logits at ``index`` of the last decode, stream, retire."""
         try:
-            if seq.params.temperature <= 0:
+            if seq.params.greedy:
                 token = self._greedy(index)
             else:
                 token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, index)
@@ -388,10 +388,10 @@ class BatchingEngine(LocalGGUFEngine):
     def _greedy(self, index: int) -> int:
         """The most likely token at ``index`` of the last decode: the token
         llama.cpp's greedy sampler picks (of finite logits, the first of equal
-        maxima, as numpy's argmax), at a tenth of its cost. The sampler first copies the whole
-        vocabulary into a candidate array (~50 µs a token on these 2-core
-        machines, paid by every sequence at every step); numpy reads the logits
-        where llama.cpp left them (~5 µs)."""
+        maxima, as numpy's argmax), at a tenth of its cost. The sampler first
+        copies the whole vocabulary into a candidate array (~50 µs a token on
+        these 2-core machines, paid by every sequence at every step); numpy
+        reads the logits where llama.cpp left them (~5 µs)."""
         logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
         row = self._logits_row.from_address(ctypes.addressof(logits.contents))
         return int(np.frombuffer(row, dtype=np.float32).argmax())
@@ -471,7 +471,7 @@ class BatchingEngine(LocalGGUFEngine):
     @staticmethod
     def _make_sampler(p: SamplingParams) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if p.temperature <= 0:
+        if p.greedy:  # kept for a response_format grammar's masked draw (_constrain)
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
             if p.top_p < 1.0:
