@@ -66,6 +66,14 @@ def sse(obj: Any) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+def _json_string(text: str) -> str:
+    """``text`` as :func:`sse` writes a string."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+_MARK = "\x00"  # a delta's text while its event's halves are built (any text would do)
+
+
 class ChunkFormat:
     """Builds the chunk objects of one stream (chat or text completion)."""
 
@@ -77,6 +85,12 @@ class ChunkFormat:
         self.created = int(time.time())
         self.model = model
         self.object = "chat.completion.chunk" if chat else "text_completion"
+        # Every delta's event is the same text around its content: built once here,
+        # so each token costs the JSON of its text alone, not of the whole chunk
+        # (which was 40 % of the request thread's Python per streamed token).
+        # The content is the chunk's last string, so the marker's is split off last.
+        head, _, tail = sse(self.delta(_MARK)).rpartition(_json_string(_MARK))
+        self._delta_event = (head, tail)
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
@@ -98,6 +112,11 @@ class ChunkFormat:
 
     def delta(self, text: str) -> dict[str, Any]:
         return self._chunk([self._choice(text, None)])
+
+    def delta_event(self, text: str) -> str:
+        """``sse(self.delta(text))``, from the halves built once."""
+        head, tail = self._delta_event
+        return head + _json_string(text) + tail
 
     def final(self, c: Completion, called: bool = False) -> dict[str, Any]:
         self.model = c.model or self.model

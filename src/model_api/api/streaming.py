@@ -49,7 +49,7 @@ def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, dialec
             if fmt.holds_back(held + piece):
                 held += piece
                 continue
-            yield sse(fmt.delta(held + piece))
+            yield fmt.delta_event(held + piece)
             held = ""
         result = call.result
         assert result is not None
@@ -57,7 +57,7 @@ def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, dialec
         if calls is not None:
             yield sse(calls)
         elif held:
-            yield sse(fmt.delta(held))
+            yield fmt.delta_event(held)
         yield sse(fmt.final(result, called=calls is not None))
         if include_usage:
             yield sse(fmt.usage(result))
