@@ -219,6 +219,8 @@ def test_a_model_list_the_upstream_refuses_is_an_upstream_error(engine_for):
 
 @pytest.mark.parametrize("then,error", [
     (_sse(b"{not json"), "malformed"),
+    (_sse({"choices": [{"delta": {"content": 5}}]}), "malformed event: its text is a int"),
+    (_sse({"choices": [{"text": ["a"]}]}), "malformed event: its text is a list"),
     (_sse({"error": {"message": "out of memory"}}), "failed mid-stream: out of memory"),
     (HANG_UP, "cannot talk to"),
 ])
@@ -229,6 +231,16 @@ def test_a_stream_that_breaks_after_a_delta_is_an_upstream_error_after_it(engine
     assert next(gen) == "a"
     with pytest.raises(UpstreamError, match=error):
         next(gen)
+
+
+def test_an_unpaired_surrogate_from_the_upstream_comes_out_as_a_replacement_character(engine_for):
+    # JSON can carry "\ud800", which no encoder takes: the stream and the row would break on it
+    eng = engine_for(lambda asked: _events({"choices": [{"delta": {"content": "a\ud800b"}}]},
+                                           {"choices": [{"delta": {"content": "\udfff"}}]}, b"[DONE]"),
+                     model_name="m")
+    gen = start(eng, REQ)
+    assert list(gen) == ["a\ufffdb", "\ufffd"]
+    assert gen.result.text == "a\ufffdb\ufffd"
 
 
 def test_an_upstream_that_stops_sending_mid_stream_is_a_timeout(engine_for):

@@ -8,6 +8,7 @@ scheduler and a remote OpenAI-compatible backend be swapped by configuration.
 
 from __future__ import annotations
 
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -97,6 +98,16 @@ class PreparedPrompt:
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+
+_UNPAIRED_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unicode_text(text: str) -> str:
+    """``text`` with each unpaired surrogate (which a remote model's JSON can carry as
+    ``"\\ud800"``, and which no encoder takes: a stream would break on it) replaced by
+    U+FFFD, as a local model's invalid UTF-8 already is."""
+    return _UNPAIRED_SURROGATE.sub("\ufffd", text)
 
 
 @dataclass

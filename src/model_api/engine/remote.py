@@ -48,6 +48,7 @@ from .base import (
     GenerationRequest,
     PreparedPrompt,
     UpstreamError,
+    unicode_text,
     UpstreamTimeout,
 )
 
@@ -439,6 +440,10 @@ class _RemoteGeneration(Generation):
                                     _add_tool_call_delta(calls, tc)
                             piece = delta.get("content") if "delta" in choice else choice.get("text")
                             if piece:
+                                if not isinstance(piece, str):
+                                    raise UpstreamError(f"{eng.base_url} sent a malformed event: its text is "
+                                                        f"a {type(piece).__name__}")
+                                piece = unicode_text(piece)
                                 if ttft is None:
                                     ttft = time.perf_counter() - start
                                 pieces.append(piece)
@@ -447,7 +452,7 @@ class _RemoteGeneration(Generation):
                                 finish = _FINISH.get(choice["finish_reason"], "stop")
         if calls and finish != "cancelled":
             # the upstream's calls, in the text form every engine uses (engine/tools.py)
-            pieces.append(tools.calls_text([calls[i] for i in sorted(calls)]))
+            pieces.append(unicode_text(tools.calls_text([calls[i] for i in sorted(calls)])))
             ttft = ttft if ttft is not None else time.perf_counter() - start
             yield pieces[-1]
         text = "".join(pieces)

@@ -23,7 +23,7 @@ from sqlalchemy import bindparam, exc as sa_exc, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..db import Database, utcnow
-from ..engine.base import Completion, EngineError, GenerationRequest, SamplingParams, Tenant
+from ..engine.base import Completion, EngineError, GenerationRequest, SamplingParams, Tenant, unicode_text
 from ..models import Call, CallKind, CallStatus, User, WebhookDelivery
 from ..observability import metrics
 from . import quota
@@ -238,6 +238,13 @@ def request_of(call: Call, weight: int = 1) -> GenerationRequest:
     return replace(request, tenant=Tenant(call.user_id, weight))  # served in turn with its user's other calls
 
 
+def storable_text(text: str) -> str:
+    """A model's text as every database keeps it: NUL (PostgreSQL's text refuses it)
+    and unpaired surrogates become U+FFFD. A call's row must be written whatever the
+    model said: a refused write left it running, and charged."""
+    return unicode_text(text).replace("\x00", "\ufffd")
+
+
 _RESULT_COLUMNS = ("status", "response", "finish_reason", "prompt_tokens", "completion_tokens", "model",
                    "finished_at")
 
@@ -276,7 +283,7 @@ def record_completion(db: Database, call_id: uuid.UUID, result: Completion, atte
     status = CallStatus.CANCELLED if result.finish_reason == "cancelled" else CallStatus.COMPLETED
     values = {
         "new_status": status.value,
-        "new_response": result.text,
+        "new_response": storable_text(result.text),
         "new_finish_reason": result.finish_reason,
         "new_prompt_tokens": result.prompt_tokens,
         "new_completion_tokens": result.completion_tokens,
@@ -311,10 +318,10 @@ def record_failure(
 ) -> bool:
     """Mark a call that is in one of ``from_states`` failed (or cancelled) and,
     if asked, give its unit back. False if it was in none of them."""
-    values: dict[str, Any] = {"status": status.value, "error": error, "finished_at": utcnow()}
+    values: dict[str, Any] = {"status": status.value, "error": storable_text(error), "finished_at": utcnow()}
     if partial is not None:
         values.update(
-            response=partial.text,
+            response=storable_text(partial.text),
             finish_reason=partial.finish_reason,
             completion_tokens=partial.completion_tokens,
             prompt_tokens=partial.prompt_tokens,
