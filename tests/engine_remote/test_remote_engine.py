@@ -219,8 +219,17 @@ def test_a_model_list_the_upstream_refuses_is_an_upstream_error(engine_for):
 
 @pytest.mark.parametrize("then,error", [
     (_sse(b"{not json"), "malformed"),
+    # an upstream is not trusted to send OpenAI's shapes: a wrong type is its error, not our crash
     (_sse({"choices": [{"delta": {"content": 5}}]}), "malformed event: its text is a int"),
     (_sse({"choices": [{"text": ["a"]}]}), "malformed event: its text is a list"),
+    (_sse([1, 2]), "malformed event: a list instead of an object"),
+    (_sse({"choices": "abc"}), "malformed event: its choices are not"),
+    (_sse({"choices": ["abc"]}), "malformed event: its choices are not"),
+    (_sse({"choices": [{"delta": "abc"}]}), "malformed event: its delta is not"),
+    (_sse({"choices": [{"delta": {"tool_calls": 5}}]}), "malformed event: its delta is not"),
+    (_sse({"choices": [{"delta": {}, "finish_reason": ["stop"]}]}), "malformed event: its finish_reason"),
+    (_sse({"choices": [], "usage": "many"}), "malformed event: its usage"),
+    (_sse({"choices": [], "model": {"a": 1}}), "malformed event: its usage is not an object or its model"),
     (_sse({"error": {"message": "out of memory"}}), "failed mid-stream: out of memory"),
     (HANG_UP, "cannot talk to"),
 ])
@@ -231,6 +240,17 @@ def test_a_stream_that_breaks_after_a_delta_is_an_upstream_error_after_it(engine
     assert next(gen) == "a"
     with pytest.raises(UpstreamError, match=error):
         next(gen)
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": "abc", "completion_tokens": -3},
+                                   {"prompt_tokens": True, "completion_tokens": 7.5}])
+def test_token_counts_an_upstream_reports_that_are_not_counts_are_estimated(engine_for, usage):
+    eng = engine_for(lambda asked: _events({"choices": [{"delta": {"content": "a"}}]},
+                                           {"choices": [{"delta": {"content": "b"}}]},
+                                           {"choices": [], "usage": usage}, b"[DONE]"), model_name="m")
+    gen = start(eng, REQ)
+    assert list(gen) == ["a", "b"]
+    assert gen.result.prompt_tokens > 0 and gen.result.completion_tokens == 2  # the estimate and the pieces
 
 
 def test_an_unpaired_surrogate_from_the_upstream_comes_out_as_a_replacement_character(engine_for):

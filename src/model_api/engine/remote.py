@@ -328,6 +328,34 @@ def _add_tool_call_delta(calls: dict[int, dict[str, Any]], delta: dict[str, Any]
         call["function"]["arguments"] += fn["arguments"]
 
 
+def _malformed(event: Any) -> str | None:
+    """What is wrong with the shape of a stream event, in the fields we read (None:
+    nothing). An upstream is not trusted to send what OpenAI's API says: a wrong
+    type is an upstream error (502), not a crash of ours (500)."""
+    if not isinstance(event, dict):
+        return f"a {type(event).__name__} instead of an object"
+    choices = event.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        return "its choices are not a list of objects"
+    for choice in choices:
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict) or not isinstance(delta.get("tool_calls") or [], list):
+            return "its delta is not an object with a list of tool calls"
+        text = delta.get("content") if "delta" in choice else choice.get("text")
+        if text and not isinstance(text, str):
+            return f"its text is a {type(text).__name__}"
+        if not isinstance(choice.get("finish_reason") or "", str):
+            return "its finish_reason is not a string"
+    if not isinstance(event.get("usage") or {}, dict) or not isinstance(event.get("model") or "", str):
+        return "its usage is not an object or its model not a string"
+    return None
+
+
+def _count(value: Any) -> int | None:
+    """A token count an upstream reported, if it is one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 #: what the reader thread hands the caller (see _RemoteGeneration)
 _PIECE, _END, _FAIL = 0, 1, 2
 #: longest wait in close() for the reader to stop; it stops at the upstream's next line
@@ -427,6 +455,9 @@ class _RemoteGeneration(Generation):
                             chunk = json.loads(data)
                         except ValueError:
                             raise UpstreamError(f"{eng.base_url} sent a malformed event: {data[:100]!r}") from None
+                        problem = _malformed(chunk)
+                        if problem:
+                            raise UpstreamError(f"{eng.base_url} sent a malformed event: {problem}")
                         if "error" in chunk:
                             raise UpstreamError(f"{eng.base_url} failed mid-stream: "
                                                 f"{_message_of(chunk, 'unknown error')[0]}")
@@ -440,9 +471,6 @@ class _RemoteGeneration(Generation):
                                     _add_tool_call_delta(calls, tc)
                             piece = delta.get("content") if "delta" in choice else choice.get("text")
                             if piece:
-                                if not isinstance(piece, str):
-                                    raise UpstreamError(f"{eng.base_url} sent a malformed event: its text is "
-                                                        f"a {type(piece).__name__}")
                                 piece = unicode_text(piece)
                                 if ttft is None:
                                     ttft = time.perf_counter() - start
@@ -459,8 +487,8 @@ class _RemoteGeneration(Generation):
         self.result = Completion(
             text=text,
             # without usage (an upstream ignoring stream_options) these are estimates
-            prompt_tokens=int(usage.get("prompt_tokens") or estimate),
-            completion_tokens=int(usage.get("completion_tokens") or len(pieces)),
+            prompt_tokens=_count(usage.get("prompt_tokens")) or estimate,
+            completion_tokens=_count(usage.get("completion_tokens")) or len(pieces),
             finish_reason=finish,
             model=model,
             time_to_first_token=ttft,
