@@ -1,6 +1,6 @@
 """OpenAIEngine: how upstream answers and failures map to engine errors.
 
-Upstreams are real HTTP servers on local ports (:func:`upstream`), scripted
+Upstreams are real HTTP servers on local ports (tests/upstream.py), scripted
 to give the answers a real model server is hard to provoke into; unreachable
 and silent upstreams are real sockets. Two real service processes talking to
 each other are in tests/live/test_openai_live.py.
@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -37,92 +34,9 @@ from model_api.engine.remote import OpenAIEngine
 from model_api.models import Call, User
 
 from ..conftest import free_port
+from ..upstream import HANG_UP, Asked, Reply, event_stream, sse_data, upstream
 
 REQ = GenerationRequest.single_prompt("Hi", SamplingParams(max_tokens=4, temperature=0))
-
-
-@dataclass
-class Asked:
-    """A request the upstream received."""
-
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    client_port: int
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class Reply:
-    """The upstream's answer: a JSON object or bytes (sent with a Content-Length),
-    or an iterable of byte pieces (sent chunked, each as soon as it is made;
-    :data:`HANG_UP` among them closes the connection there)."""
-
-    status: int = 200
-    body: Any = b""
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-#: a piece of a chunked Reply body: the upstream closes the connection there, mid-body
-HANG_UP = None
-
-
-@contextmanager
-def upstream(answer: Callable[[Asked], Reply], tls: tuple[str, str] | None = None) -> Iterator[str]:
-    """A real HTTP/1.1 server answering with ``answer``; yields its ``/v1`` base URL.
-    ``tls``: (certificate file, key file) to serve https instead."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, chunked streams: as model servers do
-
-        def do_GET(self) -> None:
-            self._serve()
-
-        do_POST = do_GET
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def _serve(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            reply = answer(Asked(self.path, {k.lower(): v for k, v in self.headers.items()}, body,
-                                 self.client_address[1]))
-            self.send_response(reply.status)
-            for name, value in reply.headers.items():
-                self.send_header(name, value)
-            if isinstance(reply.body, bytes | dict):
-                data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                return
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            try:
-                for piece in reply.body:
-                    if piece is HANG_UP:
-                        self.close_connection = True
-                        return
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                self.wfile.write(b"0\r\n\r\n")
-            except OSError:  # the client hung up
-                self.close_connection = True
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    if tls is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(*tls)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
@@ -135,14 +49,6 @@ def engine_for() -> Iterator[Callable[..., OpenAIEngine]]:
             return engine
 
         yield make
-
-
-def _sse(*objs) -> bytes:
-    return b"".join(b"data: " + (o if isinstance(o, bytes) else json.dumps(o).encode()) + b"\n\n" for o in objs)
-
-
-def _events(*objs) -> Reply:
-    return Reply(headers={"Content-Type": "text/event-stream"}, body=[_sse(o) for o in objs])
 
 
 def start(engine, request):
@@ -160,7 +66,7 @@ def test_streams_deltas_and_takes_usage_and_model_from_the_upstream(engine_for):
         if asked.path == "/v1/models":
             return Reply(body={"object": "list", "data": [{"id": "up-model"}]})
         seen.update(asked.json, auth=asked.headers.get("authorization"), path=asked.path)
-        return _events(
+        return event_stream(
             {"model": "up-model", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
             {"model": "up-model", "choices": [{"index": 0, "delta": {"content": "Bon"}}]},
             {"model": "up-model", "choices": [{"index": 0, "delta": {"content": "jour"}, "finish_reason": "length"}]},
@@ -218,23 +124,23 @@ def test_a_model_list_the_upstream_refuses_is_an_upstream_error(engine_for):
 
 
 @pytest.mark.parametrize("then,error", [
-    (_sse(b"{not json"), "malformed"),
+    (sse_data(b"{not json"), "malformed"),
     # an upstream is not trusted to send OpenAI's shapes: a wrong type is its error, not our crash
-    (_sse({"choices": [{"delta": {"content": 5}}]}), "malformed event: its text is a int"),
-    (_sse({"choices": [{"text": ["a"]}]}), "malformed event: its text is a list"),
-    (_sse([1, 2]), "malformed event: a list instead of an object"),
-    (_sse({"choices": "abc"}), "malformed event: its choices are not"),
-    (_sse({"choices": ["abc"]}), "malformed event: its choices are not"),
-    (_sse({"choices": [{"delta": "abc"}]}), "malformed event: its delta is not"),
-    (_sse({"choices": [{"delta": {"tool_calls": 5}}]}), "malformed event: its delta is not"),
-    (_sse({"choices": [{"delta": {}, "finish_reason": ["stop"]}]}), "malformed event: its finish_reason"),
-    (_sse({"choices": [], "usage": "many"}), "malformed event: its usage"),
-    (_sse({"choices": [], "model": {"a": 1}}), "malformed event: its usage is not an object or its model"),
-    (_sse({"error": {"message": "out of memory"}}), "failed mid-stream: out of memory"),
+    (sse_data({"choices": [{"delta": {"content": 5}}]}), "malformed event: its text is a int"),
+    (sse_data({"choices": [{"text": ["a"]}]}), "malformed event: its text is a list"),
+    (sse_data([1, 2]), "malformed event: a list instead of an object"),
+    (sse_data({"choices": "abc"}), "malformed event: its choices are not"),
+    (sse_data({"choices": ["abc"]}), "malformed event: its choices are not"),
+    (sse_data({"choices": [{"delta": "abc"}]}), "malformed event: its delta is not"),
+    (sse_data({"choices": [{"delta": {"tool_calls": 5}}]}), "malformed event: its delta is not"),
+    (sse_data({"choices": [{"delta": {}, "finish_reason": ["stop"]}]}), "malformed event: its finish_reason"),
+    (sse_data({"choices": [], "usage": "many"}), "malformed event: its usage"),
+    (sse_data({"choices": [], "model": {"a": 1}}), "malformed event: its usage is not an object or its model"),
+    (sse_data({"error": {"message": "out of memory"}}), "failed mid-stream: out of memory"),
     (HANG_UP, "cannot talk to"),
 ])
 def test_a_stream_that_breaks_after_a_delta_is_an_upstream_error_after_it(engine_for, then, error):
-    eng = engine_for(lambda asked: Reply(body=[_sse({"choices": [{"delta": {"content": "a"}}]}), then]),
+    eng = engine_for(lambda asked: Reply(body=[sse_data({"choices": [{"delta": {"content": "a"}}]}), then]),
                      model_name="m")
     gen = start(eng, REQ)
     assert next(gen) == "a"
@@ -245,7 +151,7 @@ def test_a_stream_that_breaks_after_a_delta_is_an_upstream_error_after_it(engine
 @pytest.mark.parametrize("usage", [{"prompt_tokens": "abc", "completion_tokens": -3},
                                    {"prompt_tokens": True, "completion_tokens": 7.5}])
 def test_token_counts_an_upstream_reports_that_are_not_counts_are_estimated(engine_for, usage):
-    eng = engine_for(lambda asked: _events({"choices": [{"delta": {"content": "a"}}]},
+    eng = engine_for(lambda asked: event_stream({"choices": [{"delta": {"content": "a"}}]},
                                            {"choices": [{"delta": {"content": "b"}}]},
                                            {"choices": [], "usage": usage}, b"[DONE]"), model_name="m")
     gen = start(eng, REQ)
@@ -255,7 +161,7 @@ def test_token_counts_an_upstream_reports_that_are_not_counts_are_estimated(engi
 
 def test_an_unpaired_surrogate_from_the_upstream_comes_out_as_a_replacement_character(engine_for):
     # JSON can carry "\ud800", which no encoder takes: the stream and the row would break on it
-    eng = engine_for(lambda asked: _events({"choices": [{"delta": {"content": "a\ud800b"}}]},
+    eng = engine_for(lambda asked: event_stream({"choices": [{"delta": {"content": "a\ud800b"}}]},
                                            {"choices": [{"delta": {"content": "\udfff"}}]}, b"[DONE]"),
                      model_name="m")
     gen = start(eng, REQ)
@@ -267,9 +173,9 @@ def test_an_upstream_that_stops_sending_mid_stream_is_a_timeout(engine_for):
     stalled = threading.Event()
 
     def events() -> Iterable[bytes]:
-        yield _sse({"choices": [{"delta": {"content": "a"}}]})
+        yield sse_data({"choices": [{"delta": {"content": "a"}}]})
         stalled.wait(10)  # longer than the engine waits for its next piece
-        yield _sse(b"[DONE]")
+        yield sse_data(b"[DONE]")
 
     gen = start(engine_for(lambda asked: Reply(body=events()), model_name="m", timeout=0.5), REQ)
     try:
@@ -286,7 +192,7 @@ def test_the_upstream_request_goes_out_when_the_generation_is_made_not_at_its_fi
 
     def answer(_asked: Asked) -> Reply:
         asked.set()
-        return _events({"choices": [{"delta": {"content": "a"}}]}, b"[DONE]")
+        return event_stream({"choices": [{"delta": {"content": "a"}}]}, b"[DONE]")
 
     gen = start(engine_for(answer, model_name="m"), REQ)
     assert asked.wait(5), "nothing was sent before the first read"
@@ -297,10 +203,10 @@ def test_each_event_reaches_the_caller_as_it_arrives_not_when_a_buffer_fills(eng
     read_first = threading.Event()
 
     def events() -> Iterable[bytes]:
-        yield _sse({"choices": [{"delta": {"content": "first"}}]})
+        yield sse_data({"choices": [{"delta": {"content": "first"}}]})
         # the second event is sent only once the caller has the first
         assert read_first.wait(10)
-        yield _sse({"choices": [{"delta": {"content": "second"}}]}) + _sse(b"[DONE]")
+        yield sse_data({"choices": [{"delta": {"content": "second"}}]}) + sse_data(b"[DONE]")
 
     gen = start(engine_for(lambda asked: Reply(body=events()), model_name="m"), REQ)
     assert next(gen) == "first"
@@ -329,7 +235,7 @@ def test_calls_one_after_another_share_one_kept_alive_connection(engine_for):
 
     def answer(asked: Asked) -> Reply:
         ports.append(asked.client_port)
-        return _events({"choices": [{"delta": {"content": "a"}}]}, b"[DONE]")
+        return event_stream({"choices": [{"delta": {"content": "a"}}]}, b"[DONE]")
 
     eng = engine_for(answer, model_name="m")
     for _ in range(3):
@@ -342,9 +248,9 @@ def test_many_streams_at_once_each_keep_their_connection(engine_for, caplog):
     all_open = threading.Barrier(n, timeout=20)
 
     def events() -> Iterable[bytes]:
-        yield _sse({"choices": [{"delta": {"content": "a"}}]})
+        yield sse_data({"choices": [{"delta": {"content": "a"}}]})
         all_open.wait()  # every stream is open at once
-        yield _sse(b"[DONE]")
+        yield sse_data(b"[DONE]")
 
     eng = engine_for(lambda asked: Reply(body=events()), model_name="m")
     for _ in range(2):
@@ -360,9 +266,9 @@ def test_closing_mid_stream_stops_reading_the_upstream_and_keeps_what_came(engin
     def slow_events():
         for i in range(200):
             sent.append(i)
-            yield _sse({"choices": [{"delta": {"content": f"t{i} "}}]})
+            yield sse_data({"choices": [{"delta": {"content": f"t{i} "}}]})
             time.sleep(0.01)
-        yield _sse(b"[DONE]")
+        yield sse_data(b"[DONE]")
 
     gen = start(engine_for(lambda asked: Reply(body=slow_events()), model_name="m"), REQ)
     assert next(gen) == "t0 "
@@ -380,7 +286,7 @@ def test_the_proxy_the_environment_names_is_used(monkeypatch, engine_for):
 
     def proxy(asked: Asked) -> Reply:
         seen.append(asked.path)
-        return _events({"choices": [{"delta": {"content": "via proxy"}}]}, b"[DONE]")
+        return event_stream({"choices": [{"delta": {"content": "via proxy"}}]}, b"[DONE]")
 
     with upstream(proxy) as proxy_url:
         for name in ("NO_PROXY", "no_proxy", "http_proxy"):
@@ -410,7 +316,7 @@ def test_a_kept_alive_connection_the_upstream_closed_is_retried_on_a_new_one():
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
-    body = _sse({"choices": [{"delta": {"content": "ok"}}]}, b"[DONE]")
+    body = sse_data({"choices": [{"delta": {"content": "ok"}}]}, b"[DONE]")
     answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
               b"Content-Length: %d\r\n\r\n" % len(body)) + body
     accepted = []
@@ -444,7 +350,7 @@ def test_an_https_upstream_is_verified_against_the_ca_bundle_ssl_cert_file_names
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=upstream",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
-    answer = lambda asked: _events({"choices": [{"delta": {"content": "secure"}}]}, b"[DONE]")  # noqa: E731
+    answer = lambda asked: event_stream({"choices": [{"delta": {"content": "secure"}}]}, b"[DONE]")  # noqa: E731
     with upstream(answer, tls=(str(cert), str(key))) as url:
         monkeypatch.delenv("SSL_CERT_DIR", raising=False)
         monkeypatch.delenv("SSL_CERT_FILE", raising=False)
