@@ -7,6 +7,7 @@ The upstream is a real HTTP server scripted per test (tests/upstream.py)."""
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 
 import pytest
 from sqlalchemy import select
@@ -22,19 +23,15 @@ UNSTORABLE = [{"choices": [{"delta": {"content": "a\x00b"}}]}, {"choices": [{"de
 @pytest.fixture
 def serve(make_app, tmp_path):
     """``serve(*events)``: a test client whose model ``remote`` streams ``events``, then [DONE]."""
-    stack = []
+    with ExitStack() as stack:
+        def make(*events):
+            base = stack.enter_context(upstream(lambda asked: event_stream(*events, b"[DONE]")))
+            path = tmp_path / "models.yaml"
+            path.write_text(f"default: remote\nmodels:\n  remote:\n    backend: openai\n    base_url: {base}\n"
+                            "    upstream_model: anything\n")
+            return make_app(models_file=str(path), default_quota=5).test_client()
 
-    def make(*events):
-        base = upstream(lambda asked: event_stream(*events, b"[DONE]"))
-        stack.append(base)
-        path = tmp_path / "models.yaml"
-        path.write_text(f"default: remote\nmodels:\n  remote:\n    backend: openai\n    base_url: {base.__enter__()}\n"
-                        "    upstream_model: anything\n")
-        return make_app(models_file=str(path), default_quota=5).test_client()
-
-    yield make
-    for base in stack:
-        base.__exit__(None, None, None)
+        yield make
 
 
 def the_row(database) -> Call:
