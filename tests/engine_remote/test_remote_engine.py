@@ -135,7 +135,7 @@ def test_a_model_list_the_upstream_refuses_is_an_upstream_error(engine_for):
     (sse_data({"choices": [{"delta": {"tool_calls": 5}}]}), "malformed event: its delta is not"),
     (sse_data({"choices": [{"delta": {}, "finish_reason": ["stop"]}]}), "malformed event: its finish_reason"),
     (sse_data({"choices": [], "usage": "many"}), "malformed event: its usage"),
-    (sse_data({"choices": [], "model": {"a": 1}}), "malformed event: its usage is not an object or its model"),
+    (sse_data({"choices": [], "model": {"a": 1}}), "malformed event: its model is not a string"),
     (sse_data({"error": {"message": "out of memory"}}), "failed mid-stream: out of memory"),
     (HANG_UP, "cannot talk to"),
 ])

@@ -48,8 +48,8 @@ from .base import (
     GenerationRequest,
     PreparedPrompt,
     UpstreamError,
-    unicode_text,
     UpstreamTimeout,
+    unicode_text,
 )
 
 #: a rough average for English text; only used for estimates stored before the upstream answers
@@ -341,14 +341,21 @@ def _malformed(event: Any) -> str | None:
         delta = choice.get("delta") or {}
         if not isinstance(delta, dict) or not isinstance(delta.get("tool_calls") or [], list):
             return "its delta is not an object with a list of tool calls"
-        text = delta.get("content") if "delta" in choice else choice.get("text")
+        text = _text_of(choice)
         if text and not isinstance(text, str):
             return f"its text is a {type(text).__name__}"
         if not isinstance(choice.get("finish_reason") or "", str):
             return "its finish_reason is not a string"
-    if not isinstance(event.get("usage") or {}, dict) or not isinstance(event.get("model") or "", str):
-        return "its usage is not an object or its model not a string"
+    if not isinstance(event.get("usage") or {}, dict):
+        return "its usage is not an object"
+    if not isinstance(event.get("model") or "", str):
+        return "its model is not a string"
     return None
+
+
+def _text_of(choice: dict[str, Any]) -> Any:
+    """A choice's text: a chat chunk's delta content, or a completion chunk's text."""
+    return (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
 
 
 def _count(value: Any) -> int | None:
@@ -469,7 +476,7 @@ class _RemoteGeneration(Generation):
                             for tc in delta.get("tool_calls") or ():
                                 if isinstance(tc, dict):
                                     _add_tool_call_delta(calls, tc)
-                            piece = delta.get("content") if "delta" in choice else choice.get("text")
+                            piece = _text_of(choice)
                             if piece:
                                 piece = unicode_text(piece)
                                 if ttft is None:
