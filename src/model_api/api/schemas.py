@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from apiflask import Schema
@@ -12,19 +11,19 @@ from apiflask.validators import Length, OneOf, Range
 from flask import current_app, has_app_context
 from marshmallow import EXCLUDE, ValidationError, fields, post_load, validates, validates_schema
 
+from ..engine.base import UNSTORABLE
+
 # --- input fields that take JSON's types as they are -----------------------------------
 # Request bodies are JSON: a number is a number and a boolean a boolean. marshmallow's
 # defaults would also read "0.5", "5" and "yes" (or true as 1), hiding client bugs, so
 # the fields below accept only their own JSON type. Every text field refuses what the
 # database and the tokenizer cannot take: NUL, and lone surrogates ("\ud800" is valid
-# JSON but not Unicode text).
-
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# JSON but not Unicode text): engine/base.py UNSTORABLE.
 
 
 def check_text(value: str) -> str:
     """Refuse text with a NUL character or an unpaired surrogate (names the problem)."""
-    bad = _UNSTORABLE.search(value)
+    bad = UNSTORABLE.search(value)
     if bad is not None:
         if bad.group() == "\x00":
             raise ValidationError("must not contain NUL characters (\\u0000)")

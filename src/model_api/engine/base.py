@@ -100,6 +100,10 @@ class PreparedPrompt:
         return self.request.params
 
 
+#: what no database text column or encoder takes: NUL (PostgreSQL refuses it) and unpaired
+#: surrogates ("\ud800" is valid JSON but not Unicode text). Requests are refused for it
+#: (api/schemas.py check_text); a model's reply is stored with U+FFFD (services/ledger.py).
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _UNPAIRED_SURROGATE = re.compile("[\ud800-\udfff]")
 
 

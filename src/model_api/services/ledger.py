@@ -23,7 +23,7 @@ from sqlalchemy import bindparam, exc as sa_exc, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..db import Database, utcnow
-from ..engine.base import Completion, EngineError, GenerationRequest, SamplingParams, Tenant, unicode_text
+from ..engine.base import UNSTORABLE, Completion, EngineError, GenerationRequest, SamplingParams, Tenant
 from ..models import Call, CallKind, CallStatus, User, WebhookDelivery
 from ..observability import metrics
 from . import quota
@@ -242,7 +242,7 @@ def storable_text(text: str) -> str:
     """A model's text as every database keeps it: NUL (PostgreSQL's text refuses it)
     and unpaired surrogates become U+FFFD. A call's row must be written whatever the
     model said: a refused write left it running, and charged."""
-    return unicode_text(text).replace("\x00", "\ufffd")
+    return UNSTORABLE.sub("\ufffd", text)
 
 
 _RESULT_COLUMNS = ("status", "response", "finish_reason", "prompt_tokens", "completion_tokens", "model",
