@@ -34,7 +34,7 @@ class _Gen(Generation):
         try:
             piece = next(self._it)
         except StopIteration:
-            self.result = Completion("".join(self._out), 3, len(self._out), "stop", "fake")
+            self.result = Completion("".join(self._out), 3, len(self._out), "stop", self._engine.model_name)
             raise
         self._out.append(piece + " ")
         return piece + " "

@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from model_api.engine.base import Completion, GenerationRequest, SamplingParams
 from model_api.models import Call, CallStatus, User
-from model_api.services.ledger import record_failure, storable_text
+from model_api.services.ledger import record_failure, storable_name, storable_text
 
 from ..fakes import FakeEngine, intent_for, model_calls
 
@@ -46,6 +46,20 @@ def test_a_partial_reply_of_a_failed_call_is_kept_the_same_way(make_user, databa
     assert record_failure(database, call_id, "client disconnected", refund=False, status=CallStatus.CANCELLED,
                           partial=Completion(reply, 3, 1, "cancelled", "fake"))
     assert _row(database, call_id).response == storable_text(reply)
+
+
+@pytest.mark.parametrize("name", ["up\x00stream", "lone \udc80", "m" * 300, "é漢" * 200])
+def test_a_model_name_the_model_column_refuses_is_kept_cut_and_replaced(make_user, database, name):
+    # a remote upstream names its model as it likes: in its /models list (the row's
+    # opening write) and in every reply (its final write)
+    make_user("alice")
+    engine = FakeEngine()
+    engine.model_name = name
+    outcome = model_calls(database, engine).run(intent_for(_user_id(database), REQ))
+    row = _row(database, outcome.call_id)
+    assert row.status == CallStatus.COMPLETED.value
+    assert row.model == storable_name(name) and len(row.model) <= 255 and "\x00" not in row.model
+    assert name.startswith(row.model) or "\ufffd" in row.model
 
 
 @pytest.mark.parametrize("text, kept", [

@@ -185,7 +185,7 @@ def open_call(db: Database, intent: CallIntent, policy: QuotaPolicy, *, prompt_t
                     # a queued job tries them as a sync call would (services/jobs.py)
                     **({"fallbacks": list(intent.fallbacks)} if queued and intent.fallbacks else {})},
             prompt_tokens=prompt_tokens,
-            model=model,
+            model=storable_name(model),
             model_id=intent.model,
             request_id=intent.request_id,
             api_key_id=intent.api_key_id,
@@ -245,6 +245,17 @@ def storable_text(text: str) -> str:
     return UNSTORABLE.sub("\ufffd", text)
 
 
+def storable_name(name: str) -> str:
+    """A model's name as the ``calls.model`` column keeps it: storable text, cut to the
+    column's length. A remote upstream names its model as it likes (in its /models list
+    and in every reply), and a name the column refuses failed the call's write, as an
+    unstorable reply did."""
+    return storable_text(name)[:_MODEL_CHARS]
+
+
+_MODEL_CHARS = Call.__table__.c.model.type.length
+
+
 _RESULT_COLUMNS = ("status", "response", "finish_reason", "prompt_tokens", "completion_tokens", "model",
                    "finished_at")
 
@@ -287,7 +298,7 @@ def record_completion(db: Database, call_id: uuid.UUID, result: Completion, atte
         "new_finish_reason": result.finish_reason,
         "new_prompt_tokens": result.prompt_tokens,
         "new_completion_tokens": result.completion_tokens,
-        "new_model": result.model,
+        "new_model": storable_name(result.model),
         "new_finished_at": utcnow(),
         "call_id": call_id,
         "attempt": attempt,
