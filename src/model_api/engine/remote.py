@@ -324,7 +324,7 @@ def _add_tool_call_delta(calls: dict[int, dict[str, Any]], delta: dict[str, Any]
     fn = delta.get("function") or {}
     if fn.get("name"):
         call["function"]["name"] = fn["name"]
-    if isinstance(fn.get("arguments"), str):
+    if fn.get("arguments"):
         call["function"]["arguments"] += fn["arguments"]
 
 
@@ -341,6 +341,10 @@ def _malformed(event: Any) -> str | None:
         delta = choice.get("delta") or {}
         if not isinstance(delta, dict) or not isinstance(delta.get("tool_calls") or [], list):
             return "its delta is not an object with a list of tool calls"
+        for tc in delta.get("tool_calls") or ():
+            problem = _malformed_tool_call(tc)
+            if problem:
+                return problem
         text = _text_of(choice)
         if text and not isinstance(text, str):
             return f"its text is a {type(text).__name__}"
@@ -350,6 +354,18 @@ def _malformed(event: Any) -> str | None:
         return "its usage is not an object"
     if not isinstance(event.get("model") or "", str):
         return "its model is not a string"
+    return None
+
+
+def _malformed_tool_call(tc: Any) -> str | None:
+    """What is wrong with one streamed tool call delta (None: nothing): its name and
+    arguments are joined into the call the client gets, so each must be text."""
+    if not isinstance(tc, dict) or not isinstance(tc.get("function") or {}, dict):
+        return "its tool call is not an object with a function object"
+    fn = tc.get("function") or {}
+    for field_ in ("name", "arguments"):
+        if fn.get(field_) is not None and not isinstance(fn[field_], str):
+            return f"its tool call's {field_} is a {type(fn[field_]).__name__}"
     return None
 
 
@@ -474,8 +490,7 @@ class _RemoteGeneration(Generation):
                         for choice in chunk.get("choices") or ():
                             delta = choice.get("delta") or {}
                             for tc in delta.get("tool_calls") or ():
-                                if isinstance(tc, dict):
-                                    _add_tool_call_delta(calls, tc)
+                                _add_tool_call_delta(calls, tc)
                             piece = _text_of(choice)
                             if piece:
                                 piece = unicode_text(piece)
