@@ -146,7 +146,8 @@ class Settings(BaseSettings):
         default_factory=_default_database_url,
         description="SQLAlchemy URL. PostgreSQL in production "
         "(`postgresql+psycopg://user:pw@host/db`); by default the SQLite file `model_api.sqlite3` in "
-        "INSTANCE_DIR.",
+        "INSTANCE_DIR, for development: in WAL mode, synced at checkpoints rather than at every commit "
+        "(a commit survives the process being killed; a crash of the machine may lose the last ones).",
     )
     database_connect_timeout_seconds: int = Field(
         5, ge=1,

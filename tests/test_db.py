@@ -1,0 +1,47 @@
+"""The development database (SQLite): what a commit promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from sqlalchemy import text
+
+from model_api.db import Database
+
+
+def _pragma(db: Database, name: str):
+    with db.autocommit() as conn:
+        return conn.execute(text(f"PRAGMA {name}")).scalar()
+
+
+def test_sqlite_commits_to_a_write_ahead_log_synced_at_checkpoints(tmp_path):
+    db = Database(f"sqlite:///{tmp_path}/m.sqlite3")
+    assert _pragma(db, "journal_mode") == "wal"
+    assert _pragma(db, "synchronous") == 1  # NORMAL: no fsync at each commit
+    assert _pragma(db, "foreign_keys") == 1
+    db.dispose()
+
+
+def test_a_sqlite_commit_survives_the_process_being_killed_right_after_it(tmp_path):
+    # what NORMAL keeps: a commit is in the log when it returns, whatever happens to
+    # the process next (only the machine crashing may lose it)
+    url = f"sqlite:///{tmp_path}/m.sqlite3"
+    writer = textwrap.dedent(f"""
+        import os, signal
+        from sqlalchemy import text
+        from model_api.db import Database
+        db = Database({url!r})
+        with db.session() as s:
+            s.execute(text("CREATE TABLE t (v TEXT)"))
+        with db.session() as s:
+            s.execute(text("INSERT INTO t VALUES ('kept')"))
+        os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint
+    """)
+    proc = subprocess.run([sys.executable, "-c", writer], capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr.decode()
+    db = Database(url)
+    with db.autocommit() as conn:
+        assert conn.execute(text("SELECT v FROM t")).scalars().all() == ["kept"]
+    db.dispose()
