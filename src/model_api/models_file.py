@@ -36,7 +36,7 @@ from .settings import ModelSettings
 
 #: the fields of a model entry that are ModelSettings fields under the same name
 _SETTINGS_FIELDS = ("backend", "path", "n_ctx", "n_threads", "n_batch", "n_parallel", "max_queue", "flash_attn",
-                    "deterministic", "base_url", "timeout_seconds", "connect_timeout_seconds")
+                    "deterministic", "prefill_chunk", "base_url", "timeout_seconds", "connect_timeout_seconds")
 
 
 class ModelsFileError(ValueError):
@@ -148,6 +148,7 @@ class _Entry(BaseModel):
     n_threads: int | None = None
     n_batch: int | None = None
     n_parallel: int | None = None
+    prefill_chunk: int | None = None
     max_queue: int | None = None
     flash_attn: bool | None = None
     deterministic: bool | None = None
@@ -273,7 +274,8 @@ def _model_entry(model_id: str, e: _Entry, base_dir: Path, env: Mapping[str, str
         raise lines.error(at, "a model id must be 1-255 characters")
     given = {k: getattr(e, k) for k in _SETTINGS_FIELDS if getattr(e, k) is not None}
     remote = e.backend == "openai"
-    local_only = ("path", "n_threads", "n_batch", "n_parallel", "max_queue", "flash_attn", "deterministic")
+    local_only = ("path", "n_threads", "n_batch", "n_parallel", "prefill_chunk", "max_queue", "flash_attn",
+                  "deterministic")
     remote_only = ("base_url", "api_key_env", "upstream_model", "timeout_seconds", "connect_timeout_seconds")
     for key in (local_only if remote else remote_only):
         if getattr(e, key) is not None:

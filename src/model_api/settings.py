@@ -73,6 +73,12 @@ class ModelSettings(BaseSettings):
     n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp; default: all cores.")
     n_batch: int = Field(512, ge=1, description="Prompt tokens processed per llama.cpp step.")
     n_parallel: int = Field(8, ge=1, description="Active sequences decoded together (`batching`).")
+    prefill_chunk: int | None = Field(
+        None, ge=3,
+        description="Prompt tokens a step may decode while other sequences generate (`batching`); default: "
+        "n_batch. Smaller keeps running streams smoother while long prompts are read, at a cost in tokens/s "
+        "and time to first token (docs/performance.md).",
+    )
     max_queue: int = Field(64, ge=1, description="Requests that may wait for a sequence slot (`batching`).")
     scheduler: Literal["fair", "fifo"] = Field(
         "fair",

@@ -25,6 +25,7 @@ models:
   long:
     n_ctx: 2048
     n_parallel: 2
+    prefill_chunk: 64
     aliases: [SmolLM2-135M-Instruct, smol]
   gpu:
     backend: openai
@@ -54,6 +55,7 @@ def test_a_file_lists_models_by_id_with_their_settings(tmp_path):
     assert (short.backend, short.context_size, short.settings.name) == ("llama", 512, "short")
     assert (short.temperature, short.max_tokens, short.max_tokens_cap) == (0, 16, 64)
     assert (long.backend, long.settings.n_parallel, long.settings.path) == ("batching", 2, None)
+    assert long.settings.prefill_chunk == 64 and short.settings.prefill_chunk is None
     assert (gpu.settings.base_url, gpu.settings.api_key, gpu.settings.name) == (
         "http://gpu-box:8000/v1", "sk-secret", "Qwen2.5-7B-Instruct")
     assert gpu.fallbacks == ("long",) and gpu.owned_by == "gpu-box" and long.owned_by == "model-api"
@@ -103,6 +105,8 @@ def test_the_example_file_in_the_repository_is_valid():
      "models.yaml:5: models.m.api_key_env: the environment variable NOPE is not set"),
     ("models:\n  m:\n    backend: openai\n    base_url: http://x/v1\n    n_parallel: 2\n",
      "models.yaml:5: models.m.n_parallel: only for local backends"),
+    ("models:\n  m:\n    backend: openai\n    base_url: http://x/v1\n    prefill_chunk: 64\n",
+     "models.yaml:5: models.m.prefill_chunk: only for local backends"),
     ("models:\n  m:\n    upstream_model: x\n", "models.yaml:3: models.m.upstream_model: only for openai backends"),
     ("models:\n  m:\n    path: missing.gguf\n", "models.yaml:3: models.m.path: no such file"),
     ("default: x\nmodels:\n  m: {}\n", "models.yaml:1: default: 'x' is not one of the models (m)"),

@@ -23,7 +23,9 @@ def llama_engine():
 def batching_engine():
     from model_api.engine.batching import BatchingEngine
 
-    engine = BatchingEngine(n_parallel=8, n_ctx_per_seq=2048, max_queue=64, flash_attn=False)
+    # 128-token prompt chunks (the default is a whole batch): a long prompt is read
+    # in several chunks while other sequences generate, which the identical-text tests need
+    engine = BatchingEngine(n_parallel=8, n_ctx_per_seq=2048, max_queue=64, flash_attn=False, prefill_chunk=128)
     yield engine
     engine.close()
 

@@ -227,6 +227,19 @@ def test_long_prompt_read_while_another_generates_gives_the_same_text(
 
 # -- slots, queueing, errors, edge cases ------------------------------------------
 
+@pytest.mark.parametrize("chunk, n_batch, expected", [(None, 512, 512), (100, 512, 100), (4096, 256, 256)])
+def test_a_prompt_chunk_is_a_whole_batch_unless_set_smaller(chunk, n_batch, expected):
+    # MODEL_PREFILL_CHUNK and a models file's prefill_chunk reach the engine through its settings
+    from model_api.engine.registry import build_engine
+    from model_api.settings import ModelSettings
+
+    engine = build_engine(ModelSettings(prefill_chunk=chunk, n_batch=n_batch, n_parallel=1, n_ctx=256))
+    try:
+        assert engine.prefill_chunk == expected
+    finally:
+        engine.close()
+
+
 def test_close_mid_stream_frees_the_slot(tiny_engine):
     gen = start(tiny_engine, chat("Write a long story about a dragon.", max_tokens=300))
     next(gen)

@@ -129,7 +129,7 @@ class BatchingEngine(LocalGGUFEngine):
         n_parallel: int = 8,
         n_ctx_per_seq: int = 2048,
         max_queue: int = 64,
-        prefill_chunk: int = 128,
+        prefill_chunk: int | None = None,
         flash_attn: bool = True,
         kv_unified: bool = False,
         model_name: str | None = None,
@@ -144,9 +144,13 @@ class BatchingEngine(LocalGGUFEngine):
         # token for later (see _prompt_chunk), so a budget of 2 could stall.
         self.n_batch = max(n_batch, n_parallel, 3)
         self.max_queue = max_queue
-        # Prompt tokens a step may decode while other sequences generate (a
-        # step with no generating sequence may decode a whole batch).
-        self.prefill_chunk = max(3, min(prefill_chunk, self.n_batch))
+        # Prompt tokens a step may decode while other sequences generate (a step
+        # with no generating sequence may decode a whole batch). By default a whole
+        # batch too: every step also decodes the generating sequences' tokens, a
+        # pass over all the weights, and with 128-token chunks that pass was ~10 %
+        # of the time of a step under long prompts. A smaller chunk delays running
+        # streams less while a long prompt is read (bench/RESULTS.md).
+        self.prefill_chunk = max(3, min(prefill_chunk or self.n_batch, self.n_batch))
         self.n_threads = n_threads or default_threads()
 
         # As Llama(verbose=False) does: only errors from llama.cpp's log.

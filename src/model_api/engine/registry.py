@@ -51,6 +51,7 @@ def build_engine(ms: ModelSettings) -> Engine:
 
         return BatchingEngine(model_path=ms.path, n_ctx_per_seq=ms.n_ctx, n_threads=ms.n_threads,
                               n_batch=ms.n_batch, n_parallel=ms.n_parallel, max_queue=ms.max_queue,
+                              prefill_chunk=ms.prefill_chunk,
                               model_name=ms.name, flash_attn=ms.use_flash_attn, scheduler=ms.scheduler)
     if ms.backend == "openai":
         from .remote import OpenAIEngine
