@@ -429,7 +429,10 @@ class BatchingEngine(LocalGGUFEngine):
         seq.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         seq.stops = StopMatcher(seq.params.stop)
         try:
-            seq.sampler = self._make_sampler(seq.params)
+            # greedy text reads the top logit in place (_greedy): a chain only for a
+            # grammar's masked draw (_constrain), or to sample at a temperature
+            if not seq.params.greedy or seq.params.response_format is not None:
+                seq.sampler = self._make_sampler(seq.params)
             if seq.params.response_format is not None:
                 seq.grammar = llama_cpp.llama_sampler_init_grammar(
                     self._vocab, gbnf(seq.params.response_format).encode(), b"root")
@@ -475,7 +478,7 @@ class BatchingEngine(LocalGGUFEngine):
     @staticmethod
     def _make_sampler(p: SamplingParams) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if p.greedy:  # kept for a response_format grammar's masked draw (_constrain)
+        if p.greedy:  # a response_format grammar's masked draw (_constrain)
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
             if p.top_p < 1.0:
