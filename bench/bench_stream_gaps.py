@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import threading
 import time
 
 import requests
 from bench_vs_llama_server import (CHAT_PROMPT, LlamaServer, Ours, llama_cpp_version, llama_server_binary, load,
-                                   prompt_for, stream_chat)
+                                   pct, prompt_for, stream_chat)
 
 from model_api.engine.local import default_model_path
 
@@ -31,20 +30,9 @@ STREAM_TOKENS = 64
 
 def stream_gaps(url: str, key: str | None, salt: str) -> list[float]:
     """One streamed chat reply: seconds between consecutive content events."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": "smol", "messages": [{"role": "user", "content": f"{CHAT_PROMPT} ({salt})"}],
-            "max_tokens": STREAM_TOKENS, "temperature": 0, "stream": True}
-    gaps: list[float] = []
-    last = None
-    with requests.post(url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith(b"data: {") and b'"content"' in line:
-                now = time.perf_counter()
-                if last is not None:
-                    gaps.append(now - last)
-                last = now
-    return gaps
+    times: list[float] = []
+    stream_chat(requests.Session(), url, key, f"{CHAT_PROMPT} ({salt})", STREAM_TOKENS, token_times=times)
+    return [b - a for a, b in zip(times, times[1:])]
 
 
 def long_prompts(url: str, key: str | None, user: int, salt: str, stop: threading.Event) -> None:
@@ -69,10 +57,8 @@ def under_load(url: str, key: str | None, heavy: int, salt: str) -> list[float]:
 
 
 def summary(gaps: list[float]) -> str:
-    g = sorted(gaps)
-    at = lambda q: g[min(len(g) - 1, int(len(g) * q))] * 1000  # noqa: E731
-    return (f"p50 {statistics.median(g) * 1000:6.0f} ms  p90 {at(0.9):6.0f}  p99 {at(0.99):6.0f}  "
-            f"max {g[-1] * 1000:6.0f} ms  ({len(g)} gaps)")
+    ms = [pct(gaps, q) * 1000 for q in (50, 90, 99, 100)]
+    return f"p50 {ms[0]:6.0f} ms  p90 {ms[1]:6.0f}  p99 {ms[2]:6.0f}  max {ms[3]:6.0f} ms  ({len(gaps)} gaps)"
 
 
 def main() -> None:

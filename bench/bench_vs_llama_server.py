@@ -250,8 +250,9 @@ class LiteLLM:
 
 # ---------------------------------------------------------------- the client
 def stream_chat(session: requests.Session, url: str, key: str | None, content: str, max_tokens: int,
-                request_id: str | None = None) -> dict:
-    """One streamed chat completion: time to first token, total time, token counts."""
+                request_id: str | None = None, token_times: list[float] | None = None) -> dict:
+    """One streamed chat completion: time to first token, total time, token counts;
+    ``token_times`` gets the clock reading of each content event."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if request_id:
         headers["X-Request-ID"] = request_id
@@ -277,6 +278,8 @@ def stream_chat(session: requests.Session, url: str, key: str | None, content: s
             for choice in event.get("choices") or []:
                 if (choice.get("delta") or {}).get("content"):
                     chunks += 1
+                    if token_times is not None:
+                        token_times.append(time.perf_counter())
                     if ttft is None:
                         ttft = time.perf_counter() - t0
     total = time.perf_counter() - t0

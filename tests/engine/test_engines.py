@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -230,7 +229,7 @@ def test_long_prompt_read_while_another_generates_gives_the_same_text(
 
 @pytest.mark.parametrize("temperature, response_format, chains", [
     (0.0, None, 0),  # the top logit, read in place
-    (0.0, '{"type": "json_object"}', 1),  # a grammar's masked draw needs one
+    (0.0, {"type": "json_object"}, 1),  # a grammar's masked draw needs one
     (0.8, None, 1),
 ])
 def test_a_sampler_chain_is_built_only_when_a_draw_needs_one(tiny_engine, monkeypatch, temperature,
@@ -242,7 +241,7 @@ def test_a_sampler_chain_is_built_only_when_a_draw_needs_one(tiny_engine, monkey
     built = []
     real = llama_cpp.llama_sampler_chain_init
     monkeypatch.setattr(llama_cpp, "llama_sampler_chain_init", lambda *a: built.append(1) or real(*a))
-    fmt = grammar.canonical(json.loads(response_format)) if response_format else None
+    fmt = grammar.canonical(response_format) if response_format else None
     res = tiny_engine.generate(chat("Hi", max_tokens=4, temperature=temperature, response_format=fmt))
     assert res.completion_tokens > 0 and len(built) == chains
 

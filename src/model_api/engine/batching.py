@@ -428,14 +428,15 @@ class BatchingEngine(LocalGGUFEngine):
         self._slots[slot] = seq
         seq.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         seq.stops = StopMatcher(seq.params.stop)
+        fmt = seq.params.response_format
         try:
             # greedy text reads the top logit in place (_greedy): a chain only for a
             # grammar's masked draw (_constrain), or to sample at a temperature
-            if not seq.params.greedy or seq.params.response_format is not None:
+            if fmt is not None or not seq.params.greedy:
                 seq.sampler = self._make_sampler(seq.params)
-            if seq.params.response_format is not None:
+            if fmt is not None:
                 seq.grammar = llama_cpp.llama_sampler_init_grammar(
-                    self._vocab, gbnf(seq.params.response_format).encode(), b"root")
+                    self._vocab, gbnf(fmt).encode(), b"root")
                 if not seq.grammar:
                     raise EngineError("llama.cpp refused the response_format grammar")
         except Exception as exc:  # this request's grammar: fail it alone

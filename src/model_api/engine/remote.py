@@ -317,8 +317,8 @@ _FINISH = {"stop": "stop", "length": "length"}
 
 
 def _add_tool_call_delta(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
-    """Fold one streamed ``tool_calls`` delta into the calls so far (OpenAI sends a
-    call's name once and its arguments in pieces)."""
+    """Fold one streamed ``tool_calls`` delta, of an event :func:`_malformed` passed,
+    into the calls so far (OpenAI sends a call's name once and its arguments in pieces)."""
     index = delta.get("index", 0) if isinstance(delta.get("index"), int) else 0
     call = calls.setdefault(index, {"type": "function", "function": {"name": "", "arguments": ""}})
     fn = delta.get("function") or {}

@@ -245,15 +245,15 @@ def storable_text(text: str) -> str:
     return UNSTORABLE.sub("\ufffd", text)
 
 
+_MODEL_CHARS = Call.__table__.c.model.type.length
+
+
 def storable_name(name: str) -> str:
     """A model's name as the ``calls.model`` column keeps it: storable text, cut to the
     column's length. A remote upstream names its model as it likes (in its /models list
     and in every reply), and a name the column refuses failed the call's write, as an
     unstorable reply did."""
     return storable_text(name)[:_MODEL_CHARS]
-
-
-_MODEL_CHARS = Call.__table__.c.model.type.length
 
 
 _RESULT_COLUMNS = ("status", "response", "finish_reason", "prompt_tokens", "completion_tokens", "model",
