@@ -54,7 +54,8 @@ class FakeEngine(Engine):
         self.fits(len(text.split()))
         return PreparedPrompt(request, len(text.split()))
 
-    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
+    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None, *,
+               incremental: bool = True) -> Generation:
         gen = _Gen(self, prompt.request)
         self.started.append(gen)
         return gen

@@ -109,7 +109,8 @@ class ModelSettings(BaseSettings):
     )
     timeout_seconds: float = Field(
         120.0, gt=0,
-        description="`openai` backend: longest wait for the upstream's next byte (first token included); 504 after.",
+        description="`openai` backend: longest wait for the upstream's next byte (first token included); 504 "
+        "after. A non-streamed call's one answer may take a quarter second more per token asked for.",
     )
     connect_timeout_seconds: float = Field(
         5.0, gt=0, description="`openai` backend: longest wait to connect to the upstream; 502 when refused."

@@ -38,7 +38,7 @@ class GatedEngine(Engine):
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         return PreparedPrompt(request, 7)
 
-    def stream(self, prompt, cancel=None):
+    def stream(self, prompt, cancel=None, *, incremental=True):
         return _GatedGeneration(self, cancel or threading.Event())
 
 

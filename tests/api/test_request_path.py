@@ -42,9 +42,9 @@ def counted(app, monkeypatch):
     seen: dict[str, list] = {"stream": [], "render": [], "tokenize": []}
     real_stream, real_render, real_tokenize = engine.stream, engine.template.render, engine._model.tokenize
 
-    def stream(prompt, cancel=None):
+    def stream(prompt, cancel=None, **kw):
         seen["stream"].append(inspect.stack())
-        return real_stream(prompt, cancel)
+        return real_stream(prompt, cancel, **kw)
 
     def render(*a, **k):
         seen["render"].append(1)

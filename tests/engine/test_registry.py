@@ -26,7 +26,7 @@ class Model(Engine):
     def prepare(self, request):  # pragma: no cover - not called here
         raise NotImplementedError
 
-    def stream(self, prompt, cancel=None):  # pragma: no cover
+    def stream(self, prompt, cancel=None, *, incremental=True):  # pragma: no cover
         raise NotImplementedError
 
     def in_flight(self) -> int:

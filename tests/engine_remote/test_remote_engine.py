@@ -29,7 +29,7 @@ from model_api.engine.base import (
     UpstreamError,
     UpstreamTimeout,
 )
-from model_api.engine import remote
+from model_api.engine import remote, tools
 from model_api.engine.remote import OpenAIEngine
 from model_api.models import Call, User
 
@@ -420,3 +420,126 @@ def test_silent_upstream_is_504_and_refunded(make_app, make_user, database):
         for c in conns:
             c.close()
         srv.close()
+
+
+# --- a whole reply (a non-streamed sync call) is asked for as one answer --------------------------
+
+def start_whole(engine, request=REQ):
+    return engine.stream(engine.prepare(request), incremental=False)
+
+
+def whole(content: Any = "Bonjour", **extra: Any) -> dict:
+    """A non-streamed chat completion, as OpenAI's API answers one."""
+    return {"model": "up-model", "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 2}, **extra}
+
+
+def test_a_whole_reply_is_one_answer_on_a_kept_alive_connection(engine_for):
+    asked_for, ports = [], []
+
+    def answer(asked: Asked) -> Reply:
+        asked_for.append(asked.json)
+        ports.append(asked.client_port)
+        return Reply(body=whole())
+
+    eng = engine_for(answer, model_name="m")
+    for _ in range(2):
+        gen = start_whole(eng)
+        assert list(gen) == ["Bonjour"]
+        r = gen.result
+        assert (r.text, r.prompt_tokens, r.completion_tokens, r.finish_reason, r.model) == (
+            "Bonjour", 11, 2, "length", "up-model")
+    assert all("stream" not in body and "stream_options" not in body for body in asked_for)
+    assert asked_for[0]["max_tokens"] == 4 and asked_for[0]["messages"] == [{"role": "user", "content": "Hi"}]
+    assert len(set(ports)) == 1  # llama-server closes a connection after a stream, not after an answer
+
+
+def test_a_whole_answer_carries_its_tool_calls_as_a_stream_does(engine_for):
+    calls = [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}},
+             {"id": "c2", "type": "function", "function": {"name": "neg", "arguments": '{"b": 2}'}}]
+    answer = whole(None)
+    answer["choices"][0]["message"]["tool_calls"] = calls
+    eng = engine_for(lambda asked: Reply(body=answer) if "stream" not in asked.json else event_stream(
+        *({"choices": [{"delta": {"tool_calls": [{**c, "index": i}]}}]} for i, c in enumerate(calls)),
+        b"[DONE]"), model_name="m")
+    whole_gen, streamed = start_whole(eng), start(eng, REQ)
+    assert list(whole_gen) == list(streamed) and len(whole_gen.result.text) > 0
+    assert whole_gen.result.text == streamed.result.text == tools.calls_text(
+        [{"type": "function", "function": c["function"]} for c in calls])
+
+
+@pytest.mark.parametrize("body,error", [
+    (b"{not json", "malformed answer"),
+    ([1, 2], "a list instead of an object"),
+    ({"choices": "abc"}, "its choices are not"),
+    ({"choices": [{"message": "abc"}]}, "its delta is not an object"),
+    (whole(5), "its text is a int"),
+    (whole(None, usage=[1]), "its usage is not an object"),
+    ({"choices": [{"message": {"tool_calls": [{"function": {"name": 7}}]}}]}, "its tool call's name is a int"),
+    ({"error": {"message": "out of memory"}}, "out of memory"),
+])
+def test_a_whole_answer_of_the_wrong_shape_is_an_upstream_error(engine_for, body, error):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(UpstreamError, match=error):
+        list(start_whole(engine_for(lambda asked: Reply(body=raw), model_name="m")))
+
+
+def test_an_upstream_that_streams_when_asked_for_one_answer_is_read_as_a_stream(engine_for):
+    eng = engine_for(lambda asked: event_stream({"choices": [{"delta": {"content": "a"}}]},
+                                                {"choices": [{"delta": {"content": "b"}}]}, b"[DONE]"),
+                     model_name="m")
+    gen = start_whole(eng)
+    assert "".join(gen) == "ab" and gen.result.text == "ab"
+
+
+def test_a_whole_answer_too_big_to_hold_is_an_upstream_error(engine_for, monkeypatch):
+    monkeypatch.setattr(remote, "MAX_LINE_BYTES", 100_000)
+    eng = engine_for(lambda asked: Reply(body=whole("x" * 200_000)), model_name="m")
+    with pytest.raises(UpstreamError, match="an answer of over 100000 bytes"):
+        list(start_whole(eng))
+
+
+@pytest.mark.parametrize("delay,incremental,answered", [
+    (0.8, False, True),  # past MODEL_TIMEOUT_SECONDS, within it plus a quarter second per token asked for
+    (0.8, True, False),  # a stream's first byte is due within MODEL_TIMEOUT_SECONDS
+    (2.0, False, False),
+])
+def test_a_whole_answer_may_take_a_quarter_second_more_per_token_asked_for(engine_for, delay, incremental,
+                                                                          answered):
+    release = threading.Event()
+
+    def answer(asked: Asked) -> Reply:
+        release.wait(delay)
+        return Reply(body=whole()) if "stream" not in asked.json else event_stream(
+            {"choices": [{"delta": {"content": "Bonjour"}}]}, b"[DONE]")
+
+    eng = engine_for(answer, model_name="m", timeout=0.5)  # REQ asks for 4 tokens: 0.5 + 1.0 s in all
+    try:
+        gen = eng.stream(eng.prepare(REQ), incremental=incremental)
+        if answered:
+            assert list(gen) == ["Bonjour"]
+        else:
+            with pytest.raises(UpstreamTimeout):
+                list(gen)
+    finally:
+        release.set()
+
+
+def test_closing_a_whole_reply_returns_before_the_upstream_answers(engine_for):
+    arrived, release, answered = threading.Event(), threading.Event(), threading.Event()
+
+    def answer(asked: Asked) -> Reply:
+        arrived.set()
+        release.wait(remote.CLOSE_WAIT_SECONDS - 2)  # a stream's close() would still be waiting then
+        answered.set()
+        return Reply(body=whole())
+
+    gen = start_whole(engine_for(answer, model_name="m"))
+    try:
+        assert arrived.wait(5)
+        gen.close()  # (nothing comes before a whole answer to stop at: it is dropped when it comes)
+        assert not answered.is_set() and list(gen) == []
+    finally:
+        release.set()

@@ -264,7 +264,10 @@ def test_second_instance_uses_the_first_as_its_openai_backend(server, database, 
         upstream_rows = [c for u, _, c in rows if u == "relay"]
         assert front_chat.response == streamed and front_chat.status == "completed"
         assert [c.response for c in upstream_rows] == [r.json()["response"], streamed]
-        # token counts on the front come from the upstream's usage
+        # token counts on the front come from the upstream's usage, in its one answer or its stream
+        front_sync = next(c for u, k, c in rows if (u, k) == ("dave", "sync"))
+        assert (front_sync.prompt_tokens, front_sync.completion_tokens) == (
+            upstream_rows[0].prompt_tokens, upstream_rows[0].completion_tokens)
         assert front_chat.completion_tokens == chunks[-1].usage.completion_tokens
         assert all(c.status == "completed" for c in upstream_rows)
         with database.session() as s:

@@ -195,8 +195,14 @@ class Engine(ABC):
             raise ContextOverflow(n_tokens, self.context_size)
 
     @abstractmethod
-    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
-        """Start a generation of a prompt this engine prepared; safe to call from many threads."""
+    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None, *,
+               incremental: bool = True) -> Generation:
+        """Start a generation of a prompt this engine prepared; safe to call from many threads.
+
+        ``incremental=False``: the caller reads the text only at the end (a whole
+        reply), so the engine may hand it over in one piece. The remote engine then
+        asks its upstream for one answer instead of an event stream; local engines
+        produce tokens one by one either way."""
 
     def generate(
         self, prompt: PreparedPrompt | GenerationRequest, cancel: threading.Event | None = None
@@ -204,7 +210,7 @@ class Engine(ABC):
         """Run a generation to the end and return its result (a bare request is prepared first)."""
         if isinstance(prompt, GenerationRequest):
             prompt = self.prepare(prompt)
-        gen = self.stream(prompt, cancel)
+        gen = self.stream(prompt, cancel, incremental=False)
         for _ in gen:
             pass
         assert gen.result is not None

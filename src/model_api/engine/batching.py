@@ -238,7 +238,8 @@ class BatchingEngine(LocalGGUFEngine):
         work = max(depth, 1) * self._tokens_per_request
         return max(1, math.ceil(work / max(self._tps, 1e-3)))
 
-    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
+    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None, *,
+               incremental: bool = True) -> Generation:
         assert prompt.tokens is not None, "a prompt prepared by this engine"
         tenant = prompt.request.tenant
         seq = _Sequence(prompt=prompt.tokens, params=prompt.params, cancel=cancel or threading.Event(), tenant=tenant)

@@ -55,7 +55,8 @@ class LlamaEngine(LocalGGUFEngine):
         self.context_size = self._llm.n_ctx()
         self._closed = False
 
-    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
+    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None, *,
+               incremental: bool = True) -> Generation:
         if self._closed:
             raise EngineError("engine is closed")
         # the prepared tokens: llama-cpp-python takes them as they are, no second tokenize

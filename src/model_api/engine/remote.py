@@ -1,10 +1,14 @@
 """A remote backend: any OpenAI-compatible server (vLLM, llama-server, Ollama,
 another instance of this service) behind the :class:`Engine` interface.
 
-Every request is streamed from the upstream (``stream: true`` with
+A streamed call is streamed from the upstream (``stream: true`` with
 ``stream_options.include_usage``) so deltas reach our clients as the upstream
 produces them, and closing a generation closes the upstream connection, which
-stops the upstream's work too. Token counts come from the upstream's usage;
+stops the upstream's work too. A call whose reply is read whole (a non-streamed
+sync call) asks the upstream for one answer, as LiteLLM does: no event stream
+to write and parse on either side, and a connection kept alive (llama-server
+closes one after every stream): 0.6 ms less a call on this project's 2-core
+machines (bench/RESULTS.md). Token counts come from the upstream's usage;
 there is no local tokenizer, so :meth:`OpenAIEngine.prepare` is only a cheap
 character-based guard and the upstream's own context errors become
 :class:`ContextOverflow` (422).
@@ -92,6 +96,7 @@ class OpenAIEngine(Engine):
         connect_timeout: float = 5.0,
     ):
         self.base_url = base_url.rstrip("/")
+        self._timeout, self._connect_timeout = timeout, connect_timeout
         self._headers = {"Accept": "application/json, text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -153,9 +158,10 @@ class OpenAIEngine(Engine):
             raise ContextOverflow(chars // MAX_CHARS_PER_TOKEN, self.context_size)
         return PreparedPrompt(request, max(1, math.ceil(chars / CHARS_PER_TOKEN)))
 
-    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Generation:
+    def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None, *,
+               incremental: bool = True) -> Generation:
         try:
-            return _RemoteGeneration(self, prompt, cancel)
+            return _RemoteGeneration(self, prompt, cancel, incremental)
         except RuntimeError as exc:  # the reader pool is shut down: this engine is closed
             raise EngineError(f"the {self.base_url} backend is closed") from exc
 
@@ -168,17 +174,17 @@ class OpenAIEngine(Engine):
         self._http.clear()
 
     # --- plumbing -----------------------------------------------------------
-    def payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        """(path, JSON body) of the upstream request."""
+    def payload(self, request: GenerationRequest, *, incremental: bool = True) -> tuple[str, dict[str, Any]]:
+        """(path, JSON body) of the upstream request: streamed, or for one whole answer."""
         p = request.params
         body: dict[str, Any] = {
             "model": self.upstream_model(),
             "max_tokens": p.max_tokens,
             "temperature": p.temperature,
             "top_p": p.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
         }
+        if incremental:
+            body.update(stream=True, stream_options={"include_usage": True})
         if p.seed is not None:
             body["seed"] = p.seed
         if p.stop:
@@ -198,9 +204,16 @@ class OpenAIEngine(Engine):
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path}"
 
+    def whole_answer_timeout(self, max_tokens: int) -> urllib3.Timeout:
+        """A whole answer's first byte comes after its last token: it may take
+        MODEL_TIMEOUT_SECONDS plus WHOLE_SECONDS_PER_TOKEN for each token asked for."""
+        return urllib3.Timeout(connect=self._connect_timeout, read=self._timeout + max_tokens * WHOLE_SECONDS_PER_TOKEN)
+
     @contextlib.contextmanager
-    def post_stream(self, path: str, body: dict[str, Any]) -> Iterator[urllib3.BaseHTTPResponse]:
-        """POST and stream the answer; once more on a new connection when the upstream
+    def post(self, path: str, body: dict[str, Any], timeout: urllib3.Timeout | None = None
+             ) -> Iterator[urllib3.BaseHTTPResponse]:
+        """POST and hand over the answer unread (``timeout``: the engine's, unless
+        given); once more on a new connection when the upstream
         hung up before answering. A kept-alive connection from the pool may have been
         closed by the upstream a moment after it was checked (llama-server closes
         them after every stream, seen as "Remote end closed connection without
@@ -211,7 +224,8 @@ class OpenAIEngine(Engine):
         for attempt in range(2):
             try:
                 resp = self._http.urlopen("POST", self.url(path), body=payload, headers=self._post_headers,
-                                          preload_content=False, retries=False, redirect=False)
+                                          preload_content=False, retries=False, redirect=False,
+                                          **({"timeout": timeout} if timeout is not None else {}))
             except ProtocolError:
                 if attempt:
                     raise
@@ -379,6 +393,56 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def _stream_events(resp: urllib3.BaseHTTPResponse, base_url: str) -> Iterator[Any]:
+    """An event stream's events, parsed, and None for each line that carries none
+    (comments, keep-alives: the reader checks for a cancellation at every line)."""
+    done = False  # [DONE] came
+    for line in _lines(resp):
+        if done or not line.startswith("data:"):
+            yield None  # comments, event names, keep-alives
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            # read on to the body's end, which is here: leaving a body unread
+            # closes its connection, and the next call had to open a new one
+            done = True
+            yield None
+            continue
+        try:
+            yield json.loads(data)
+        except ValueError:
+            raise UpstreamError(f"{base_url} sent a malformed event: {data[:100]!r}") from None
+
+
+def _whole_answer(resp: urllib3.BaseHTTPResponse, base_url: str) -> Iterator[Any]:
+    """A whole (non-streamed) answer as the one stream event it amounts to: each
+    choice's ``message`` becomes its ``delta``, and its tool calls are numbered as
+    a stream numbers them, so that one reading serves both."""
+    raw = resp.read(MAX_LINE_BYTES + 1)
+    if len(raw) > MAX_LINE_BYTES:
+        raise UpstreamError(f"the upstream sent an answer of over {MAX_LINE_BYTES} bytes")
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise UpstreamError(f"{base_url} sent a malformed answer: {raw[:100]!r}") from None
+    if isinstance(answer, dict) and isinstance(answer.get("choices"), list):
+        answer = {**answer, "choices": [_as_delta(c) for c in answer["choices"]]}
+    yield answer
+
+
+def _as_delta(choice: Any) -> Any:
+    """A whole answer's choice in a stream event's shape (anything else as it is, for
+    :func:`_malformed` to name)."""
+    if not isinstance(choice, dict) or "message" not in choice:
+        return choice
+    out = {k: v for k, v in choice.items() if k != "message"}
+    delta = choice["message"]
+    if isinstance(delta, dict) and isinstance(delta.get("tool_calls"), list):
+        delta = {**delta, "tool_calls": [{"index": i, **tc} if isinstance(tc, dict) else tc
+                                         for i, tc in enumerate(delta["tool_calls"])]}
+    return {**out, "delta": delta}
+
+
 #: what the reader thread hands the caller (see _RemoteGeneration)
 _PIECE, _END, _FAIL = 0, 1, 2
 #: longest wait in close() for the reader to stop; it stops at the upstream's next line
@@ -387,6 +451,9 @@ CLOSE_WAIT_SECONDS = 5.0
 READER_THREADS = 256
 #: the longest event line read from an upstream (a whole reply fits in one line many times over)
 MAX_LINE_BYTES = 16 * 1024 * 1024
+#: a whole answer's wait beyond MODEL_TIMEOUT_SECONDS, per token asked for: 4 tokens a second,
+#: the slowest decode the web server's timeouts plan for (gunicorn_conf, WEB_MIN_TOKENS_PER_SECOND)
+WHOLE_SECONDS_PER_TOKEN = 0.25
 #: how much of an upstream's error answer is read for its message
 ERROR_BODY_BYTES = 64 * 1024
 #: kept-alive connections to the upstream: one per reader, so no stream ever waits for a
@@ -401,9 +468,11 @@ class _RemoteGeneration(Generation):
     the upstream's time to first token instead of preceding it (the gateway's
     own time per call went from 8.2 to 6.3 ms p50: bench/RESULTS.md)."""
 
-    def __init__(self, engine: OpenAIEngine, prompt: PreparedPrompt, cancel: threading.Event | None):
+    def __init__(self, engine: OpenAIEngine, prompt: PreparedPrompt, cancel: threading.Event | None,
+                 incremental: bool = True):
         self._engine = engine
         self._request = prompt.request
+        self._incremental = incremental
         self._estimate = prompt.n_tokens
         self._cancel = cancel or threading.Event()
         self._out: queue.SimpleQueue = queue.SimpleQueue()
@@ -434,9 +503,16 @@ class _RemoteGeneration(Generation):
     def close(self) -> None:
         """Stop reading: the reader leaves the stream at the upstream's next line,
         which closes the upstream connection and so stops the upstream's work.
-        Waits for that (bounded), so ``result`` holds what was produced."""
+        Waits for that (bounded), so ``result`` holds what was produced.
+
+        A whole answer's request cannot be stopped this way (nothing comes before
+        the answer): closing returns at once, the upstream finishes its work, and
+        the reader drops the answer (a sync call that lost the race for its last
+        quota unit, or whose row could not be written)."""
         self._cancel.set()
         self._done = True
+        if not self._incremental:
+            return
         try:
             self._reader.result(CLOSE_WAIT_SECONDS)
         except (FutureTimeout, CancelledError):
@@ -451,33 +527,26 @@ class _RemoteGeneration(Generation):
         calls: dict[int, dict[str, Any]] = {}  # tool calls streamed in parts, by index
         finish = "stop"
         usage: dict[str, Any] = {}
-        done = False  # [DONE] came
         model = eng.model_name
         with _mapped_errors(eng.base_url):
-            path, body = eng.payload(self._request)
+            path, body = eng.payload(self._request, incremental=self._incremental)
             model = body["model"]
             if self._cancel.is_set():  # closed before the request went out: don't send it
                 finish = "cancelled"
             else:
-                with eng.post_stream(path, body) as resp:
+                timeout = None if self._incremental else eng.whole_answer_timeout(self._request.params.max_tokens)
+                with eng.post(path, body, timeout) as resp:
                     if resp.status >= 400:
                         raise _status_error(resp, eng, estimate)
-                    for line in _lines(resp):
+                    # an upstream may stream though asked for one answer: its events are read as such
+                    streamed = self._incremental or resp.headers.get("Content-Type", "").startswith(
+                        "text/event-stream")
+                    for chunk in (_stream_events if streamed else _whole_answer)(resp, eng.base_url):
                         if self._cancel.is_set():
                             finish = "cancelled"
                             break
-                        if done or not line.startswith("data:"):
-                            continue  # comments, event names, keep-alives
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            # read on to the body's end, which is here: leaving a body unread
-                            # closes its connection, and the next call had to open a new one
-                            done = True
+                        if chunk is None:
                             continue
-                        try:
-                            chunk = json.loads(data)
-                        except ValueError:
-                            raise UpstreamError(f"{eng.base_url} sent a malformed event: {data[:100]!r}") from None
                         problem = _malformed(chunk)
                         if problem:
                             raise UpstreamError(f"{eng.base_url} sent a malformed event: {problem}")

@@ -97,7 +97,8 @@ class ModelCalls:
         the failure and refunding the unit. A database that fails after the model
         answered delays the row's final write (:class:`DeferredWrites`), not the reply.
         """
-        started = self._start(intent, cancel)
+        # read only at its end: a remote upstream answers it in one piece (engine/remote.py)
+        started = self._start(intent, cancel, incremental=False)
         try:
             with self.ledger.failures_recorded(started.call_id):
                 for _ in started.gen:
@@ -115,7 +116,7 @@ class ModelCalls:
         """Admit a streamed call and run it to its first delta, so that everything
         before the first token (refusals as :meth:`run`; EngineError recorded and
         refunded) can still be answered with a status code."""
-        started = self._start(intent, threading.Event())
+        started = self._start(intent, threading.Event(), incremental=True)
         try:
             with self.ledger.failures_recorded(started.call_id):
                 call = StreamingCall(self.ledger, started.call_id, started.quota, started.gen, started.model,
@@ -126,11 +127,11 @@ class ModelCalls:
             raise
         return call
 
-    def _start(self, intent: CallIntent, cancel: threading.Event | None) -> _Started:
+    def _start(self, intent: CallIntent, cancel: threading.Event | None, *, incremental: bool) -> _Started:
         refuse_if_spent(self.db, intent)
         intent = with_limits(self.db, intent)
         if intent.fallbacks:
-            model_id, engine, prompt, gen = start_generation(self.engines, intent, cancel)
+            model_id, engine, prompt, gen = start_generation(self.engines, intent, cancel, incremental=incremental)
             intent = replace(intent, model=model_id)  # the row names the model that answers
             try:
                 admission = admit(self.limiter, intent, prompt.n_tokens)
@@ -142,7 +143,7 @@ class ModelCalls:
             prompt = engine.prepare(intent.request)
             admission = admit(self.limiter, intent, prompt.n_tokens)
             try:
-                gen = engine.stream(prompt, cancel)
+                gen = engine.stream(prompt, cancel, incremental=incremental)
             except BaseException:
                 admission.settle(0)
                 raise
@@ -156,8 +157,8 @@ class ModelCalls:
         return _Started(gen, call_id, state, prompt.n_tokens, engine.model_name, admission)
 
 
-def start_generation(engines: EngineRegistry, intent: CallIntent, cancel: threading.Event | None
-                     ) -> tuple[str | None, Engine, PreparedPrompt, Generation]:
+def start_generation(engines: EngineRegistry, intent: CallIntent, cancel: threading.Event | None, *,
+                     incremental: bool = True) -> tuple[str | None, Engine, PreparedPrompt, Generation]:
     """Start the intent's model, or when it fails before its first token (an
     upstream down, erroring or at capacity; a model that cannot load) its
     fallbacks in order. Returns (model id, engine, prompt, generation).
@@ -166,6 +167,7 @@ def start_generation(engines: EngineRegistry, intent: CallIntent, cancel: thread
     with some, each candidate but the last is run to its first delta (the only
     way to know it answers), and that delta is handed on first. A prompt that
     does not fit is the client's problem, not the model's: no fallback for it.
+    ``incremental``: as :meth:`Engine.stream` takes it.
     """
     candidates = (intent.model, *intent.fallbacks)
     for i, model_id in enumerate(candidates):
@@ -173,7 +175,7 @@ def start_generation(engines: EngineRegistry, intent: CallIntent, cancel: thread
         try:
             engine = engines.get(model_id)
             prompt = engine.prepare(intent.request)
-            gen = engine.stream(prompt, cancel)
+            gen = engine.stream(prompt, cancel, incremental=incremental)
             if last:
                 return model_id, engine, prompt, gen
             try:

@@ -227,7 +227,9 @@ class Jobs:
             request = request_of(call, limits.priority)
             intent = CallIntent(user_id=call.user_id, request=request, kind=CallKind.ASYNC,
                                 model=call.model_id, fallbacks=tuple(call.params.get("fallbacks") or ()))
-            answered, _, _, gen = start_generation(self.engines, intent, event)
+            # incremental although read to the end: a running job can be cancelled, and a remote
+            # upstream's stream stops at its next line and leaves the text produced so far
+            answered, _, _, gen = start_generation(self.engines, intent, event, incremental=True)
             if answered != call.model_id:  # the row names the model that answers, as a sync call's does
                 with self.db.session() as s:
                     s.execute(update(Call).where(Call.id == job_uuid).values(model_id=answered))
