@@ -135,35 +135,45 @@ class _Defaults(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
 
 
+#: the backends a field of an entry is for, when not both (each field says it, so a new one cannot be missed)
+_LOCAL, _REMOTE = {"only": "local"}, {"only": "openai"}
+
+
 class _Entry(BaseModel):
     """What one entry of ``models:`` may say (anything else is an error: typos are caught)."""
 
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["batching", "llama", "openai"] = "batching"
-    # local models
-    path: str | None = None
+    # either backend
     name: str | None = None
     n_ctx: int | None = None
-    n_threads: int | None = None
-    n_batch: int | None = None
-    n_parallel: int | None = None
-    prefill_chunk: int | None = None
-    max_queue: int | None = None
-    flash_attn: bool | None = None
-    deterministic: bool | None = None
-    # remote models
-    base_url: str | None = None
-    api_key_env: str | None = None
-    upstream_model: str | None = None
-    timeout_seconds: float | None = None
-    connect_timeout_seconds: float | None = None
+    # local models only (refused for a remote one: _entry)
+    path: str | None = Field(None, json_schema_extra=_LOCAL)
+    n_threads: int | None = Field(None, json_schema_extra=_LOCAL)
+    n_batch: int | None = Field(None, json_schema_extra=_LOCAL)
+    n_parallel: int | None = Field(None, json_schema_extra=_LOCAL)
+    prefill_chunk: int | None = Field(None, json_schema_extra=_LOCAL)
+    max_queue: int | None = Field(None, json_schema_extra=_LOCAL)
+    flash_attn: bool | None = Field(None, json_schema_extra=_LOCAL)
+    deterministic: bool | None = Field(None, json_schema_extra=_LOCAL)
+    # remote models only (refused for a local one)
+    base_url: str | None = Field(None, json_schema_extra=_REMOTE)
+    api_key_env: str | None = Field(None, json_schema_extra=_REMOTE)
+    upstream_model: str | None = Field(None, json_schema_extra=_REMOTE)
+    timeout_seconds: float | None = Field(None, json_schema_extra=_REMOTE)
+    connect_timeout_seconds: float | None = Field(None, json_schema_extra=_REMOTE)
     # around the engine
     aliases: list[str] = []
     defaults: _Defaults = _Defaults()
     max_tokens_cap: int | None = Field(None, ge=1)
     fallbacks: list[str] = []
     owned_by: str | None = None
+
+
+#: "local" / "openai": the entry fields only that kind of backend takes
+_ONLY_FOR = {kind: tuple(name for name, f in _Entry.model_fields.items()
+                         if (f.json_schema_extra or {}).get("only") == kind) for kind in ("local", "openai")}
 
 
 class _File(BaseModel):
@@ -274,10 +284,7 @@ def _model_entry(model_id: str, e: _Entry, base_dir: Path, env: Mapping[str, str
         raise lines.error(at, "a model id must be 1-255 characters")
     given = {k: getattr(e, k) for k in _SETTINGS_FIELDS if getattr(e, k) is not None}
     remote = e.backend == "openai"
-    local_only = ("path", "n_threads", "n_batch", "n_parallel", "prefill_chunk", "max_queue", "flash_attn",
-                  "deterministic")
-    remote_only = ("base_url", "api_key_env", "upstream_model", "timeout_seconds", "connect_timeout_seconds")
-    for key in (local_only if remote else remote_only):
+    for key in _ONLY_FOR["local" if remote else "openai"]:
         if getattr(e, key) is not None:
             raise lines.error((*at, key), f"only for {'local' if remote else 'openai'} backends "
                                           f"(this model's backend is {e.backend})")
