@@ -13,8 +13,8 @@ from the sdist that ``pip download`` fetches.
 
 1. Throughput: our ``make run`` defaults (gunicorn, SQLite, the batching engine)
    and llama-server side by side, both on ``/v1/chat/completions`` with
-   streaming, temperature 0, interleaved (A B, then B A in the next round) at
-   each level of users, two workloads:
+   streaming, temperature 0, each warmed up by one short request, interleaved
+   (A B, then B A in the next round) at each level of users, two workloads:
      chat    short prompt, 128 tokens out, 2 requests per user
      prompt  ~1,000-token prompt (unique per request), 16 tokens out, 2 per user
    Per side: tokens/s (chat: completion tokens; prompt: prompt + completion
@@ -325,6 +325,10 @@ def run_level(url: str, key: str | None, workload: str, users: int, per_user: in
 def throughput(ls: LlamaServer, ours: Ours, levels: list[int], rounds: int, per_user: int,
                workloads: list[str]) -> list[dict]:
     rows = []
+    # one short request each first, so that neither side's first-request costs (lazy imports,
+    # the first graph allocations, cold caches) land in the first level measured
+    for url, key in ((ls.url, None), (ours.url, ours.key)):
+        run_level(url, key, "chat", 1, 1, "warm-up")
     for workload in workloads:
         for users in levels:
             runs: dict[str, list[dict]] = {"llama-server": [], "ours": []}
