@@ -60,8 +60,8 @@ def test_a_reply_with_nul_and_an_unpaired_surrogate_is_answered_and_kept(serve, 
 
 
 def test_a_whole_answer_with_them_is_answered_and_kept(serve, make_user, database):
-    answer = {"model": "up", "choices": [{"message": {"role": "assistant", "content": "a\x00b\ud800"},
-                                          "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    answer = {"model": "up", "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+              "choices": [{"message": {"role": "assistant", "content": "a\x00b\ud800"}, "finish_reason": "stop"}]}
     r = serve(whole=answer).post("/v1/chat/completions", json=CHAT, headers=make_user())
     assert r.status_code == 200 and r.json["choices"][0]["message"]["content"] == "a\x00b\ufffd"
     row = the_row(database)

@@ -471,14 +471,15 @@ def test_a_whole_answer_carries_its_tool_calls_as_a_stream_does(engine_for):
 
 
 @pytest.mark.parametrize("body,error", [
-    (b"{not json", "malformed answer"),
-    ([1, 2], "a list instead of an object"),
-    ({"choices": "abc"}, "its choices are not"),
-    ({"choices": [{"message": "abc"}]}, "its delta is not an object"),
-    (whole(5), "its text is a int"),
-    (whole(None, usage=[1]), "its usage is not an object"),
-    ({"choices": [{"message": {"tool_calls": [{"function": {"name": 7}}]}}]}, "its tool call's name is a int"),
-    ({"error": {"message": "out of memory"}}, "out of memory"),
+    (b"{not json", "malformed answer: b'{not json'"),
+    ([1, 2], "malformed answer: a list instead of an object"),
+    ({"choices": "abc"}, "malformed answer: its choices are not"),
+    ({"choices": [{"message": "abc"}]}, "malformed answer: its delta is not an object"),
+    (whole(5), "malformed answer: its text is a int"),
+    (whole(None, usage=[1]), "malformed answer: its usage is not an object"),
+    ({"choices": [{"message": {"tool_calls": [{"function": {"name": 7}}]}}]},
+     "malformed answer: its tool call's name is a int"),
+    ({"error": {"message": "out of memory"}}, "answered an error: out of memory"),
 ])
 def test_a_whole_answer_of_the_wrong_shape_is_an_upstream_error(engine_for, body, error):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -207,7 +207,8 @@ class OpenAIEngine(Engine):
     def whole_answer_timeout(self, max_tokens: int) -> urllib3.Timeout:
         """A whole answer's first byte comes after its last token: it may take
         MODEL_TIMEOUT_SECONDS plus WHOLE_SECONDS_PER_TOKEN for each token asked for."""
-        return urllib3.Timeout(connect=self._connect_timeout, read=self._timeout + max_tokens * WHOLE_SECONDS_PER_TOKEN)
+        return urllib3.Timeout(connect=self._connect_timeout,
+                               read=self._timeout + max_tokens * WHOLE_SECONDS_PER_TOKEN)
 
     @contextlib.contextmanager
     def post(self, path: str, body: dict[str, Any], timeout: urllib3.Timeout | None = None
@@ -549,10 +550,11 @@ class _RemoteGeneration(Generation):
                             continue
                         problem = _malformed(chunk)
                         if problem:
-                            raise UpstreamError(f"{eng.base_url} sent a malformed event: {problem}")
+                            what = "event" if streamed else "answer"
+                            raise UpstreamError(f"{eng.base_url} sent a malformed {what}: {problem}")
                         if "error" in chunk:
-                            raise UpstreamError(f"{eng.base_url} failed mid-stream: "
-                                                f"{_message_of(chunk, 'unknown error')[0]}")
+                            failed = "failed mid-stream" if streamed else "answered an error"
+                            raise UpstreamError(f"{eng.base_url} {failed}: {_message_of(chunk, 'unknown error')[0]}")
                         model = chunk.get("model") or model
                         if chunk.get("usage"):
                             usage = chunk["usage"]
