@@ -34,11 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .engine.registry import UnknownModel
 from .settings import ModelSettings
 
-#: the fields of a model entry that are ModelSettings fields under the same name
-_SETTINGS_FIELDS = ("backend", "path", "n_ctx", "n_threads", "n_batch", "n_parallel", "max_queue", "flash_attn",
-                    "deterministic", "prefill_chunk", "base_url", "timeout_seconds", "connect_timeout_seconds")
-
-
 class ModelsFileError(ValueError):
     """The models file cannot be served as written; the message names line and field."""
 
@@ -135,8 +130,10 @@ class _Defaults(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
 
 
-#: the backends a field of an entry is for, when not both (each field says it, so a new one cannot be missed)
-_LOCAL, _REMOTE = {"only": "local"}, {"only": "openai"}
+def _only(kind: Literal["local", "openai"]) -> Any:
+    """An entry field only ``kind`` backends take (unset by default): each field says
+    it, so the check that refuses it for the other kind (_ONLY_FOR) cannot miss one."""
+    return Field(None, json_schema_extra={"only": kind})
 
 
 class _Entry(BaseModel):
@@ -149,20 +146,20 @@ class _Entry(BaseModel):
     name: str | None = None
     n_ctx: int | None = None
     # local models only (refused for a remote one: _entry)
-    path: str | None = Field(None, json_schema_extra=_LOCAL)
-    n_threads: int | None = Field(None, json_schema_extra=_LOCAL)
-    n_batch: int | None = Field(None, json_schema_extra=_LOCAL)
-    n_parallel: int | None = Field(None, json_schema_extra=_LOCAL)
-    prefill_chunk: int | None = Field(None, json_schema_extra=_LOCAL)
-    max_queue: int | None = Field(None, json_schema_extra=_LOCAL)
-    flash_attn: bool | None = Field(None, json_schema_extra=_LOCAL)
-    deterministic: bool | None = Field(None, json_schema_extra=_LOCAL)
+    path: str | None = _only("local")
+    n_threads: int | None = _only("local")
+    n_batch: int | None = _only("local")
+    n_parallel: int | None = _only("local")
+    prefill_chunk: int | None = _only("local")
+    max_queue: int | None = _only("local")
+    flash_attn: bool | None = _only("local")
+    deterministic: bool | None = _only("local")
     # remote models only (refused for a local one)
-    base_url: str | None = Field(None, json_schema_extra=_REMOTE)
-    api_key_env: str | None = Field(None, json_schema_extra=_REMOTE)
-    upstream_model: str | None = Field(None, json_schema_extra=_REMOTE)
-    timeout_seconds: float | None = Field(None, json_schema_extra=_REMOTE)
-    connect_timeout_seconds: float | None = Field(None, json_schema_extra=_REMOTE)
+    base_url: str | None = _only("openai")
+    api_key_env: str | None = _only("openai")
+    upstream_model: str | None = _only("openai")
+    timeout_seconds: float | None = _only("openai")
+    connect_timeout_seconds: float | None = _only("openai")
     # around the engine
     aliases: list[str] = []
     defaults: _Defaults = _Defaults()
@@ -174,6 +171,8 @@ class _Entry(BaseModel):
 #: "local" / "openai": the entry fields only that kind of backend takes
 _ONLY_FOR = {kind: tuple(name for name, f in _Entry.model_fields.items()
                          if (f.json_schema_extra or {}).get("only") == kind) for kind in ("local", "openai")}
+#: the fields of a model entry that are ModelSettings fields under the same name
+_SETTINGS_FIELDS = tuple(name for name in _Entry.model_fields if name in ModelSettings.model_fields)
 
 
 class _File(BaseModel):

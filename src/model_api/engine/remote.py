@@ -96,13 +96,13 @@ class OpenAIEngine(Engine):
         connect_timeout: float = 5.0,
     ):
         self.base_url = base_url.rstrip("/")
-        self._timeout, self._connect_timeout = timeout, connect_timeout
         self._headers = {"Accept": "application/json, text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._post_headers = {**self._headers, "Content-Type": "application/json"}
         # read= bounds the wait for each chunk (the first token included), not the whole stream
-        self._http = _pool_manager(self.base_url, urllib3.Timeout(connect=connect_timeout, read=timeout))
+        self._timeout = urllib3.Timeout(connect=connect_timeout, read=timeout)
+        self._http = _pool_manager(self.base_url, self._timeout)
         # the threads that read upstream streams (_RemoteGeneration), kept between calls:
         # starting a thread per call cost about a millisecond on a busy 2-core machine
         self._readers = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="upstream-stream")
@@ -207,8 +207,8 @@ class OpenAIEngine(Engine):
     def whole_answer_timeout(self, max_tokens: int) -> urllib3.Timeout:
         """A whole answer's first byte comes after its last token: it may take
         MODEL_TIMEOUT_SECONDS plus WHOLE_SECONDS_PER_TOKEN for each token asked for."""
-        return urllib3.Timeout(connect=self._connect_timeout,
-                               read=self._timeout + max_tokens * WHOLE_SECONDS_PER_TOKEN)
+        return urllib3.Timeout(connect=self._timeout.connect_timeout,
+                               read=self._timeout.read_timeout + max_tokens * WHOLE_SECONDS_PER_TOKEN)
 
     @contextlib.contextmanager
     def post(self, path: str, body: dict[str, Any], timeout: urllib3.Timeout | None = None
@@ -470,7 +470,7 @@ class _RemoteGeneration(Generation):
     own time per call went from 8.2 to 6.3 ms p50: bench/RESULTS.md)."""
 
     def __init__(self, engine: OpenAIEngine, prompt: PreparedPrompt, cancel: threading.Event | None,
-                 incremental: bool = True):
+                 incremental: bool):
         self._engine = engine
         self._request = prompt.request
         self._incremental = incremental
