@@ -45,3 +45,21 @@ def test_a_sqlite_commit_survives_the_process_being_killed_right_after_it(tmp_pa
     with db.autocommit() as conn:
         assert conn.execute(text("SELECT v FROM t")).scalars().all() == ["kept"]
     db.dispose()
+
+
+def test_a_sqlite_autocommit_block_commits_its_writes_when_it_ends_and_none_if_it_raises(tmp_path):
+    # the driver opens a transaction only for a write (no autocommit mode to switch to and back)
+    db = Database(f"sqlite:///{tmp_path}/m.sqlite3")
+    with db.autocommit() as conn:
+        conn.execute(text("CREATE TABLE t (v TEXT)"))
+    with db.autocommit() as conn:
+        conn.execute(text("INSERT INTO t VALUES ('kept')"))
+    try:
+        with db.autocommit() as conn:
+            conn.execute(text("INSERT INTO t VALUES ('dropped')"))
+            raise RuntimeError("the block fails after its write")
+    except RuntimeError:
+        pass
+    with db.engine.connect() as other:  # another connection sees what was committed
+        assert other.execute(text("SELECT v FROM t")).scalars().all() == ["kept"]
+    db.dispose()
