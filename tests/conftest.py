@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 import pytest
+from flask.testing import FlaskClient
 from sqlalchemy import create_engine, delete, text
 
 from model_api import create_app
@@ -96,6 +97,19 @@ def _clean_tables(request) -> Iterator[None]:
             s.execute(delete(User))
 
 
+class ServerLikeClient(FlaskClient):
+    """Flask's test client, closing each reply once it is read, as a WSGI server does
+    once it has written it: the request's access-log line and latency are written then
+    (api/observability.py). A stream stays open for its test to read and close."""
+
+    def open(self, *args, **kwargs):
+        response = super().open(*args, **kwargs)
+        if response.mimetype != "text/event-stream":
+            response.get_data()
+            response.close()
+        return response
+
+
 @pytest.fixture
 def make_app(db_url) -> Iterator[Callable[..., object]]:
     apps = []
@@ -110,6 +124,7 @@ def make_app(db_url) -> Iterator[Callable[..., object]]:
         }
         base.update(overrides)
         app = create_app(base)
+        app.test_client_class = ServerLikeClient
         apps.append(app)
         return app
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import uuid
 
+from flask.testing import FlaskClient
+
 from ..conftest import DEFAULT_PASSWORD, basic, wait_for
 from .helpers import LogCapture
 
@@ -35,6 +37,20 @@ def test_one_json_line_per_request_with_user_route_status_latency_and_usage(clie
     assert SECRET_PROMPT not in cap.text
     assert r.json["response"].strip() not in cap.text
     assert DEFAULT_PASSWORD not in cap.text
+
+
+def test_the_line_is_written_once_the_reply_is(app, make_user):
+    headers = make_user("alice")
+    client = FlaskClient(app)  # Flask's own: it closes nothing, as a server does once it has written a reply
+    with LogCapture() as cap:
+        r = client.post("/call_model", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0},
+                        headers={**headers, "X-Request-ID": "req-after-reply"})
+        usage = r.json["usage"]  # the whole reply, read
+        assert r.status_code == 201 and _access(cap.lines(), "req-after-reply") == []
+        r.close()
+    [line] = _access(cap.lines(), "req-after-reply")
+    assert (line["route"], line["status"], line["completion_tokens"]) == ("/call_model", 201,
+                                                                          usage["completion_tokens"])
 
 
 def test_a_streamed_call_logs_its_usage_when_the_stream_ends(client, make_user):

@@ -69,10 +69,9 @@ def register_request_hooks(app: APIFlask) -> None:
                              model_seconds=round(usage[2], 4))
             access_log.log(logging.ERROR if resp.status_code >= 500 else logging.INFO, "request", extra=extra)
 
-        if resp.is_streamed:
-            resp.call_on_close(emit)  # a stream's latency and usage are known only at its end
-        else:
-            emit()
+        # after the reply is written (the WSGI server closes its body): a stream's latency and
+        # usage are known only at its end, and no client waits on a log line or a histogram
+        resp.call_on_close(emit)
         return resp
 
     @app.teardown_request

@@ -42,7 +42,7 @@ _WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 HTTP_REQUEST_DURATION = Histogram(
     "model_api_http_request_duration_seconds",
-    "Time to answer an HTTP request, by route template, method and status.",
+    "Time to answer an HTTP request, until its reply is written, by route template, method and status.",
     ["method", "route", "status"],
     buckets=_LATENCY_BUCKETS,
 )
