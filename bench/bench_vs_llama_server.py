@@ -433,8 +433,9 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(10, 4))
-    for ax, workload in zip(axes, WORKLOADS):
+    measured = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]  # --workloads may leave one out
+    fig, axes = plt.subplots(1, len(measured), figsize=(5 * len(measured), 4), squeeze=False)
+    for ax, workload in zip(axes[0], measured):
         rs = [r for r in rows if r["workload"] == workload]
         x = range(len(rs))
         for k, name in enumerate(("llama-server", "ours")):
