@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from sqlalchemy import text
 
 from model_api.db import Database
@@ -54,12 +55,9 @@ def test_a_sqlite_autocommit_block_commits_its_writes_when_it_ends_and_none_if_i
         conn.execute(text("CREATE TABLE t (v TEXT)"))
     with db.autocommit() as conn:
         conn.execute(text("INSERT INTO t VALUES ('kept')"))
-    try:
-        with db.autocommit() as conn:
-            conn.execute(text("INSERT INTO t VALUES ('dropped')"))
-            raise RuntimeError("the block fails after its write")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError), db.autocommit() as conn:
+        conn.execute(text("INSERT INTO t VALUES ('dropped')"))
+        raise RuntimeError("the block fails after its write")
     with db.engine.connect() as other:  # another connection sees what was committed
         assert other.execute(text("SELECT v FROM t")).scalars().all() == ["kept"]
     db.dispose()

@@ -86,7 +86,7 @@ class Database:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
-        # Same pool; each statement commits on its own (no BEGIN/COMMIT round trips).
+        # autocommit() on PostgreSQL: the same pool, each statement committing on its own
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sqlite = url.startswith("sqlite")
 
