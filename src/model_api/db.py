@@ -62,7 +62,8 @@ class Database:
                  pool_timeout: float = 5.0, **engine_kwargs: Any):
         self.url = url
         engine_kwargs.setdefault("hide_parameters", True)
-        if url.startswith("sqlite"):
+        sqlite = url.startswith("sqlite")
+        if sqlite:
             path = url.split("///", 1)[-1] if "///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -83,12 +84,13 @@ class Database:
             # the server's statement_timeout plus a grace: the watchdog only acts
             # when the server itself cannot (it no longer answers at all)
             SilentServerWatchdog(statement_timeout_ms / 1000 + 2.0).watch(self.engine)
-        if url.startswith("sqlite"):
+        if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         # autocommit() on PostgreSQL: the same pool, each statement committing on its own
-        self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._sqlite = url.startswith("sqlite")
+        # (SQLite's runs on the engine itself: see autocommit())
+        self._autocommit_engine: SAEngine | None = (
+            None if sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT"))
 
     @classmethod
     def from_settings(cls, settings: Any) -> Database:
@@ -125,7 +127,7 @@ class Database:
         which commits when the block ends (or rolls back if it raises); switching
         its connection to autocommit mode and back cost more than the lookup itself
         (~0.2 ms a request on a 2-core machine: bench/RESULTS.md)."""
-        if self._sqlite:
+        if self._autocommit_engine is None:
             with self.engine.begin() as conn:
                 yield conn
         else:
