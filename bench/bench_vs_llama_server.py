@@ -17,6 +17,10 @@ from the sdist that ``pip download`` fetches.
    (A B, then B A in the next round) at each level of users, two workloads:
      chat    short prompt, 128 tokens out, 2 requests per user
      prompt  ~1,000-token prompt (unique per request), 16 tokens out, 2 per user
+   One user is interleaved request by request instead (A B B A ..., 8 requests
+   a side a round, ``--single-user-requests``): a block of two single requests
+   is over in seconds, and on a shared machine the speed of such a short
+   window moved by 10 % between rounds.
    Per side: tokens/s (chat: completion tokens; prompt: prompt + completion
    tokens, per wall second), time to first token p50/p99; and our ratio.
 2. Gateway: 1-token calls to llama-server directly, through us with
@@ -311,7 +315,25 @@ def run_level(url: str, key: str | None, workload: str, users: int, per_user: in
     t0 = time.perf_counter()
     with ThreadPoolExecutor(users) as pool:
         results = [r for batch in pool.map(user_loop, range(users)) for r in batch]
-    wall = time.perf_counter() - t0
+    return summary(workload, results, time.perf_counter() - t0)
+
+
+def run_single_user(sides: list[tuple[str, str, str | None]], workload: str, per_side: int,
+                    salt: str) -> dict[str, dict]:
+    """One user, the sides taking turns request by request (A B, B A, ...), so that
+    a slower or faster minute of a shared machine falls on both alike; per side, as
+    :func:`run_level` reports it (the wall time: its requests' own)."""
+    sessions = {name: requests.Session() for name, _, _ in sides}
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in sides}
+    for j in range(per_side):
+        for name, url, key in (sides if j % 2 == 0 else sides[::-1]):
+            results[name].append(stream_chat(sessions[name], url, key,
+                                             prompt_for(workload, 0, j, f"{salt}{name[0]}"), WORKLOADS[workload]))
+    return {name: summary(workload, rs, sum(r["seconds"] for r in rs)) for name, rs in results.items()}
+
+
+def summary(workload: str, results: list[dict], wall: float) -> dict:
+    """A level's numbers from its requests and the wall time they took."""
     out_tokens = sum(r["completion_tokens"] for r in results)
     all_tokens = out_tokens + sum(r["prompt_tokens"] for r in results)
     ttft = [r["ttft"] for r in results]
@@ -323,7 +345,9 @@ def run_level(url: str, key: str | None, workload: str, users: int, per_user: in
 
 
 def throughput(ls: LlamaServer, ours: Ours, levels: list[int], rounds: int, per_user: int,
-               workloads: list[str]) -> list[dict]:
+               workloads: list[str], single_user: int = 8) -> list[dict]:
+    """``per_user``: requests per user per round; ``single_user``: requests a side a
+    round at one user (taking turns, :func:`run_single_user`)."""
     rows = []
     # one short request each first, so that neither side's first-request costs (lazy imports,
     # the first graph allocations, cold caches) land in the first level measured
@@ -334,8 +358,14 @@ def throughput(ls: LlamaServer, ours: Ours, levels: list[int], rounds: int, per_
             runs: dict[str, list[dict]] = {"llama-server": [], "ours": []}
             for rnd in range(rounds):
                 sides = [("llama-server", ls.url, None), ("ours", ours.url, ours.key)]
-                for name, url, key in (sides if rnd % 2 == 0 else sides[::-1]):
-                    res = run_level(url, key, workload, users, per_user, f"r{rnd}{name[0]}u{users}")
+                if rnd % 2:
+                    sides.reverse()
+                if users == 1:
+                    done = run_single_user(sides, workload, single_user, f"r{rnd}u1")
+                else:
+                    done = {name: run_level(url, key, workload, users, per_user, f"r{rnd}{name[0]}u{users}")
+                            for name, url, key in sides}
+                for name, res in done.items():
                     runs[name].append(res)
                     print(f"  {workload:6} {users:2} users  {name:12} {res['tok_s']:7.1f} tok/s  "
                           f"TTFT p50 {res['ttft_p50_ms']:6.0f} ms p99 {res['ttft_p99_ms']:6.0f} ms  "
@@ -457,6 +487,8 @@ def main() -> None:
     ap.add_argument("--levels", default="1,8,16")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level (median reported)")
     ap.add_argument("--per-user", type=int, default=2, help="requests per user per round")
+    ap.add_argument("--single-user-requests", type=int, default=8,
+                    help="requests a side a round at one user (the sides take turns request by request)")
     ap.add_argument("--gateway-calls", type=int, default=300)
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="of: " + ", ".join(WORKLOADS))
     ap.add_argument("--skip-gateway", action="store_true")
@@ -466,7 +498,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, levels 1 and 8, 30 gateway calls")
     args = ap.parse_args()
     if args.quick:
-        args.rounds, args.levels, args.gateway_calls = 1, "1,8", 30
+        args.rounds, args.levels, args.gateway_calls, args.single_user_requests = 1, "1,8", 30, 2
     levels = [int(x) for x in args.levels.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -481,7 +513,7 @@ def main() -> None:
         if not args.skip_throughput:
             with Ours("defaults") as ours:
                 results["throughput"] = throughput(ls, ours, levels, args.rounds, args.per_user,
-                                                   args.workloads.split(","))
+                                                   args.workloads.split(","), args.single_user_requests)
                 results["local_gateway"] = local_gateway(ours, min(args.gateway_calls, 200))
         if not args.skip_gateway:
             results["gateway"] = gateway(ls, args.gateway_calls, args.gateway_base)
