@@ -486,7 +486,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--levels", default="1,8,16")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level (median reported)")
-    ap.add_argument("--per-user", type=int, default=2, help="requests per user per round")
+    ap.add_argument("--per-user", type=int, default=2,
+                    help="requests per user per round, at levels of more than one user")
     ap.add_argument("--single-user-requests", type=int, default=8,
                     help="requests a side a round at one user (the sides take turns request by request)")
     ap.add_argument("--gateway-calls", type=int, default=300)
@@ -495,7 +496,7 @@ def main() -> None:
     ap.add_argument("--gateway-base", type=Path, metavar="CHECKOUT",
                     help="also measure the gateway of another checkout (e.g. a git worktree of main) in the same run")
     ap.add_argument("--skip-throughput", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, levels 1 and 8, 30 gateway calls")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, levels 1 and 8, 2 single-user requests a side, 30 gateway calls")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.levels, args.gateway_calls, args.single_user_requests = 1, "1,8", 30, 2
