@@ -4,7 +4,8 @@
 
 Runs the workload of bench_vs_llama_server.py (``--users`` client threads,
 ``--per-user`` requests each, its prompts) through BatchingEngine as `make run`
-builds it, in this process (no HTTP), and times every ``llama_decode``:
+builds it from the MODEL_* settings, in this process (no HTTP), and times
+every ``llama_decode``:
 
 - passes of generating tokens (one token per generating sequence, step 2 of
   the scheduler) and prompt passes (step 3), with their share of the wall time;
@@ -33,6 +34,7 @@ from bench_vs_llama_server import WORKLOADS, prompt_for  # noqa: E402
 
 from model_api.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from model_api.engine.batching import BatchingEngine  # noqa: E402
+from model_api.settings import ModelSettings  # noqa: E402
 
 
 class TimedEngine(BatchingEngine):
@@ -84,8 +86,11 @@ def main() -> None:
     ap.add_argument("--kv-unified", action="store_true", help="one KV cache for all sequences")
     args = ap.parse_args()
 
-    # as `make run` builds it (settings' defaults: 8 slots of 2,048 cells, flash attention on)
-    engine = TimedEngine(n_parallel=8, n_ctx_per_seq=2048, flash_attn=True, kv_unified=args.kv_unified)
+    # as `make run` builds it (engine/registry.py build_engine), from the same settings
+    ms = ModelSettings()
+    engine = TimedEngine(model_path=ms.path, n_ctx_per_seq=ms.n_ctx, n_threads=ms.n_threads, n_batch=ms.n_batch,
+                         n_parallel=ms.n_parallel, max_queue=ms.max_queue, prefill_chunk=ms.prefill_chunk,
+                         flash_attn=ms.use_flash_attn, scheduler=ms.scheduler, kv_unified=args.kv_unified)
     try:
         run(engine, args.workload, 2, 1, "warm-up")
         wall, tokens = run(engine, args.workload, args.users, args.per_user, f"passes-{time.time()}")
