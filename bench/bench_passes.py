@@ -34,6 +34,7 @@ from bench_vs_llama_server import WORKLOADS, prompt_for  # noqa: E402
 
 from model_api.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from model_api.engine.batching import BatchingEngine  # noqa: E402
+from model_api.engine.registry import batching_args  # noqa: E402
 from model_api.settings import ModelSettings  # noqa: E402
 
 
@@ -87,10 +88,7 @@ def main() -> None:
     args = ap.parse_args()
 
     # as `make run` builds it (engine/registry.py build_engine), from the same settings
-    ms = ModelSettings()
-    engine = TimedEngine(model_path=ms.path, n_ctx_per_seq=ms.n_ctx, n_threads=ms.n_threads, n_batch=ms.n_batch,
-                         n_parallel=ms.n_parallel, max_queue=ms.max_queue, prefill_chunk=ms.prefill_chunk,
-                         flash_attn=ms.use_flash_attn, scheduler=ms.scheduler, kv_unified=args.kv_unified)
+    engine = TimedEngine(**batching_args(ModelSettings()), kv_unified=args.kv_unified)
     try:
         run(engine, args.workload, 2, 1, "warm-up")
         wall, tokens = run(engine, args.workload, args.users, args.per_user, f"passes-{time.time()}")
@@ -105,9 +103,10 @@ def main() -> None:
     shapes = collections.defaultdict(list)
     for n, runs, d in engine.passes.get("generating", []):
         shapes[(n, runs)].append(d * 1000)
-    for (n, runs), ms in sorted(shapes.items()):
-        print(f"  generating pass of {n} tokens in {runs} run(s): {len(ms):3} passes, "
-              f"median {statistics.median(ms):.1f} ms ({statistics.median(ms) / n:.1f} ms a token)")
+    for (n, runs), times in sorted(shapes.items()):
+        median = statistics.median(times)
+        print(f"  generating pass of {n} tokens in {runs} run(s): {len(times):3} passes, "
+              f"median {median:.1f} ms ({median / n:.1f} ms a token)")
 
 
 if __name__ == "__main__":

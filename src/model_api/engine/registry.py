@@ -39,6 +39,13 @@ def estimate_footprint(ms: ModelSettings) -> int:
     return os.path.getsize(path) + cells * kv_bytes_per_token(path)
 
 
+def batching_args(ms: ModelSettings) -> dict:
+    """BatchingEngine's arguments for these settings (also what bench/bench_passes.py builds)."""
+    return dict(model_path=ms.path, n_ctx_per_seq=ms.n_ctx, n_threads=ms.n_threads, n_batch=ms.n_batch,
+                n_parallel=ms.n_parallel, max_queue=ms.max_queue, prefill_chunk=ms.prefill_chunk,
+                model_name=ms.name, flash_attn=ms.use_flash_attn, scheduler=ms.scheduler)
+
+
 def build_engine(ms: ModelSettings) -> Engine:
     """A new engine for these settings (the backend's module is imported only when used)."""
     if ms.backend == "llama":
@@ -49,10 +56,7 @@ def build_engine(ms: ModelSettings) -> Engine:
     if ms.backend == "batching":
         from .batching import BatchingEngine
 
-        return BatchingEngine(model_path=ms.path, n_ctx_per_seq=ms.n_ctx, n_threads=ms.n_threads,
-                              n_batch=ms.n_batch, n_parallel=ms.n_parallel, max_queue=ms.max_queue,
-                              prefill_chunk=ms.prefill_chunk,
-                              model_name=ms.name, flash_attn=ms.use_flash_attn, scheduler=ms.scheduler)
+        return BatchingEngine(**batching_args(ms))
     if ms.backend == "openai":
         from .remote import OpenAIEngine
 
