@@ -1,16 +1,21 @@
 """A/B of engine configurations: each arm in a fresh process, arms interleaved.
 
     .venv/bin/python bench/bench_ab_engine.py --arm default --arm deterministic:deterministic=1 \\
-        [--arm avx2:path=/dir/with/another/llama_cpp] [--rounds 3] [--levels 1,8]
+        [--arm avx2:path=/dir/with/another/llama_cpp] [--rounds 3] [--levels 1,8] [--workload chat|prompt]
 
 An arm is ``NAME[:key=value,...]``: ``deterministic=1`` builds the engine as
 MODEL_DETERMINISTIC=1 does (flash attention off); ``path=DIR`` puts DIR first
 on PYTHONPATH, so another build of llama-cpp-python installed there with
 ``pip install --target DIR --no-deps WHEEL`` is the one imported. Each round
 runs every arm once (the order reversed every other round), each in its own
-process: BatchingEngine with 8 slots, ``users`` closed-loop clients, two
-greedy replies of ``--max-tokens`` each. Prints per-arm medians, ratios to the first arm
-and the load average with every result: on a shared machine, read the ratios.
+process: the engine as ``make run`` builds it (``registry.batching_args`` of the
+default settings), ``users`` closed-loop clients, two greedy requests each of the
+side-by-side bench's workloads (bench_vs_llama_server.py): ``chat`` (a short
+prompt, 128 tokens out; tokens/s counts generated tokens) or ``prompt``
+(~1,000-token unique prompts, 16 out; prompt and generated tokens).
+``--max-tokens`` overrides the workload's reply length. Prints per-arm medians,
+ratios to the first arm and the load average with every result: on a shared
+machine, read the ratios.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "Write a long story about a dragon who learns to cook."
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_vs_llama_server import WORKLOADS, prompt_for  # noqa: E402
 
 
 def child(spec: dict) -> None:
@@ -34,10 +40,14 @@ def child(spec: dict) -> None:
     from model_api.engine.base import GenerationRequest, SamplingParams
     from model_api.engine.batching import BatchingEngine
     from model_api.engine.local import load_backends
+    from model_api.engine.registry import batching_args
+    from model_api.settings import ModelSettings
 
     variant = load_backends()
-    engine = BatchingEngine(n_parallel=8, n_ctx_per_seq=2048, flash_attn=not spec["deterministic"])
+    engine = BatchingEngine(**batching_args(ModelSettings(deterministic=spec["deterministic"])))
     out = {"variant": variant}
+    workload = spec["workload"]
+    params = SamplingParams(max_tokens=spec["max_tokens"] or WORKLOADS[workload], temperature=0)
     try:
         engine.generate(GenerationRequest.single_prompt("Hi", SamplingParams(max_tokens=4, temperature=0)))
         for users in spec["levels"]:
@@ -46,9 +56,9 @@ def child(spec: dict) -> None:
             def user(i: int) -> None:
                 nonlocal tokens
                 for j in range(2):
-                    req = GenerationRequest.single_prompt(
-                        f"{PROMPT} ({i}-{j})", SamplingParams(max_tokens=spec["max_tokens"], temperature=0))
-                    n = engine.generate(req).completion_tokens
+                    text = prompt_for(workload, i, j, f"{spec['salt']}-{users}")
+                    res = engine.generate(GenerationRequest.chat([{"role": "user", "content": text}], params))
+                    n = res.completion_tokens + (res.prompt_tokens if workload == "prompt" else 0)
                     with lock:
                         tokens += n
 
@@ -75,7 +85,8 @@ def main() -> None:
     ap.add_argument("--arm", action="append", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--levels", default="1,8")
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--workload", default="chat", choices=list(WORKLOADS))
+    ap.add_argument("--max-tokens", type=int, help="reply length (default: the workload's)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -89,7 +100,8 @@ def main() -> None:
             env = dict(os.environ)
             if arm["path"]:
                 env["PYTHONPATH"] = os.pathsep.join([arm["path"], env.get("PYTHONPATH", "")])
-            spec = json.dumps({"deterministic": arm["deterministic"], "levels": levels, "max_tokens": args.max_tokens})
+            spec = json.dumps({"deterministic": arm["deterministic"], "levels": levels, "max_tokens": args.max_tokens,
+                               "workload": args.workload, "salt": f"{rnd}{arm['name']}"})
             out = subprocess.run([sys.executable, __file__, "--arm", arm["name"], "--child", spec], env=env,
                                  check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             res = json.loads(out)
