@@ -26,13 +26,11 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_vs_llama_server import WORKLOADS, prompt_for  # noqa: E402
+from bench_vs_llama_server import WORKLOADS, run_in_process  # noqa: E402
 
 
 def child(spec: dict) -> None:
@@ -47,28 +45,13 @@ def child(spec: dict) -> None:
     engine = BatchingEngine(**batching_args(ModelSettings(deterministic=spec["deterministic"])))
     out = {"variant": variant}
     workload = spec["workload"]
-    params = SamplingParams(max_tokens=spec["max_tokens"] or WORKLOADS[workload], temperature=0)
     try:
         engine.generate(GenerationRequest.single_prompt("Hi", SamplingParams(max_tokens=4, temperature=0)))
         for users in spec["levels"]:
-            tokens, lock = 0, threading.Lock()
-
-            def user(i: int) -> None:
-                nonlocal tokens
-                for j in range(2):
-                    text = prompt_for(workload, i, j, f"{spec['salt']}-{users}")
-                    res = engine.generate(GenerationRequest.chat([{"role": "user", "content": text}], params))
-                    n = res.completion_tokens + (res.prompt_tokens if workload == "prompt" else 0)
-                    with lock:
-                        tokens += n
-
-            threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            out[str(users)] = tokens / (time.perf_counter() - t0)
+            wall, prompt_tokens, completion_tokens = run_in_process(
+                engine, workload, users, 2, f"{spec['salt']}-{users}", spec["max_tokens"])
+            tokens = completion_tokens + (prompt_tokens if workload == "prompt" else 0)
+            out[str(users)] = tokens / wall
     finally:
         engine.close()
     print(json.dumps(out))

@@ -25,14 +25,12 @@ import argparse
 import collections
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_llama_server import WORKLOADS, prompt_for  # noqa: E402
+from bench_vs_llama_server import WORKLOADS, run_in_process  # noqa: E402
 
-from model_api.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from model_api.engine.batching import BatchingEngine  # noqa: E402
 from model_api.engine.registry import batching_args  # noqa: E402
 from model_api.settings import ModelSettings  # noqa: E402
@@ -57,26 +55,10 @@ class TimedEngine(BatchingEngine):
 
 
 def run(engine: TimedEngine, workload: str, users: int, per_user: int, salt: str) -> tuple[float, int]:
-    """Wall seconds and tokens (prompt and generated) of one level."""
-    params = SamplingParams(max_tokens=WORKLOADS[workload], temperature=0.0)
-    tokens = []
-
-    def user(u: int) -> None:
-        for j in range(per_user):
-            request = GenerationRequest.chat([{"role": "user", "content": prompt_for(workload, u, j, salt)}], params)
-            generation = engine.stream(engine.prepare(request))
-            for _ in generation:
-                pass
-            tokens.append(generation.result.prompt_tokens + generation.result.completion_tokens)
-
+    """Wall seconds and tokens (prompt and generated) of one level, its passes alone in ``engine.passes``."""
     engine.passes.clear()
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0, sum(tokens)
+    wall, prompt_tokens, completion_tokens = run_in_process(engine, workload, users, per_user, salt)
+    return wall, prompt_tokens + completion_tokens
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -303,6 +304,33 @@ def prompt_for(workload: str, user: int, j: int, salt: str) -> str:
 
 
 WORKLOADS = {"chat": 128, "prompt": 16}
+
+
+def run_in_process(engine, workload: str, users: int, per_user: int, salt: str,
+                   max_tokens: int | None = None) -> tuple[float, int, int]:
+    """A workload through an engine in this process (no HTTP), ``users`` closed-loop
+    clients of ``per_user`` greedy requests each, the prompts :func:`prompt_for`
+    gives: wall seconds, prompt tokens and generated tokens. What the in-process
+    benches (bench_passes.py, bench_ab_engine.py) measure; ``max_tokens``
+    overrides the workload's reply length."""
+    from model_api.engine.base import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens or WORKLOADS[workload], temperature=0.0)
+    results = []  # list.append is atomic: the client threads share it without a lock
+
+    def user(u: int) -> None:
+        for j in range(per_user):
+            text = prompt_for(workload, u, j, salt)
+            results.append(engine.generate(GenerationRequest.chat([{"role": "user", "content": text}], params)))
+
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return wall, sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
 
 
 def run_level(url: str, key: str | None, workload: str, users: int, per_user: int, salt: str) -> dict:
