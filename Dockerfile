@@ -16,9 +16,11 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake \
  && rm -rf /var/lib/apt/lists/*
 
-# Same portable llama.cpp flags as the Makefile: a native (-march=native)
+# Same llama.cpp build as the Makefile (docs/performance.md): the CPU backend
+# for AVX2 and for AVX-512, one picked at run time. A native (-march=native)
 # build would run only on CPUs like the build machine's, and crashes on some.
-ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON" \
+    LLAMA_CPU_VARIANTS="haswell icelake" \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -27,11 +29,13 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
 
-# llama.cpp first, in a layer of its own keyed by its pinned version alone: it
-# takes minutes to compile, and the other pins change far more often
+# llama.cpp first, in a layer of its own keyed by its version, flags and build
+# script: it takes minutes to compile, and the other pins change far more often
 # (tests/packaging/test_static.py keeps this version equal to requirements.txt's).
+COPY scripts/build-llama.sh ./
 RUN pip install pip==25.3 \
- && pip install --no-deps llama_cpp_python==0.3.36
+ && pip install --no-deps "$(LLAMA_WHEELHOUSE=/tmp/wheels ./build-llama.sh pip 0.3.36)" \
+ && rm -rf /tmp/wheels
 
 # Dependencies next, so code changes reinstall nothing.
 COPY requirements.txt ./

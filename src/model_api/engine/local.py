@@ -115,8 +115,14 @@ def kv_bytes_per_token(model_path: str) -> int:
 
 
 #: CPU-backend variants never loaded: the AMX matmul crashed (SIGSEGV) on some Sapphire Rapids
-#: Xeons, so those machines get the best variant without AMX (AVX-512 with BF16) instead
+#: Xeons, so those machines get the best variant without AMX instead
 UNSAFE_CPU_VARIANTS = frozenset({"sapphirerapids"})
+#: CPUs (``vendor_id``, ``cpu family`` of /proc/cpuinfo) on which llama.cpp's AVX-512 variant
+#: measured faster than its AVX2 one (``haswell``) for the bundled model: AMD Zen 5, whose
+#: vector units are 512 bits wide. Elsewhere AVX2 is kept although ggml's own scores would
+#: pick AVX-512: it measured 0.91-0.95x on Zen 4 (family 25), which splits 512-bit work
+#: into two halves, and 0.95-1.00x on a Sapphire Rapids Xeon (bench/RESULTS.md).
+AVX512_FASTER_CPUS = frozenset({("AuthenticAMD", "26")})
 _BACKENDS_LOCK = threading.Lock()
 
 
@@ -129,8 +135,8 @@ def load_backends() -> str | None:
     only beside the executable (here: python) and in the working directory, so
     it would find none; and its own choice would include the AMX variant. Here
     each variant's own ``ggml_backend_score`` (0 = this CPU lacks an instruction
-    it needs) picks the best one outside :data:`UNSAFE_CPU_VARIANTS`. A build
-    with the backend linked in has nothing to load: returns None.
+    it needs) and :func:`pick_variant` choose. A build with the backend linked
+    in has nothing to load: returns None.
     """
     from llama_cpp import _ggml
 
@@ -146,17 +152,38 @@ def load_backends() -> str | None:
         loaded = _loaded_cpu_variant()
         if loaded or lib.ggml_backend_reg_count():
             return loaded
-        best, best_score = None, 0
-        for path in sorted(Path(_ggml.libggml_base_path).glob("libggml-cpu-*.so")):
-            variant = path.stem.removeprefix("libggml-cpu-")
-            if variant in UNSAFE_CPU_VARIANTS:
-                continue
-            score = _variant_score(path)
-            if score > best_score:
-                best, best_score = path, score
-        if best is None or not lib.ggml_backend_load(os.fsencode(best)):
+        paths = {p.stem.removeprefix("libggml-cpu-"): p
+                 for p in Path(_ggml.libggml_base_path).glob("libggml-cpu-*.so")}
+        scores = {v: _variant_score(p) for v, p in paths.items() if v not in UNSAFE_CPU_VARIANTS}
+        best = pick_variant(scores, _cpu_id())
+        if best is None or not lib.ggml_backend_load(os.fsencode(paths[best])):
             raise RuntimeError(f"no llama.cpp CPU backend for this CPU in {_ggml.libggml_base_path}")
         return _loaded_cpu_variant()
+
+
+def pick_variant(scores: dict[str, int], cpu: tuple[str, str] | None) -> str | None:
+    """The CPU-backend variant to load, from each one's ``ggml_backend_score`` on this CPU.
+
+    The best-scoring variant outside :data:`UNSAFE_CPU_VARIANTS`, except that a CPU
+    not in :data:`AVX512_FASTER_CPUS` gets ``haswell`` (AVX2) whenever it can run it.
+    """
+    usable = {v: s for v, s in scores.items() if s > 0 and v not in UNSAFE_CPU_VARIANTS}
+    if not usable:
+        return None
+    if "haswell" in usable and cpu not in AVX512_FASTER_CPUS:
+        return "haswell"
+    return max(usable, key=lambda v: usable[v])
+
+
+def _cpu_id() -> tuple[str, str] | None:
+    """(``vendor_id``, ``cpu family``) of the first CPU in /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
+    family = re.search(r"^cpu family\s*:\s*(\d+)", text, re.M)
+    return (vendor.group(1), family.group(1)) if vendor and family else None
 
 
 def _variant_score(path: Path) -> int:
