@@ -120,8 +120,8 @@ UNSAFE_CPU_VARIANTS = frozenset({"sapphirerapids"})
 #: CPUs (``vendor_id``, ``cpu family`` of /proc/cpuinfo) on which llama.cpp's AVX-512 variant
 #: measured faster than its AVX2 one (``haswell``) for the bundled model: AMD Zen 5, whose
 #: vector units are 512 bits wide. Elsewhere AVX2 is kept although ggml's own scores would
-#: pick AVX-512: it measured 0.91-0.95x on Zen 4 (family 25), which splits 512-bit work
-#: into two halves, and 0.95-1.00x on a Sapphire Rapids Xeon (bench/RESULTS.md).
+#: pick AVX-512: it measured 0.91-0.95x on Zen 4 (family 25, 256-bit units) and 0.95-1.00x
+#: on a Sapphire Rapids Xeon (bench/RESULTS.md); other CPUs were not measured.
 AVX512_FASTER_CPUS = frozenset({("AuthenticAMD", "26")})
 _BACKENDS_LOCK = threading.Lock()
 
@@ -172,7 +172,7 @@ def pick_variant(scores: dict[str, int], cpu: tuple[str, str] | None) -> str | N
         return None
     if "haswell" in usable and cpu not in AVX512_FASTER_CPUS:
         return "haswell"
-    return max(usable, key=lambda v: usable[v])
+    return max(usable, key=usable.__getitem__)
 
 
 def _cpu_id() -> tuple[str, str] | None:
