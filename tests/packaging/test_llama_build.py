@@ -14,8 +14,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build-llama.sh"
-MAKE_FLAGS = re.search(r"CMAKE_ARGS \?= (.+)", (ROOT / "Makefile").read_text()).group(1).strip()
-MAKE_VARIANTS = re.search(r"LLAMA_CPU_VARIANTS \?= (.+)", (ROOT / "Makefile").read_text()).group(1).strip()
+MAKEFILE = (ROOT / "Makefile").read_text()
+
+
+def make_var(name: str) -> str:
+    """A ``NAME ?= value`` default of the Makefile."""
+    return re.search(rf"{name} \?= (.+)", MAKEFILE).group(1).strip()
+
+
+MAKE_FLAGS, MAKE_VARIANTS = make_var("CMAKE_ARGS"), make_var("LLAMA_CPU_VARIANTS")
 
 
 def wheelhouse(tmp_path: Path, **env: str) -> str:

@@ -154,6 +154,7 @@ def load_backends() -> str | None:
             return loaded
         paths = {p.stem.removeprefix("libggml-cpu-"): p
                  for p in Path(_ggml.libggml_base_path).glob("libggml-cpu-*.so")}
+        # an unsafe variant is not even opened to be scored (pick_variant would skip it anyway)
         scores = {v: _variant_score(p) for v, p in paths.items() if v not in UNSAFE_CPU_VARIANTS}
         best = pick_variant(scores, _cpu_id())
         if best is None or not lib.ggml_backend_load(os.fsencode(paths[best])):
