@@ -55,6 +55,14 @@ def start(engine, request):
     return engine.stream(engine.prepare(request))
 
 
+def start_whole(engine, request=REQ):
+    return engine.stream(engine.prepare(request), incremental=False)
+
+
+#: a streamed call, and a whole reply (a non-streamed sync call: sent and read by the caller's thread)
+EITHER_WAY = pytest.mark.parametrize("begin", [start, start_whole], ids=["streamed", "whole"])
+
+
 def prepared_tokens(engine, request) -> int:
     return engine.prepare(request).n_tokens
 
@@ -192,7 +200,8 @@ def test_an_upstream_that_stops_sending_mid_stream_is_a_timeout(engine_for):
         stalled.set()
 
 
-def test_the_upstream_request_goes_out_when_the_generation_is_made_not_at_its_first_read(engine_for):
+@EITHER_WAY
+def test_the_upstream_request_goes_out_when_the_generation_is_made_not_at_its_first_read(engine_for, begin):
     # so the caller's database work overlaps the upstream's first token (engine/remote.py)
     asked = threading.Event()
 
@@ -200,7 +209,7 @@ def test_the_upstream_request_goes_out_when_the_generation_is_made_not_at_its_fi
         asked.set()
         return event_stream({"choices": [{"delta": {"content": "a"}}]}, b"[DONE]")
 
-    gen = start(engine_for(answer, model_name="m"), REQ)
+    gen = begin(engine_for(answer, model_name="m"), REQ)
     assert asked.wait(5), "nothing was sent before the first read"
     assert list(gen) == ["a"] and gen.result.finish_reason == "stop"
 
@@ -236,7 +245,8 @@ def test_an_endless_line_is_an_upstream_error_not_a_memory_leak(engine_for, monk
         list(start(eng, REQ))
 
 
-def test_calls_one_after_another_share_one_kept_alive_connection(engine_for):
+@EITHER_WAY
+def test_calls_one_after_another_share_one_kept_alive_connection(engine_for, begin):
     ports = []
 
     def answer(asked: Asked) -> Reply:
@@ -245,7 +255,7 @@ def test_calls_one_after_another_share_one_kept_alive_connection(engine_for):
 
     eng = engine_for(answer, model_name="m")
     for _ in range(3):
-        assert list(start(eng, REQ)) == ["a"]
+        assert list(begin(eng, REQ)) == ["a"]
     assert len(ports) == 3 and len(set(ports)) == 1
 
 
@@ -286,7 +296,8 @@ def test_closing_mid_stream_stops_reading_the_upstream_and_keeps_what_came(engin
     assert list(gen) == []
 
 
-def test_the_proxy_the_environment_names_is_used(monkeypatch, engine_for):
+@EITHER_WAY
+def test_the_proxy_the_environment_names_is_used(monkeypatch, engine_for, begin):
     # the scripted upstream plays the proxy: a forward proxy is asked for the whole URL
     seen = []
 
@@ -299,10 +310,10 @@ def test_the_proxy_the_environment_names_is_used(monkeypatch, engine_for):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HTTP_PROXY", proxy_url.removesuffix("/v1"))
         eng = OpenAIEngine("http://upstream.invalid/v1", model_name="m")
-        assert list(start(eng, REQ)) == ["via proxy"]
+        assert list(begin(eng, REQ)) == ["via proxy"]
         monkeypatch.setenv("NO_PROXY", "upstream.invalid")
         with pytest.raises(UpstreamError):  # not through the proxy: the name does not resolve
-            list(start(OpenAIEngine("http://upstream.invalid/v1", model_name="m", connect_timeout=2), REQ))
+            list(begin(OpenAIEngine("http://upstream.invalid/v1", model_name="m", connect_timeout=2), REQ))
     assert seen == ["http://upstream.invalid/v1/chat/completions"]
 
 
@@ -316,7 +327,8 @@ def _read_request(conn: socket.socket) -> None:
         rest += conn.recv(65536)
 
 
-def test_a_kept_alive_connection_the_upstream_closed_is_retried_on_a_new_one():
+@EITHER_WAY
+def test_a_kept_alive_connection_the_upstream_closed_is_retried_on_a_new_one(begin):
     # a real socket: the first connection answers, then reads the next request and hangs
     # up without answering (what a server closing an idle keep-alive connection looks like)
     srv = socket.socket()
@@ -341,8 +353,8 @@ def test_a_kept_alive_connection_the_upstream_closed_is_retried_on_a_new_one():
     t.start()
     try:
         eng = OpenAIEngine(f"http://127.0.0.1:{srv.getsockname()[1]}/v1", model_name="m", timeout=5)
-        assert list(start(eng, REQ)) == ["ok"]
-        assert list(start(eng, REQ)) == ["ok"]
+        assert list(begin(eng, REQ)) == ["ok"]
+        assert list(begin(eng, REQ)) == ["ok"]
         assert len(accepted) == 2
     finally:
         srv.close()
@@ -423,10 +435,6 @@ def test_silent_upstream_is_504_and_refunded(make_app, make_user, database):
 
 
 # --- a whole reply (a non-streamed sync call) is asked for as one answer --------------------------
-
-def start_whole(engine, request=REQ):
-    return engine.stream(engine.prepare(request), incremental=False)
-
 
 def whole(content: Any = "Bonjour", **extra: Any) -> dict:
     """A non-streamed chat completion, as OpenAI's API answers one."""
@@ -544,3 +552,43 @@ def test_closing_a_whole_reply_returns_before_the_upstream_answers(engine_for):
         assert not answered.is_set() and list(gen) == []
     finally:
         release.set()
+
+
+def test_a_whole_reply_is_sent_and_read_by_the_callers_own_thread(engine_for):
+    # no reader thread to hand the request to and the answer back from (engine/remote.py, _WholeAnswer)
+    eng = engine_for(lambda asked: event_stream({"choices": [{"delta": {"content": "Bonjour"}}]}, b"[DONE]"),
+                     model_name="m")
+    before = set(threading.enumerate())
+    assert list(start_whole(eng)) == ["Bonjour"]
+    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("upstream-stream")]
+    assert list(start(eng, REQ)) == ["Bonjour"]  # a stream has its reader (the check above can fail)
+    assert [t for t in set(threading.enumerate()) - before if t.name.startswith("upstream-stream")]
+
+
+def test_whole_replies_closed_unread_leave_the_pool_as_it_was(engine_for, caplog, monkeypatch):
+    monkeypatch.setattr(remote, "POOL_CONNECTIONS", 4)
+    ports = []
+
+    def answer(asked: Asked) -> Reply:
+        ports.append(asked.client_port)
+        return Reply(body=whole())
+
+    eng = engine_for(answer, model_name="m")
+    for _ in range(9):  # more than the pool holds: a connection given back twice would overfill it
+        start_whole(eng).close()
+    deadline = time.monotonic() + 5
+    while len(ports) < 9 and time.monotonic() < deadline:  # each was sent: the upstream reads it anyway
+        time.sleep(0.01)
+    ports.clear()
+    assert [list(start_whole(eng)) for _ in range(3)] == [["Bonjour"]] * 3
+    assert len(set(ports)) == 1  # and the pool still keeps a connection alive between calls
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+
+
+def test_a_whole_reply_that_cannot_be_sent_fails_at_its_first_read_as_a_stream_does():
+    # so the caller records the failure and refunds the unit the same way (services/calls.py)
+    eng = OpenAIEngine(f"http://127.0.0.1:{free_port()}/v1", model_name="m", connect_timeout=2)
+    gen = start_whole(eng)  # nothing listens: the request could not go out
+    with pytest.raises(UpstreamError):
+        next(gen)
+    assert list(gen) == []

@@ -22,6 +22,7 @@ misbehaving upstream → :class:`UpstreamError` (502), no answer in time →
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from urllib.parse import urlsplit
 
 import certifi
 import urllib3
-from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError
+from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError
 from urllib3.exceptions import TimeoutError as HTTPTimeout
 
 from . import tools
@@ -110,6 +111,7 @@ class OpenAIEngine(Engine):
         self._discovered_model: str | None = None
         self._discover_lock = threading.Lock()
         self._retry_discovery_at = 0.0
+        self._closed = False
         self.context_size = context_size
 
     # --- naming -------------------------------------------------------------
@@ -160,9 +162,13 @@ class OpenAIEngine(Engine):
 
     def stream(self, prompt: PreparedPrompt, cancel: threading.Event | None = None, *,
                incremental: bool = True) -> Generation:
+        if self._closed:
+            raise EngineError(f"the {self.base_url} backend is closed")
+        if not incremental and not isinstance(self._http, urllib3.ProxyManager):
+            return _WholeAnswer(self, prompt, cancel)
         try:
             return _RemoteGeneration(self, prompt, cancel, incremental)
-        except RuntimeError as exc:  # the reader pool is shut down: this engine is closed
+        except RuntimeError as exc:  # the reader pool was shut down meanwhile: this engine is closed
             raise EngineError(f"the {self.base_url} backend is closed") from exc
 
     def info(self) -> dict[str, Any]:
@@ -170,6 +176,7 @@ class OpenAIEngine(Engine):
 
     def close(self) -> None:
         # readers still queued run and fail on the closed client, so their callers hear of it
+        self._closed = True
         self._readers.shutdown(wait=False)
         self._http.clear()
 
@@ -519,6 +526,15 @@ class _RemoteGeneration(Generation):
         except (FutureTimeout, CancelledError):
             pass  # still waiting for the upstream's next line, or never started
 
+    def _send(self) -> tuple[str, contextlib.AbstractContextManager[urllib3.BaseHTTPResponse] | None]:
+        """(the model asked for, the upstream's answer to come); no answer when the
+        generation was closed before its request went out, which is then not sent."""
+        path, body = self._engine.payload(self._request, incremental=self._incremental)
+        if self._cancel.is_set():
+            return body["model"], None
+        timeout = None if self._incremental else self._engine.whole_answer_timeout(self._request.params.max_tokens)
+        return body["model"], self._engine.post(path, body, timeout)
+
     def _run(self) -> Iterator[str]:
         eng = self._engine
         estimate = self._estimate
@@ -530,13 +546,11 @@ class _RemoteGeneration(Generation):
         usage: dict[str, Any] = {}
         model = eng.model_name
         with _mapped_errors(eng.base_url):
-            path, body = eng.payload(self._request, incremental=self._incremental)
-            model = body["model"]
-            if self._cancel.is_set():  # closed before the request went out: don't send it
+            model, answer = self._send()
+            if answer is None:  # closed before the request went out: not sent
                 finish = "cancelled"
             else:
-                timeout = None if self._incremental else eng.whole_answer_timeout(self._request.params.max_tokens)
-                with eng.post(path, body, timeout) as resp:
+                with answer as resp:
                     if resp.status >= 400:
                         raise _status_error(resp, eng, estimate)
                     # an upstream may stream though asked for one answer: its events are read as such
@@ -587,3 +601,140 @@ class _RemoteGeneration(Generation):
             time_to_first_token=ttft,
             generation_seconds=time.perf_counter() - start,
         )
+
+
+class _WholeAnswer(_RemoteGeneration):
+    """A whole answer (a non-streamed sync call), without a reader thread: the
+    request is written by the caller's thread when the generation is made, the
+    caller's database work runs while the upstream computes, and the same thread
+    reads the answer at the first ``next()``. Handing the request to a reader and
+    the answer back cost two thread wake-ups and a fight for the GIL with that
+    database work, on the call's critical path: 0.5-0.8 ms of a gateway call's
+    p50 on this project's 2-core machines (bench/RESULTS.md). Through a proxy a
+    whole answer is still read by a reader thread (:class:`_RemoteGeneration`),
+    as urllib3's proxy handling lives in its urlopen.
+
+    A failure to send is raised at the first ``next()``, as a reader's is, so the
+    caller records the call's failure the same way. Closing before the answer is
+    read closes the connection, which is all an upstream can hear of it."""
+
+    def __init__(self, engine: OpenAIEngine, prompt: PreparedPrompt, cancel: threading.Event | None):
+        self._engine = engine
+        self._request = prompt.request
+        self._incremental = False
+        self._estimate = prompt.n_tokens
+        self._cancel = cancel or threading.Event()
+        self._done = False
+        self.result = None
+        self._exchange: _Exchange | None = None
+        self._unsent: BaseException | None = None
+        try:
+            with _mapped_errors(engine.base_url):
+                path, body = engine.payload(self._request, incremental=False)
+                self._model = body["model"]
+                if not self._cancel.is_set():
+                    timeout = engine.whole_answer_timeout(self._request.params.max_tokens)
+                    self._exchange = _Exchange(engine, path, body, timeout)
+        except Exception as exc:  # raised from the first next(), inside the caller's failure handling
+            self._unsent = exc
+        self._pieces = self._run()
+
+    def _send(self) -> tuple[str, contextlib.AbstractContextManager[urllib3.BaseHTTPResponse] | None]:
+        if self._unsent is not None:
+            raise self._unsent
+        return self._model, self._exchange and self._exchange.answer()
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        try:
+            return next(self._pieces)
+        except BaseException:
+            self._done = True
+            raise
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._done = True
+        self._pieces.close()
+        if self._exchange is not None:
+            self._exchange.abandon()
+
+
+class _Exchange:
+    """One POST written now on a connection from the engine's pool, its answer
+    read later by the same thread (:class:`_WholeAnswer`). urllib3's ``urlopen``
+    writes and reads in one call; this is the same pair of steps apart, with its
+    connection taken from and given back to the pool by the pool's own
+    ``_get_conn``/``_put_conn`` (private, unchanged since urllib3 1.x; urllib3 is
+    pinned, and tests/engine_remote runs both steps against real sockets). As
+    :meth:`OpenAIEngine.post` does, an answer the upstream never gave on a
+    kept-alive connection it had closed is asked for once more on a new one."""
+
+    def __init__(self, engine: OpenAIEngine, path: str, body: dict[str, Any], timeout: urllib3.Timeout):
+        url = engine.url(path)
+        self._pool = engine._http.connection_from_url(url)
+        parts = urlsplit(url)
+        self._target = parts.path + (f"?{parts.query}" if parts.query else "")
+        self._payload = json.dumps(body).encode()
+        self._headers = engine._post_headers
+        self._timeout = timeout
+        self._conn: Any = self._pool._get_conn()
+        self._write()
+
+    def _write(self) -> None:
+        conn = self._conn
+        conn.timeout = self._timeout.connect_timeout
+        try:
+            conn.request("POST", self._target, body=self._payload, headers=self._headers, preload_content=False)
+        except BrokenPipeError:
+            pass  # a kept-alive connection the upstream closed: reading finds out, and asks again
+        except HTTPError:  # could not connect (urllib3's own errors)
+            self.abandon()
+            raise
+        except OSError as exc:
+            self.abandon()
+            raise ProtocolError("could not send the request", exc) from exc
+
+    def _read(self) -> urllib3.BaseHTTPResponse:
+        self._conn.timeout = self._timeout.read_timeout
+        try:
+            return self._conn.getresponse()
+        except TimeoutError as exc:  # as urllib3 names it, for _mapped_errors
+            raise ReadTimeoutError(self._pool, self._target, f"read timed out ({exc})") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise ProtocolError("the upstream's answer could not be read", exc) from exc
+
+    @contextlib.contextmanager
+    def answer(self) -> Iterator[urllib3.BaseHTTPResponse]:
+        """The upstream's answer, unread; the connection goes back to the pool after."""
+        try:
+            try:
+                resp = self._read()
+            except ProtocolError as exc:
+                if not isinstance(exc.__cause__, ConnectionError):  # hung up without answering
+                    raise
+                self._conn.close()  # the same connection object opens a new one when written to
+                self._write()
+                resp = self._read()
+            try:
+                yield resp
+            finally:
+                if not resp.isclosed():  # a body left unread: the connection cannot carry another request
+                    self._conn.close()
+        except BaseException:
+            self.abandon()
+            raise
+        finally:
+            self._release()
+
+    def abandon(self) -> None:
+        """Close the connection without reading (the upstream hears that much)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._release()
+
+    def _release(self) -> None:
+        if self._conn is not None:
+            self._pool._put_conn(self._conn)  # a closed one too: it opens a new connection when next used
+            self._conn = None
