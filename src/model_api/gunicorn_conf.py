@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 import os
 
+from gunicorn import glogging
+
 from model_api.listen import bind_from_env
 from model_api.settings import Settings
 
@@ -119,16 +121,24 @@ def child_exit(server, worker):
     metrics.mark_process_dead(worker.pid)
 
 
-# gunicorn's own lines (start-up, worker boots, timeouts) in the same JSON shape as the app's
-if os.environ.get("LOG_FORMAT", "json").lower() == "json":
-    logconfig_dict = {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "model_api.observability.logs.json_formatter"}},
-        "handlers": {"error_console": {"class": "logging.StreamHandler", "formatter": "json",
-                                       "stream": "ext://sys.stderr"}},
-        # the app installs its own root handler (model_api.observability.logs); none here, or lines double
-        "root": {"level": loglevel.upper(), "handlers": []},
-        "loggers": {"gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"],
-                                       "propagate": False, "qualname": "gunicorn.error"}},
-    }
+class AppLogger(glogging.Logger):
+    """gunicorn's own lines (start-up, worker boots, timeouts), in the app's JSON
+    shape unless LOG_FORMAT=text, and no access log: the app writes one line per
+    request itself (api/observability.py). Not a ``logconfig_dict``: given any
+    logging config, gunicorn builds its access line's fields for every request
+    even with nowhere to write them, and that ran before the reply's last
+    segment could leave (api/observability.py, ``_send_whole``)."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        if os.environ.get("LOG_FORMAT", "json").lower() == "json":
+            from model_api.observability.logs import json_formatter
+
+            for handler in self.error_log.handlers:
+                handler.setFormatter(json_formatter())
+
+    def access(self, resp, req, environ, request_time) -> None:
+        return None
+
+
+logger_class = AppLogger
