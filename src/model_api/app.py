@@ -4,7 +4,6 @@ error handlers → CLI. Behaviour lives in the services."""
 from __future__ import annotations
 
 import io
-import socket
 from typing import Any
 
 from apiflask import APIFlask
@@ -72,24 +71,9 @@ def register_request_hooks(app: APIFlask) -> None:
     from .api.observability import register_request_hooks as _hooks
 
     _hooks(app)
+    from .api import wire
 
-    @app.after_request
-    def _whole_reply_in_one_segment(resp):
-        # gunicorn writes a reply's headers and its body with two send calls. A client
-        # on the same host (nginx in front, a benchmark) is woken by the first to read
-        # the headers, and on two cores the body then waits for it: 0.5 ms a call
-        # (bench/RESULTS.md). Corked, the kernel sends both in one segment when the
-        # reply is done (after this hook: its close callback runs before the access
-        # line's). A streamed reply is not corked: each event leaves when written.
-        sock = request.environ.get("gunicorn.socket")
-        if resp.is_streamed or sock is None or sock.family not in _TCP_FAMILIES or _TCP_CORK is None:
-            return resp
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
-        except OSError:
-            return resp
-        resp.call_on_close(lambda: _uncork(sock))
-        return resp
+    wire.init_app(app)  # after the access line's hook, so that its own runs first (api/wire.py)
 
     @app.before_request
     def _chunked_body_within_limit() -> None:
@@ -114,17 +98,6 @@ def register_request_hooks(app: APIFlask) -> None:
             return
         if request.method in ("POST", "PUT", "PATCH") and "json" not in ctype and request.content_length:
             request.environ["CONTENT_TYPE"] = "application/json"  # before anything parses it
-
-
-_TCP_CORK = getattr(socket, "TCP_CORK", None)  # Linux's; elsewhere replies go as gunicorn writes them
-_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
-
-
-def _uncork(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
-    except OSError:  # the client is gone
-        pass
 
 
 def read_bounded_body(environ: dict[str, Any], limit: int) -> None:

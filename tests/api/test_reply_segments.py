@@ -1,7 +1,7 @@
-"""How replies leave a real gunicorn server, counted in TCP segments on a real
-socket (Linux's TCP_INFO): a whole reply's headers and body in one segment
-(app.py, ``_whole_reply_in_one_segment``), a streamed reply's events as they
-are written."""
+"""How replies leave a real gunicorn server (api/wire.py), counted in TCP
+segments on a real socket (Linux's TCP_INFO): a whole reply's headers and body
+in one segment, a stream's events as soon as they are made, those made
+together in one."""
 
 from __future__ import annotations
 
@@ -60,5 +60,10 @@ def test_a_whole_reply_leaves_in_one_segment_and_a_stream_in_many(live_server, m
                        "max_tokens": 8, "temperature": 0}
             reply, segments = exchange(sock, post("/v1/chat/completions", request, auth))
             assert reply.startswith(b"HTTP/1.1 200") and b'"chat.completion"' in reply and segments == 1
+            # one token: the headers with the role and the token, then the final event with [DONE]
+            reply, segments = exchange(sock, post("/v1/chat/completions", {**request, "stream": True,
+                                                                           "max_tokens": 1}, auth))
+            assert reply.count(b"data: ") == 4 and reply.rstrip().endswith(b"0") and segments == 2
+            # more tokens: each leaves as it is made, not held back for the next
             reply, segments = exchange(sock, post("/v1/chat/completions", {**request, "stream": True}, auth))
-            assert reply.count(b"data: ") >= 3 and segments >= 3  # the events were not held back
+            assert reply.count(b"data: ") >= 6 and segments >= reply.count(b"data: ") - 3

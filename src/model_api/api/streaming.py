@@ -38,39 +38,49 @@ SSE_HEADERS = {
 def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, dialect: str,
            state: Any = None) -> Iterator[str]:
     """The SSE lines of a stream; closing the iterator early cancels the call.
-    ``state``: the request's ``g``, for the access log line's usage."""
+    ``state``: the request's ``g``, for the access log line's usage.
+
+    Events that are ready together leave together, as one write: the start with
+    the first delta (the call comes primed with it), and the final event with
+    the usage and ``[DONE]``. Each is still written before the model is asked
+    for more, so no event waits for a later one; there are just fewer writes and
+    fewer wake-ups of the client (3 segments fewer for a one-token reply)."""
     ended = False
+    ready: list[str] = []  # events made since the last write
     try:
         start = fmt.start()
         if start is not None:
-            yield sse(start)
+            ready.append(sse(start))
         held = ""  # a tool-calling reply that may be a call waits for its end
         for piece in call:
             if fmt.holds_back(held + piece):
                 held += piece
-                continue
-            yield fmt.delta_event(held + piece)
-            held = ""
+            else:
+                ready.append(fmt.delta_event(held + piece))
+                held = ""
+            if ready:
+                yield "".join(ready)
+                ready = []
         result = call.result
         assert result is not None
         calls = fmt.tool_calls(held) if held else None
         if calls is not None:
-            yield sse(calls)
+            ready.append(sse(calls))
         elif held:
-            yield fmt.delta_event(held)
-        yield sse(fmt.final(result, called=calls is not None))
+            ready.append(fmt.delta_event(held))
+        ready.append(sse(fmt.final(result, called=calls is not None)))
         if include_usage:
-            yield sse(fmt.usage(result))
+            ready.append(sse(fmt.usage(result)))
         ended = True
-        yield SSE_DONE
+        yield "".join(ready) + SSE_DONE
     except EngineError as exc:
         # headers are gone: report in-stream, in the route's error dialect (the
         # call is already recorded as failed and refunded)
         ended = True
         err = service_error(exc)
-        yield sse(error_body(err.status_code, (err.extra_data or {}).get("code") or "model_error",
-                             err.message, dialect=dialect))
-        yield SSE_DONE
+        ready.append(sse(error_body(err.status_code, (err.extra_data or {}).get("code") or "model_error",
+                                    err.message, dialect=dialect)))
+        yield "".join(ready) + SSE_DONE
     finally:
         if not ended:
             log.info("stream cut short", extra={"call_id": str(call.call_id)})
