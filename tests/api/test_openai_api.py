@@ -95,6 +95,15 @@ def _events(chunks) -> list:
     return out
 
 
+def _first_events(body, n: int) -> list:
+    """The first ``n`` events of a stream, read chunk by chunk (events ready
+    together arrive in one chunk: api/streaming.py)."""
+    out: list = []
+    while len(out) < n:
+        out += _events([next(body)])
+    return out
+
+
 def _row(database) -> Call:
     with database.session() as s:
         return s.scalars(select(Call)).one()
@@ -111,7 +120,7 @@ def test_first_chunk_reaches_the_client_before_the_generation_ends(client, make_
     assert resp.status_code == 200
     assert resp.mimetype == "text/event-stream"
     body = iter(resp.response)
-    first = _events([next(body), next(body)])  # role chunk, then the first delta
+    first = _first_events(body, 2)  # role chunk, then the first delta
     assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert first[1]["choices"][0]["delta"] == {"content": "Hello"}
     # the engine is still parked before its second token: the client had "Hello" first
@@ -136,7 +145,7 @@ def test_closing_the_stream_stops_the_model_and_records_a_cut_short_call(client,
     headers = make_user("alice")
     resp = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers, buffered=False)
     body = iter(resp.response)
-    next(body), next(body)
+    _first_events(body, 2)
     resp.close()  # what the WSGI server does when the client has gone
     assert gated.cancelled.is_set()
     row = _row(database)

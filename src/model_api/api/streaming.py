@@ -26,6 +26,7 @@ from ..services.streaming import StreamingCall
 from .context import note_usage, runtime
 from .errors import error_body, rate_headers, request_dialect, service_error
 from .protocol import SSE_DONE, ChunkFormat, sse
+from .wire import Last
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, dialec
         if include_usage:
             ready.append(sse(fmt.usage(result)))
         ended = True
-        yield "".join(ready) + SSE_DONE
+        yield Last("".join(ready) + SSE_DONE)
     except EngineError as exc:
         # headers are gone: report in-stream, in the route's error dialect (the
         # call is already recorded as failed and refunded)
@@ -80,7 +81,7 @@ def events(call: StreamingCall, fmt: ChunkFormat, *, include_usage: bool, dialec
         err = service_error(exc)
         ready.append(sse(error_body(err.status_code, (err.extra_data or {}).get("code") or "model_error",
                                     err.message, dialect=dialect)))
-        yield "".join(ready) + SSE_DONE
+        yield Last("".join(ready) + SSE_DONE)
     finally:
         if not ended:
             log.info("stream cut short", extra={"call_id": str(call.call_id)})

@@ -52,6 +52,12 @@ def _set_cork(sock: socket.socket, on: bool) -> bool:
         return False
 
 
+class Last(str):
+    """A streamed body's last piece (api/streaming.py yields its final events as
+    one): nothing waits after it, so the socket stays corked and the closing
+    chunk leaves in the same segment, flushed when the reply is closed."""
+
+
 class _FlushedBeforeEachPiece:
     """A streamed body that flushes what was written before it makes its next
     piece, and corks again before handing that piece over. Keeps the body's
@@ -62,18 +68,11 @@ class _FlushedBeforeEachPiece:
         self._sock = sock
 
     def __iter__(self) -> Iterator[Any]:
-        pieces = iter(self._body)
-        first = True
-        while True:
-            if not first:
-                _set_cork(self._sock, False)  # out goes what was written, before the wait for more
-            first = False
-            try:
-                piece = next(pieces)
-            except StopIteration:
-                return  # still corked: the closing chunk joins the last piece, uncorked at close
+        for piece in self._body:
             _set_cork(self._sock, True)
             yield piece
+            if not isinstance(piece, Last):
+                _set_cork(self._sock, False)  # out goes what was written, before the wait for more
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)
