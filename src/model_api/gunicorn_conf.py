@@ -127,7 +127,7 @@ class AppLogger(glogging.Logger):
     request itself (api/observability.py). Not a ``logconfig_dict``: given any
     logging config, gunicorn builds its access line's fields for every request
     even with nowhere to write them, and that ran before the reply's last
-    segment could leave (api/observability.py, ``_send_whole``)."""
+    segment could leave (api/wire.py)."""
 
     def setup(self, cfg) -> None:
         super().setup(cfg)

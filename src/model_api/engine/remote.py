@@ -478,15 +478,19 @@ class _RemoteGeneration(Generation):
 
     def __init__(self, engine: OpenAIEngine, prompt: PreparedPrompt, cancel: threading.Event | None,
                  incremental: bool):
+        self._begin(engine, prompt, cancel, incremental)
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._reader = engine._readers.submit(self._read)
+
+    def _begin(self, engine: OpenAIEngine, prompt: PreparedPrompt, cancel: threading.Event | None,
+               incremental: bool) -> None:
         self._engine = engine
         self._request = prompt.request
         self._incremental = incremental
         self._estimate = prompt.n_tokens
         self._cancel = cancel or threading.Event()
-        self._out: queue.SimpleQueue = queue.SimpleQueue()
         self._done = False
         self.result = None
-        self._reader = engine._readers.submit(self._read)
 
     def _read(self) -> None:
         try:
@@ -533,7 +537,11 @@ class _RemoteGeneration(Generation):
         if self._cancel.is_set():
             return body["model"], None
         timeout = None if self._incremental else self._engine.whole_answer_timeout(self._request.params.max_tokens)
-        return body["model"], self._engine.post(path, body, timeout)
+        return body["model"], self._post(path, body, timeout)
+
+    def _post(self, path: str, body: dict[str, Any],
+              timeout: urllib3.Timeout | None) -> contextlib.AbstractContextManager[urllib3.BaseHTTPResponse]:
+        return self._engine.post(path, body, timeout)
 
     def _run(self) -> Iterator[str]:
         eng = self._engine
@@ -619,30 +627,26 @@ class _WholeAnswer(_RemoteGeneration):
     read closes the connection, which is all an upstream can hear of it."""
 
     def __init__(self, engine: OpenAIEngine, prompt: PreparedPrompt, cancel: threading.Event | None):
-        self._engine = engine
-        self._request = prompt.request
-        self._incremental = False
-        self._estimate = prompt.n_tokens
-        self._cancel = cancel or threading.Event()
-        self._done = False
-        self.result = None
+        self._begin(engine, prompt, cancel, incremental=False)
         self._exchange: _Exchange | None = None
-        self._unsent: BaseException | None = None
+        self._sent: tuple[str, contextlib.AbstractContextManager[urllib3.BaseHTTPResponse] | None] | Exception
         try:
             with _mapped_errors(engine.base_url):
-                path, body = engine.payload(self._request, incremental=False)
-                self._model = body["model"]
-                if not self._cancel.is_set():
-                    timeout = engine.whole_answer_timeout(self._request.params.max_tokens)
-                    self._exchange = _Exchange(engine, path, body, timeout)
+                self._sent = super()._send()  # written now, through _post below
         except Exception as exc:  # raised from the first next(), inside the caller's failure handling
-            self._unsent = exc
+            self._sent = exc
         self._pieces = self._run()
 
+    def _post(self, path: str, body: dict[str, Any],
+              timeout: urllib3.Timeout | None) -> contextlib.AbstractContextManager[urllib3.BaseHTTPResponse]:
+        assert timeout is not None  # a whole answer always has one (whole_answer_timeout)
+        self._exchange = _Exchange(self._engine, path, body, timeout)
+        return self._exchange.answer()  # nothing is read until it is entered, at the first next()
+
     def _send(self) -> tuple[str, contextlib.AbstractContextManager[urllib3.BaseHTTPResponse] | None]:
-        if self._unsent is not None:
-            raise self._unsent
-        return self._model, self._exchange and self._exchange.answer()
+        if isinstance(self._sent, Exception):
+            raise self._sent
+        return self._sent
 
     def __next__(self) -> str:
         if self._done:
