@@ -40,7 +40,7 @@ def counted(app, monkeypatch):
     tokenizer counted (they still run)."""
     engine = app.extensions["model_api"].engine
     seen: dict[str, list] = {"stream": [], "render": [], "tokenize": []}
-    real_stream, real_render, real_tokenize = engine.stream, engine.template.render, engine._model.tokenize
+    real_stream, real_render, real_tokenize = engine.stream, engine.template.render, engine.tokenizer.prompt
 
     def stream(prompt, cancel=None, **kw):
         seen["stream"].append(inspect.stack())
@@ -56,7 +56,7 @@ def counted(app, monkeypatch):
 
     monkeypatch.setattr(engine, "stream", stream)
     monkeypatch.setattr(engine.template, "render", render)
-    monkeypatch.setattr(engine._model, "tokenize", tokenize)
+    monkeypatch.setattr(engine.tokenizer, "prompt", tokenize)
     return seen
 
 

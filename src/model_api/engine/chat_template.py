@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import llama_cpp
@@ -66,15 +69,23 @@ class ChatTemplate:
 
 def special_token_texts(model: Any) -> frozenset[str]:
     """Texts of the vocabulary's control and user-defined tokens (read once per model)."""
-    vocab = model.vocab
     parsed = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
-    texts = set()
+    return frozenset(text for attr, text in _special_tokens(model) if attr & parsed)
+
+
+def _special_tokens(model: Any) -> Iterator[tuple[int, str]]:
+    """(attributes, text) of each token llama.cpp cuts a text at before tokenizing
+    the stretches between them (its ``cache_special_tokens``), when their texts
+    are parsed as such or always (user-defined ones): control, user-defined, unknown."""
+    vocab = model.vocab
+    cut_at = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+              | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
     for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
-        if llama_cpp.llama_vocab_get_attr(vocab, token) & parsed:
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        if attr & cut_at:
             text = model.token_get_text(token)
             if text:
-                texts.add(text)
-    return frozenset(texts)
+                yield attr, text
 
 
 def prompt_text(template: ChatTemplate, messages: Sequence[dict[str, str]] | None,
@@ -91,7 +102,8 @@ def prompt_text(template: ChatTemplate, messages: Sequence[dict[str, str]] | Non
 def tokenize_prompt(model: Any, text: str) -> list[int]:
     """Tokens for a prompt text exactly as ``Llama.create_completion(text)``
     makes them: BOS if the model asks for one, then the text with special tokens
-    (``<|im_start|>`` ...) parsed as such."""
+    (``<|im_start|>`` ...) parsed as such. The whole text in one call to
+    llama.cpp: what :class:`PromptTokenizer` must agree with."""
     tokens: list[int] = []
     if model.add_bos_token() and model.token_bos() >= 0:
         tokens.append(model.token_bos())
@@ -100,7 +112,120 @@ def tokenize_prompt(model: Any, text: str) -> list[int]:
     return tokens
 
 
-def prompt_tokens(model: Any, template: ChatTemplate, messages: Sequence[dict[str, str]] | None,
+class PromptTokenizer:
+    """One model's prompt tokenizer, which tokenizes the text a prompt shares
+    with earlier ones only once.
+
+    llama.cpp cuts a text at its special tokens and tokenizes each stretch of
+    text between them on its own (``tokenizer_st_partition`` in its vocabulary
+    code). So a prompt's tokens are those of its pieces, each piece ending just
+    after a special token, put together, and a piece seen before can be looked
+    up: the chat template's own text, and a system prompt sent with every call.
+    A 1,400-token system prompt took 2.9 ms to tokenize on each call, before the
+    model could start, while the KV cache lets the model skip those tokens
+    (bench/RESULTS.md).
+
+    That holds only where llama.cpp cannot cut a text anywhere else: a SPM or
+    BPE vocabulary (the others do not tokenize fragments independently), no
+    special token that strips the whitespace beside it, and no two special texts
+    that could overlap (one inside another, or one's end another's start).
+    Other vocabularies are tokenized whole, as before.
+    """
+
+    def __init__(self, model: Any, budget_chars: int = 2_000_000):
+        #: the ``llama_cpp._internals.LlamaModel`` whose vocabulary this is
+        self.model = model
+        self._vocab = model.vocab
+        self.bos: list[int] = [model.token_bos()] if model.add_bos_token() and model.token_bos() >= 0 else []
+        self._cuts = _cutting_pattern(model)
+        self._budget = budget_chars
+        # least recently used first; 4 bytes a token (a list of ints took 36)
+        self._pieces: OrderedDict[str, array[int]] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def prompt(self, text: str) -> list[int]:
+        """What :func:`tokenize_prompt` makes of ``text``."""
+        return self.bos + self.tokens(text, special=True)
+
+    def tokens(self, text: str, *, special: bool) -> list[int]:
+        """The tokens of ``text``; ``special``: whether special tokens' texts
+        become those tokens (the chat template's text) or stay plain text (a user's)."""
+        if not special or self._cuts is None:
+            return self._tokenize(text, special)
+        tokens: list[int] = []
+        start = 0
+        for cut in self._cuts.finditer(text):
+            tokens += self._piece(text[start:cut.end()])
+            start = cut.end()
+        if start < len(text):
+            tokens += self._piece(text[start:])
+        return tokens
+
+    @property
+    def remembered_chars(self) -> int:
+        """The characters of the pieces remembered (at most ``budget_chars``)."""
+        return self._chars
+
+    def _piece(self, piece: str) -> array[int] | list[int]:
+        with self._lock:
+            known = self._pieces.get(piece)
+            if known is not None:
+                self._pieces.move_to_end(piece)
+                return known
+        tokens = self._tokenize(piece, True)
+        if len(piece) <= self._budget // 8:  # one huge prompt does not empty the cache
+            with self._lock:
+                if piece not in self._pieces:
+                    self._pieces[piece] = array("i", tokens)
+                    self._chars += len(piece)
+                while self._chars > self._budget:
+                    self._chars -= len(self._pieces.popitem(last=False)[0])
+        return tokens
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        if not text:
+            return []
+        data = text.encode("utf-8")
+        size = len(data) + 2  # a token covers at least a byte; SPM may add a space
+        while True:
+            buf = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, size, False, special)
+            if n >= 0:
+                return buf[:n]
+            size = -n
+
+
+def _cutting_pattern(model: Any) -> re.Pattern[str] | None:
+    """A pattern matching every special token's text in a prompt, where the
+    pieces it cuts are tokenized exactly as the whole (:class:`PromptTokenizer`);
+    None for a vocabulary where they might not be."""
+    if llama_cpp.llama_vocab_type(model.vocab) not in (llama_cpp.LLAMA_VOCAB_TYPE_SPM, llama_cpp.LLAMA_VOCAB_TYPE_BPE):
+        return None
+    specials = list(_special_tokens(model))
+    strips = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP | llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
+    texts = {text for _, text in specials}
+    if not texts or any(attr & strips for attr, _ in specials) or not cannot_overlap(texts):
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def cannot_overlap(texts: set[str]) -> bool:
+    """Whether no two occurrences of these texts can overlap in any string: none
+    is inside another (or inside itself shifted), and no end of one is the start
+    of one. Then every occurrence is found whatever order they are looked for in."""
+    firsts = {t[0] for t in texts}
+    for t in texts:
+        # only where a text starts can another (or itself, again) begin inside it
+        for i in range(1, len(t)):
+            if t[i] in firsts and any(t[i:].startswith(u) or u.startswith(t[i:]) for u in texts):
+                return False
+        if any(t != u and t in u for u in texts):
+            return False
+    return True
+
+
+def prompt_tokens(tokenizer: PromptTokenizer, template: ChatTemplate, messages: Sequence[dict[str, str]] | None,
                   prompt: str | None) -> list[int]:
     """The prompt tokens of a request, with special tokens (``<|im_start|>`` ...)
     parsed only where the chat template wrote them.
@@ -117,33 +242,27 @@ def prompt_tokens(model: Any, template: ChatTemplate, messages: Sequence[dict[st
     keeps today's tokens, special tokens included.
     """
     if messages is None:
-        return tokenize_prompt(model, prompt_text(template, None, prompt))
+        return tokenizer.prompt(prompt_text(template, None, prompt))
     messages = [dict(m) for m in messages]
     contents = [m.get("content") or "" for m in messages]
     if not any(special in c for c in contents for special in template.special_texts):
-        return tokenize_prompt(model, template.render(messages))
-    return _segmented_tokens(model, template, messages, contents)
+        return tokenizer.prompt(template.render(messages))
+    return _segmented_tokens(tokenizer, template, messages, contents)
 
 
-def _tokens(model: Any, text: str, *, special: bool) -> list[int]:
-    return model.tokenize(text.encode("utf-8"), add_bos=False, special=special) if text else []
-
-
-def _segmented_tokens(model: Any, template: ChatTemplate, messages: list[dict[str, str]],
+def _segmented_tokens(tokenizer: PromptTokenizer, template: ChatTemplate, messages: list[dict[str, str]],
                       contents: list[str]) -> list[int]:
     nonce = secrets.token_hex(8)
     marks = {f"\ue000{nonce}:{i}\ue001": i for i in range(len(messages))}
     masked = [{**m, "content": mark} for m, mark in zip(messages, marks)]
     rendered = template.render(masked)
-    tokens: list[int] = []
-    if model.add_bos_token() and model.token_bos() >= 0:
-        tokens.append(model.token_bos())
+    tokens = list(tokenizer.bos)
     # the split keeps the marks (a capturing group): template text and marks alternate
     pattern = "(" + "|".join(re.escape(mark) for mark in marks) + ")"
     for part in re.split(pattern, rendered):
         if part in marks:
-            tokens.extend(_tokens(model, contents[marks[part]], special=False))
+            tokens.extend(tokenizer.tokens(contents[marks[part]], special=False))
         else:
-            tokens.extend(_tokens(model, part, special=True))
+            tokens.extend(tokenizer.tokens(part, special=True))
     return tokens
 

