@@ -30,7 +30,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vs_llama_server import (  # noqa: E402  (the sibling script's helpers)
-    OUT, LlamaServer, Ours, llama_cpp_version, llama_server_binary, load, pct, stream_chat,
+    OUT, LlamaServer, Ours, in_turn, llama_cpp_version, llama_server_binary, load, pct, stream_chat,
 )
 
 
@@ -63,9 +63,8 @@ def main() -> None:
             for j in range(3):
                 stream_chat(sessions[name], url, key, f"Warm-up question {j}.", 1, system=system)
         results: dict[str, list[dict]] = {name: [] for name in sides}
-        order = list(sides.items())
         for i in range(args.calls):
-            for name, (url, key) in order[i % len(order):] + order[:i % len(order)]:
+            for name, (url, key) in in_turn(list(sides.items()), i):
                 question = f"Question {i}: what does rule {i % args.rules} say?"
                 results[name].append(stream_chat(sessions[name], url, key, question, 1, system=system))
     tokens = results["ours"][0]["prompt_tokens"]

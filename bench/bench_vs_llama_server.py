@@ -429,6 +429,13 @@ def one_token(session: requests.Session, url: str, key: str | None) -> float:
     return dt
 
 
+def in_turn(sides: list, i: int) -> list:
+    """Round ``i``'s order of the sides: each first in turn, so that none always
+    follows the same one (a call right after another one's may be slower or faster)."""
+    k = i % len(sides)
+    return sides[k:] + sides[:k]
+
+
 def gateway(ls: LlamaServer, calls: int, base: Path | None = None) -> dict:
     """With ``base`` (another checkout), its gateway joins the same interleaved
     calls as ``ours-base``: an A/B of two trees against the same upstream."""
@@ -445,11 +452,8 @@ def gateway(ls: LlamaServer, calls: int, base: Path | None = None) -> dict:
             for _ in range(5):
                 one_token(sessions[name], url, key)
         lat: dict[str, list[float]] = {name: [] for name in targets}
-        order = list(targets.items())
         for i in range(calls):
-            # each target first in turn: in a fixed order, two trees with the same gateway
-            # code measured 0.6 ms apart (ours always right after the direct call)
-            for name, (url, key) in order[i % len(order):] + order[:i % len(order)]:
+            for name, (url, key) in in_turn(list(targets.items()), i):
                 lat[name].append(one_token(sessions[name], url, key) * 1000)
     base50, base99 = pct(lat["direct"], 50), pct(lat["direct"], 99)
     out = {name: {"p50_ms": pct(v, 50), "p99_ms": pct(v, 99)} for name, v in lat.items()}

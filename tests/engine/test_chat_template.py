@@ -5,11 +5,10 @@ tokenized for an earlier prompt. Real SmolLM2 vocabulary."""
 
 from __future__ import annotations
 
+import llama_cpp
 import pytest
 
 from model_api.engine.base import GenerationRequest, SamplingParams
-import llama_cpp
-
 from model_api.engine.chat_template import (
     ChatTemplate, PromptTokenizer, cannot_overlap, prompt_tokens, tokenize_prompt,
 )
@@ -118,7 +117,6 @@ def test_the_engine_counts_the_same_tokens(llama_engine, vocab, messages):
     assert llama_engine.prepare(request).n_tokens == len(prompt_tokens(tokenizer, template, messages, None))
 
 
-
 # -- pieces remembered (PromptTokenizer) ---------------------------------------
 
 RAW = {
@@ -143,6 +141,8 @@ def test_a_system_prompt_sent_again_is_not_tokenized_again(vocab, monkeypatch):
     tokenizer, template = vocab
     system = {"role": "system", "content": " ".join(f"Rule {i}: answer politely." for i in range(200))}
     prompt_tokens(tokenizer, template, [system, {"role": "user", "content": "Hi"}], None)
+    messages = [system, {"role": "user", "content": "And now?"}]
+    whole = _as_before(tokenizer, template, messages)
     tokenized: list[bytes] = []
     real = llama_cpp.llama_tokenize
 
@@ -151,8 +151,7 @@ def test_a_system_prompt_sent_again_is_not_tokenized_again(vocab, monkeypatch):
         return real(vocab_, text, *args)
 
     monkeypatch.setattr(llama_cpp, "llama_tokenize", counting)
-    messages = [system, {"role": "user", "content": "And now?"}]
-    assert prompt_tokens(tokenizer, template, messages, None) == _as_before(tokenizer, template, messages)
+    assert prompt_tokens(tokenizer, template, messages, None) == whole
     assert tokenized and all(b"Rule" not in t for t in tokenized)
     assert any(b"And now?" in t for t in tokenized)
 
