@@ -74,9 +74,9 @@ def special_token_texts(model: Any) -> frozenset[str]:
 
 
 def _special_tokens(model: Any) -> Iterator[tuple[int, str]]:
-    """(attributes, text) of each token llama.cpp cuts a text at before tokenizing
-    the stretches between them (its ``cache_special_tokens``), when their texts
-    are parsed as such or always (user-defined ones): control, user-defined, unknown."""
+    """(attributes, text) of each token that llama.cpp cuts a text at, with special
+    tokens parsed, before tokenizing the stretches between them: its control,
+    user-defined and unknown tokens (``cache_special_tokens`` in its vocabulary code)."""
     vocab = model.vocab
     cut_at = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
               | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
