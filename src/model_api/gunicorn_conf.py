@@ -53,7 +53,7 @@ def longest_generation_seconds() -> int:
 bind = bind_from_env()
 workers = _int_env("WEB_WORKERS", 1)
 threads = _int_env("WEB_THREADS", 16)
-worker_class = "gthread"
+worker_class = "model_api.http_worker.HeldKeepAliveWorker"  # gthread, hand-offs spared: http_worker.py
 # gthread heartbeats from its event loop, so this mainly catches a wedged
 # process; it is still kept above the slowest generation so that a long call
 # can never be the reason a worker is killed.

@@ -311,7 +311,7 @@ def test_gunicorn_entry_point_and_config_import(monkeypatch, tmp_path):
     monkeypatch.setenv("MODEL_LOAD_AT_START", "false")
     monkeypatch.setenv("RECOVER_JOBS_AT_START", "false")
     conf_module = GUNICORN_CMD[2].removeprefix("python:")
-    assert importlib.import_module(conf_module).worker_class == "gthread"
+    assert_threaded_worker(importlib.import_module(conf_module).worker_class)
     sys.modules.pop("model_api.wsgi", None)
     app = import_app(GUNICORN_CMD[3])
     try:
@@ -324,6 +324,14 @@ def test_gunicorn_entry_point_and_config_import(monkeypatch, tmp_path):
 # --- gunicorn configuration -----------------------------------------------------------
 
 
+def assert_threaded_worker(worker_class: str) -> None:
+    """gunicorn loads the configured worker, and it is its threaded one (http_worker.py)."""
+    from gunicorn.util import load_class
+    from gunicorn.workers.gthread import ThreadWorker
+
+    assert issubclass(load_class(worker_class), ThreadWorker)
+
+
 def _reload_gunicorn_conf():
     import model_api.gunicorn_conf as conf
 
@@ -334,7 +342,8 @@ def test_gunicorn_defaults_one_process_with_threads(monkeypatch):
     for name in gunicorn_conf_env_names() | {"MAX_TOKENS_CAP"}:
         monkeypatch.delenv(name, raising=False)
     conf = _reload_gunicorn_conf()
-    assert conf.workers == 1 and conf.threads > 1 and conf.worker_class == "gthread"
+    assert conf.workers == 1 and conf.threads > 1
+    assert_threaded_worker(conf.worker_class)
     longest = conf.longest_generation_seconds()
     assert longest == Settings().max_tokens_cap / 4
     assert conf.timeout > longest and conf.graceful_timeout > longest
