@@ -31,6 +31,7 @@ class HeldKeepAliveWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self._holding = 0
         self._holding_lock = threading.Lock()
+        self._most_holding = max(1, self.cfg.threads // 2)  # half the pool: the rest serves requests
 
     def handle(self, conn):
         while True:
@@ -46,7 +47,7 @@ class HeldKeepAliveWorker(ThreadWorker):
         if conn.parser.unreader.buf.getvalue():  # already read along with the last request
             return True
         with self._holding_lock:
-            if self._holding >= max(1, self.cfg.threads // 2):
+            if self._holding >= self._most_holding:
                 return False
             self._holding += 1
         try:

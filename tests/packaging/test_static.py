@@ -304,6 +304,14 @@ def test_cli_commands_of_services_are_registered(service, monkeypatch, tmp_path)
     assert result.exit_code == 0, result.output
 
 
+def assert_threaded_worker(worker_class: str) -> None:
+    """gunicorn loads the configured worker, and it is its threaded one (http_worker.py)."""
+    from gunicorn.util import load_class
+    from gunicorn.workers.gthread import ThreadWorker
+
+    assert issubclass(load_class(worker_class), ThreadWorker)
+
+
 def test_gunicorn_entry_point_and_config_import(monkeypatch, tmp_path):
     from gunicorn.util import import_app
 
@@ -322,14 +330,6 @@ def test_gunicorn_entry_point_and_config_import(monkeypatch, tmp_path):
 
 
 # --- gunicorn configuration -----------------------------------------------------------
-
-
-def assert_threaded_worker(worker_class: str) -> None:
-    """gunicorn loads the configured worker, and it is its threaded one (http_worker.py)."""
-    from gunicorn.util import load_class
-    from gunicorn.workers.gthread import ThreadWorker
-
-    assert issubclass(load_class(worker_class), ThreadWorker)
 
 
 def _reload_gunicorn_conf():
