@@ -41,6 +41,11 @@ def child(spec: dict) -> None:
     from model_api.engine.registry import batching_args
     from model_api.settings import ModelSettings
 
+    if spec.get("variant"):
+        from model_api.engine import local
+
+        # this arm's CPU variant instead of pick_variant's choice (load_backends reads it at call time)
+        local.pick_variant = lambda scores, cpu: spec["variant"] if scores.get(spec["variant"], 0) > 0 else None
     variant = load_backends()
     engine = BatchingEngine(**batching_args(ModelSettings(deterministic=spec["deterministic"])))
     out = {"variant": variant}
@@ -60,7 +65,8 @@ def child(spec: dict) -> None:
 def parse_arm(text: str) -> dict:
     name, _, rest = text.partition(":")
     opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
-    return {"name": name, "path": opts.get("path"), "deterministic": opts.get("deterministic") == "1"}
+    return {"name": name, "path": opts.get("path"), "deterministic": opts.get("deterministic") == "1",
+            "variant": opts.get("variant")}
 
 
 def main() -> None:
@@ -83,7 +89,7 @@ def main() -> None:
             env = dict(os.environ)
             if arm["path"]:
                 env["PYTHONPATH"] = os.pathsep.join([arm["path"], env.get("PYTHONPATH", "")])
-            spec = json.dumps({"deterministic": arm["deterministic"], "levels": levels, "max_tokens": args.max_tokens,
+            spec = json.dumps({"deterministic": arm["deterministic"], "variant": arm["variant"], "levels": levels, "max_tokens": args.max_tokens,
                                "workload": args.workload, "salt": f"{rnd}{arm['name']}"})
             out = subprocess.run([sys.executable, __file__, "--arm", arm["name"], "--child", spec], env=env,
                                  check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]

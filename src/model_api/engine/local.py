@@ -118,11 +118,17 @@ def kv_bytes_per_token(model_path: str) -> int:
 #: Xeons, so those machines get the best variant without AMX instead
 UNSAFE_CPU_VARIANTS = frozenset({"sapphirerapids"})
 #: CPUs (``vendor_id``, ``cpu family`` of /proc/cpuinfo) on which llama.cpp's AVX-512 variant
-#: measured faster than its AVX2 one (``haswell``) for the bundled model: AMD Zen 5, whose
-#: vector units are 512 bits wide. Elsewhere AVX2 is kept although ggml's own scores would
-#: pick AVX-512: it measured 0.91-0.95x on Zen 4 (family 25, 256-bit units) and 0.95-1.00x
-#: on a Sapphire Rapids Xeon (bench/RESULTS.md); other CPUs were not measured.
-AVX512_FASTER_CPUS = frozenset({("AuthenticAMD", "26")})
+#: (``icelake``) measured faster than its AVX2 one (``haswell``) for the bundled model: AMD
+#: Zen 5, whose vector units are 512 bits wide (1.03-1.20x), and Intel's family 6, on a Xeon
+#: with AVX-512 and AMX (1.04-1.05x, chat and long prompts, 1 to 16 users, in three
+#: interleaved rounds; an earlier run there of a one-backend AVX-512 wheel said 0.95-1.00x
+#: at 64-token replies, a first noisier one 1.36x/1.06x). ``icelake``
+#: needs AVX-512 VBMI and VNNI, so of Intel's CPUs it loads on Ice Lake and later; a
+#: Skylake-X (whose clock drops under AVX-512) scores it 0 and keeps ``haswell`` of the
+#: default build's two variants. Elsewhere AVX2 is kept although ggml's own
+#: scores would pick AVX-512: it measured 0.91-0.95x on Zen 4 (family 25, 256-bit units);
+#: other CPUs were not measured. bench/RESULTS.md has the runs.
+AVX512_FASTER_CPUS = frozenset({("AuthenticAMD", "26"), ("GenuineIntel", "6")})
 _BACKENDS_LOCK = threading.Lock()
 
 
