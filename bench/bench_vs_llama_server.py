@@ -269,7 +269,7 @@ def stream_chat(session: requests.Session, url: str, key: str | None, content: s
     body = {"model": "smol", "messages": messages, "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    ttft, chunks, usage = None, 0, None
+    ttft, chunks, usage, timings = None, 0, None, {}
     try:
         r = session.post(url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=600)
     except requests.ConnectionError:
@@ -285,6 +285,8 @@ def stream_chat(session: requests.Session, url: str, key: str | None, content: s
             event = json.loads(line[6:])
             if event.get("usage"):
                 usage = event["usage"]
+            if event.get("timings"):  # llama-server's own account of the request
+                timings = event["timings"]
             for choice in event.get("choices") or []:
                 if (choice.get("delta") or {}).get("content"):
                     chunks += 1
@@ -296,7 +298,7 @@ def stream_chat(session: requests.Session, url: str, key: str | None, content: s
     usage = usage or {}
     return {"ttft": ttft if ttft is not None else total, "seconds": total,
             "completion_tokens": usage.get("completion_tokens", chunks),
-            "prompt_tokens": usage.get("prompt_tokens", 0)}
+            "prompt_tokens": usage.get("prompt_tokens", 0), "timings": timings}
 
 
 def prompt_for(workload: str, user: int, j: int, salt: str) -> str:
