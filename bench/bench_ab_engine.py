@@ -89,8 +89,9 @@ def main() -> None:
             env = dict(os.environ)
             if arm["path"]:
                 env["PYTHONPATH"] = os.pathsep.join([arm["path"], env.get("PYTHONPATH", "")])
-            spec = json.dumps({"deterministic": arm["deterministic"], "variant": arm["variant"], "levels": levels, "max_tokens": args.max_tokens,
-                               "workload": args.workload, "salt": f"{rnd}{arm['name']}"})
+            spec = json.dumps({"deterministic": arm["deterministic"], "variant": arm["variant"], "levels": levels,
+                               "max_tokens": args.max_tokens, "workload": args.workload,
+                               "salt": f"{rnd}{arm['name']}"})
             out = subprocess.run([sys.executable, __file__, "--arm", arm["name"], "--child", spec], env=env,
                                  check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             res = json.loads(out)

@@ -4,7 +4,7 @@
 
 Starts llama-server (as bench_vs_llama_server.py builds it) and this service
 with ``make run`` defaults, and sends one user's streamed chat requests to each,
-the sides taking turns (the side's prompts share their start, as one user's do,
+the sides taking turns (each side's prompts share their start, as one user's do,
 so both reuse the cached prefix). Prints per side the client-side time to first
 token, and the model's part of it: llama-server's own ``prompt_ms`` (its
 ``timings``), ours from the ``model_api_model_time_to_first_token_seconds``
