@@ -94,8 +94,34 @@ def test_make_run_prints_a_banner_with_working_credentials_and_binds_loopback(tm
     assert code == 0
 
 
+@pytest.mark.parametrize("admin_password, generated", [(None, True), ("chosen-by-the-operator", False)])
+def test_the_first_user_password_counts_as_generated_only_without_admin_password(tmp_path, admin_password,
+                                                                                  generated):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ADMIN_USERNAME", "ADMIN_PASSWORD")}
+    env.update(PYTHONPATH=str(ROOT / "src"), INSTANCE_DIR=str(tmp_path / "instance"))
+    if admin_password is not None:
+        env["ADMIN_PASSWORD"] = admin_password
+    run = [sys.executable, "-m", "model_api.entry", "db", "upgrade"]
+    assert subprocess.run(run, env=env, cwd=tmp_path, capture_output=True, timeout=120).returncode == 0
+    probe = "from model_api.devrun import first_user; u = first_user(); print(u.password, u.generated)"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    password, said = out.stdout.split()[-2:]
+    assert said == str(generated), out.stderr[-2000:]
+    assert (password == admin_password) is not generated
+
+
+@pytest.mark.parametrize("generated, says_generated", [(True, True), (False, False)])
+def test_banner_calls_the_password_generated_only_when_it_was(generated, says_generated):
+    """ADMIN_PASSWORD set: the operator chose it, and the banner must not claim otherwise."""
+    text = banner("http://127.0.0.1:5000", FirstUser("demo", "pw-123", 100, 100, generated=generated))
+    assert "password:    pw-123" in text
+    assert "-u demo:pw-123" in text
+    assert ("generated: shown this once" in text) is says_generated
+
+
 def test_banner_of_a_later_run_says_where_the_password_went():
-    text = banner("http://127.0.0.1:5000", FirstUser("demo", None, 100, 97, created_now=False))
+    text = banner("http://127.0.0.1:5000", FirstUser("demo", None, 100, 97, generated=False))
     assert "97 of 100 model calls left" in text
     assert "bin/model-api users set-password demo" in text
     assert "-u demo:PASSWORD" in text

@@ -30,7 +30,7 @@ class FirstUser:
     password: str | None  # None: made by an earlier run, password not known here
     quota_limit: int
     quota_left: int
-    created_now: bool
+    generated: bool  # the password was made up now (no ADMIN_PASSWORD): said so, shown this once
 
 
 def first_user() -> FirstUser | None:
@@ -57,7 +57,7 @@ def first_user() -> FirstUser | None:
                     return None
                 st = quota_service.state_of_user(user, rt.policy.default_quota, rt.policy.window_seconds)
                 password = made[1] if made else (s_.admin_password if user.username == s_.admin_username else None)
-                return FirstUser(user.username, password, st.limit, st.remaining, made is not None)
+                return FirstUser(user.username, password, st.limit, st.remaining, generated=bool(made and made[2]))
     finally:
         rt.close()
 
@@ -74,7 +74,7 @@ def banner(url: str, user: FirstUser | None) -> str:
              f"  web console and playground: {url}/console/"]
     if user is not None:
         if user.password is not None:
-            pw_shown = user.password + ("   (generated: shown this once, note it now)" if user.created_now else "")
+            pw_shown = user.password + ("   (generated: shown this once, note it now)" if user.generated else "")
             pw_curl = user.password
         else:
             pw_shown = f"(set at the first run; a new one: bin/model-api users set-password {user.name})"
