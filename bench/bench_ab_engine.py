@@ -41,12 +41,7 @@ def child(spec: dict) -> None:
     from model_api.engine.registry import batching_args
     from model_api.settings import ModelSettings
 
-    if spec.get("variant"):
-        from model_api.engine import local
-
-        # this arm's CPU variant instead of pick_variant's choice (load_backends reads it at call time)
-        local.pick_variant = lambda scores, cpu: spec["variant"] if scores.get(spec["variant"], 0) > 0 else None
-    variant = load_backends()
+    variant = load_backends(only=spec["variant"])
     engine = BatchingEngine(**batching_args(ModelSettings(deterministic=spec["deterministic"])))
     out = {"variant": variant}
     workload = spec["workload"]

@@ -36,15 +36,21 @@ def _non_loopback_address() -> str | None:
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_make_run_prints_a_banner_with_working_credentials_and_binds_loopback(tmp_path):
-    port = free_port()
+def migrated_instance(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a new `make run` instance in ``tmp_path`` (its own SQLite file,
+    none of this shell's server settings), its database migrated."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATABASE_URL", "BIND", "WEB_HOST", "ADMIN_USERNAME", "ADMIN_PASSWORD", "CELERY_BROKER_URL")}
-    env.update(PYTHONPATH=str(ROOT / "src"), INSTANCE_DIR=str(tmp_path / "instance"), PORT=str(port),
-               MODEL_N_THREADS="1", WEB_THREADS="4", RUN_READY_TIMEOUT="180")
+    env.update(PYTHONPATH=str(ROOT / "src"), INSTANCE_DIR=str(tmp_path / "instance"), **extra)
     up = subprocess.run([sys.executable, "-m", "model_api.entry", "db", "upgrade"], env=env, cwd=tmp_path,
                         capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, up.stderr
+    return env
+
+
+def test_make_run_prints_a_banner_with_working_credentials_and_binds_loopback(tmp_path):
+    port = free_port()
+    env = migrated_instance(tmp_path, PORT=str(port), MODEL_N_THREADS="1", WEB_THREADS="4", RUN_READY_TIMEOUT="180")
     proc = subprocess.Popen([sys.executable, "-m", "model_api.devrun"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr: list[str] = []
@@ -97,12 +103,7 @@ def test_make_run_prints_a_banner_with_working_credentials_and_binds_loopback(tm
 @pytest.mark.parametrize("admin_password, generated", [(None, True), ("chosen-by-the-operator", False)])
 def test_the_first_user_password_counts_as_generated_only_without_admin_password(tmp_path, admin_password,
                                                                                   generated):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ADMIN_USERNAME", "ADMIN_PASSWORD")}
-    env.update(PYTHONPATH=str(ROOT / "src"), INSTANCE_DIR=str(tmp_path / "instance"))
-    if admin_password is not None:
-        env["ADMIN_PASSWORD"] = admin_password
-    run = [sys.executable, "-m", "model_api.entry", "db", "upgrade"]
-    assert subprocess.run(run, env=env, cwd=tmp_path, capture_output=True, timeout=120).returncode == 0
+    env = migrated_instance(tmp_path, **({} if admin_password is None else {"ADMIN_PASSWORD": admin_password}))
     probe = "from model_api.devrun import first_user; u = first_user(); print(u.password, u.generated)"
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,16 @@ def test_the_installed_llama_cpp_is_the_makefiles_build_and_loads_the_best_safe_
         return
     assert load_backends() == expected
     assert load_backends() == expected  # once per process
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the CPU variants are x86-64's")
+@pytest.mark.skipif("-DGGML_CPU_ALL_VARIANTS=ON" not in MAKE_FLAGS, reason="one CPU backend linked in")
+@pytest.mark.parametrize("only, loads", [("haswell", "haswell"), ("sapphirerapids", None), ("no-such", None)])
+def test_load_backends_can_be_held_to_one_variant_but_never_an_unsafe_one(only, loads):
+    """The benchmarks' A/B of two variants (bench_ab_engine.py), in a fresh process each:
+    a variant is loaded once per process."""
+    code = ("from model_api.engine.local import load_backends\n"
+            f"try:\n    print(load_backends(only={only!r}))\nexcept RuntimeError:\n    print(None)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.stdout.split()[-1] == str(loads), out.stderr[-2000:]

@@ -119,20 +119,16 @@ def kv_bytes_per_token(model_path: str) -> int:
 UNSAFE_CPU_VARIANTS = frozenset({"sapphirerapids"})
 #: CPUs (``vendor_id``, ``cpu family`` of /proc/cpuinfo) on which llama.cpp's AVX-512 variant
 #: (``icelake``) measured faster than its AVX2 one (``haswell``) for the bundled model: AMD
-#: Zen 5, whose vector units are 512 bits wide (1.03-1.20x), and Intel's family 6, on a Xeon
-#: with AVX-512 and AMX (1.04-1.05x, chat and long prompts, 1 to 16 users, in three
-#: interleaved rounds; an earlier run there of a one-backend AVX-512 wheel said 0.95-1.00x
-#: at 64-token replies, a first noisier one 1.36x/1.06x). ``icelake``
-#: needs AVX-512 VBMI and VNNI, so of Intel's CPUs it loads on Ice Lake and later; a
-#: Skylake-X (whose clock drops under AVX-512) scores it 0 and keeps ``haswell`` of the
-#: default build's two variants. Elsewhere AVX2 is kept although ggml's own
-#: scores would pick AVX-512: it measured 0.91-0.95x on Zen 4 (family 25, 256-bit units);
-#: other CPUs were not measured. bench/RESULTS.md has the runs.
+#: Zen 5 (512-bit vector units; 1.03-1.20x) and Intel's family 6 (a Xeon with AVX-512 and AMX;
+#: 1.04-1.05x). ``icelake`` needs AVX-512 VBMI and VNNI, so an Intel CPU before Ice Lake
+#: (Skylake-X, whose clock drops under AVX-512) scores it 0 and keeps ``haswell``. Elsewhere
+#: AVX2 is kept although ggml's own scores would pick AVX-512: 0.91-0.95x on Zen 4 (256-bit
+#: units); other CPUs were not measured. bench/RESULTS.md has the runs.
 AVX512_FASTER_CPUS = frozenset({("AuthenticAMD", "26"), ("GenuineIntel", "6")})
 _BACKENDS_LOCK = threading.Lock()
 
 
-def load_backends() -> str | None:
+def load_backends(only: str | None = None) -> str | None:
     """Load llama.cpp's CPU backend before any model; return the variant's name.
 
     The default build (docs/performance.md) compiles the CPU backend once per
@@ -142,7 +138,8 @@ def load_backends() -> str | None:
     it would find none; and its own choice would include the AMX variant. Here
     each variant's own ``ggml_backend_score`` (0 = this CPU lacks an instruction
     it needs) and :func:`pick_variant` choose. A build with the backend linked
-    in has nothing to load: returns None.
+    in has nothing to load: returns None. ``only``: that variant or none (a
+    benchmark's A/B of two variants), by the same rules (never an unsafe one).
     """
     from llama_cpp import _ggml
 
@@ -162,7 +159,7 @@ def load_backends() -> str | None:
                  for p in Path(_ggml.libggml_base_path).glob("libggml-cpu-*.so")}
         # an unsafe variant is not even opened to be scored (pick_variant would skip it anyway)
         scores = {v: _variant_score(p) for v, p in paths.items() if v not in UNSAFE_CPU_VARIANTS}
-        best = pick_variant(scores, _cpu_id())
+        best = pick_variant(scores if only is None else {only: scores.get(only, 0)}, _cpu_id())
         if best is None or not lib.ggml_backend_load(os.fsencode(paths[best])):
             raise RuntimeError(f"no llama.cpp CPU backend for this CPU in {_ggml.libggml_base_path}")
         return _loaded_cpu_variant()
