@@ -119,9 +119,10 @@ def kv_bytes_per_token(model_path: str) -> int:
 UNSAFE_CPU_VARIANTS = frozenset({"sapphirerapids"})
 #: CPUs (``vendor_id``, ``cpu family`` of /proc/cpuinfo) on which llama.cpp's AVX-512 variant
 #: (``icelake``) measured faster than its AVX2 one (``haswell``) for the bundled model: AMD
-#: Zen 5 (512-bit vector units; 1.03-1.20x) and Intel's family 6 (a Xeon with AVX-512 and AMX;
-#: 1.04-1.05x). ``icelake`` needs AVX-512 VBMI and VNNI, so an Intel CPU before Ice Lake
-#: (Skylake-X, whose clock drops under AVX-512) scores it 0 and keeps ``haswell``. Elsewhere
+#: Zen 5 (512-bit vector units; 1.03-1.20x) and Intel's family 6 (Xeons with AVX-512: model
+#: 167, 1.04-1.05x; model 207, 0.99-1.04x). ``icelake`` needs AVX-512 VBMI and VNNI, so an
+#: Intel CPU before Ice Lake (Skylake-X, whose clock drops under AVX-512) scores it 0 and
+#: keeps ``haswell``. Elsewhere
 #: AVX2 is kept although ggml's own scores would pick AVX-512: 0.91-0.95x on Zen 4 (256-bit
 #: units); other CPUs were not measured. bench/RESULTS.md has the runs.
 AVX512_FASTER_CPUS = frozenset({("AuthenticAMD", "26"), ("GenuineIntel", "6")})
