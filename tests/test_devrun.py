@@ -34,8 +34,6 @@ def _non_loopback_address() -> str | None:
     return None if addr.startswith("127.") else addr
 
 
-@pytest.mark.model
-@pytest.mark.slow
 def migrated_instance(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of a new `make run` instance in ``tmp_path`` (its own SQLite file,
     none of this shell's server settings), its database migrated."""
@@ -48,6 +46,8 @@ def migrated_instance(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.model
+@pytest.mark.slow
 def test_make_run_prints_a_banner_with_working_credentials_and_binds_loopback(tmp_path):
     port = free_port()
     env = migrated_instance(tmp_path, PORT=str(port), MODEL_N_THREADS="1", WEB_THREADS="4", RUN_READY_TIMEOUT="180")

@@ -122,9 +122,9 @@ UNSAFE_CPU_VARIANTS = frozenset({"sapphirerapids"})
 #: Zen 5 (512-bit vector units; 1.03-1.20x) and Intel's family 6 (Xeons with AVX-512: model
 #: 167, 1.04-1.05x; model 207, 0.99-1.04x). ``icelake`` needs AVX-512 VBMI and VNNI, so an
 #: Intel CPU before Ice Lake (Skylake-X, whose clock drops under AVX-512) scores it 0 and
-#: keeps ``haswell``. Elsewhere
-#: AVX2 is kept although ggml's own scores would pick AVX-512: 0.91-0.95x on Zen 4 (256-bit
-#: units); other CPUs were not measured. bench/RESULTS.md has the runs.
+#: keeps ``haswell``. Elsewhere AVX2 is kept although ggml's own scores would pick AVX-512:
+#: 0.91-0.95x on Zen 4 (256-bit units); other CPUs were not measured. bench/RESULTS.md has
+#: the runs.
 AVX512_FASTER_CPUS = frozenset({("AuthenticAMD", "26"), ("GenuineIntel", "6")})
 _BACKENDS_LOCK = threading.Lock()
 
