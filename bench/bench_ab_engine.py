@@ -6,7 +6,8 @@
 An arm is ``NAME[:key=value,...]``: ``deterministic=1`` builds the engine as
 MODEL_DETERMINISTIC=1 does (flash attention off); ``path=DIR`` puts DIR first
 on PYTHONPATH, so another build of llama-cpp-python installed there with
-``pip install --target DIR --no-deps WHEEL`` is the one imported. Each round
+``pip install --target DIR --no-deps WHEEL`` is the one imported; an
+upper-case key (``OMP_PROC_BIND=close``) is set in the arm's environment. Each round
 runs every arm once (the order reversed every other round), each in its own
 process: the engine as ``make run`` builds it (``registry.batching_args`` of the
 default settings), ``users`` closed-loop clients, two greedy requests each of the
@@ -61,7 +62,7 @@ def parse_arm(text: str) -> dict:
     name, _, rest = text.partition(":")
     opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
     return {"name": name, "path": opts.get("path"), "deterministic": opts.get("deterministic") == "1",
-            "variant": opts.get("variant")}
+            "variant": opts.get("variant"), "env": {k: v for k, v in opts.items() if k.isupper()}}
 
 
 def main() -> None:
@@ -81,7 +82,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {a["name"]: [] for a in arms}
     for rnd in range(args.rounds):
         for arm in (arms if rnd % 2 == 0 else arms[::-1]):
-            env = dict(os.environ)
+            env = {**os.environ, **arm["env"]}
             if arm["path"]:
                 env["PYTHONPATH"] = os.pathsep.join([arm["path"], env.get("PYTHONPATH", "")])
             spec = json.dumps({"deterministic": arm["deterministic"], "variant": arm["variant"], "levels": levels,
