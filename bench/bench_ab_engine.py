@@ -7,11 +7,11 @@ An arm is ``NAME[:key=value,...]``: ``deterministic=1`` builds the engine as
 MODEL_DETERMINISTIC=1 does (flash attention off); ``path=DIR`` puts DIR first
 on PYTHONPATH, so another build of llama-cpp-python installed there with
 ``pip install --target DIR --no-deps WHEEL`` is the one imported; an
-upper-case key (``OMP_PROC_BIND=close``) is set in the arm's environment. Each round
-runs every arm once (the order reversed every other round), each in its own
-process: the engine as ``make run`` builds it (``registry.batching_args`` of the
-default settings), ``users`` closed-loop clients, two greedy requests each of the
-side-by-side bench's workloads (bench_vs_llama_server.py): ``chat`` (a short
+upper-case key (``OMP_PROC_BIND=close``) is set in the arm's environment.
+Each round runs every arm once (the order reversed every other round), each
+in its own process: the engine as ``make run`` builds it
+(``registry.batching_args`` of the default settings), ``users`` closed-loop
+clients, two greedy requests each of the side-by-side bench's workloads (bench_vs_llama_server.py): ``chat`` (a short
 prompt, 128 tokens out; tokens/s counts generated tokens) or ``prompt``
 (~1,000-token unique prompts, 16 out; prompt and generated tokens).
 ``--max-tokens`` overrides the workload's reply length. Prints per-arm medians,
