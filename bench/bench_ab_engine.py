@@ -11,8 +11,9 @@ upper-case key (``OMP_PROC_BIND=close``) is set in the arm's environment.
 Each round runs every arm once (the order reversed every other round), each
 in its own process: the engine as ``make run`` builds it
 (``registry.batching_args`` of the default settings), ``users`` closed-loop
-clients, two greedy requests each of the side-by-side bench's workloads (bench_vs_llama_server.py): ``chat`` (a short
-prompt, 128 tokens out; tokens/s counts generated tokens) or ``prompt``
+clients, two greedy requests each of the side-by-side bench's workloads
+(bench_vs_llama_server.py): ``chat`` (a short prompt, 128 tokens out;
+tokens/s counts generated tokens) or ``prompt``
 (~1,000-token unique prompts, 16 out; prompt and generated tokens).
 ``--max-tokens`` overrides the workload's reply length. Prints per-arm medians,
 ratios to the first arm and the load average with every result: on a shared
