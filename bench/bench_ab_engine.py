@@ -59,16 +59,27 @@ def child(spec: dict) -> None:
     print(json.dumps(out))
 
 
+ARM_KEYS = ("path", "deterministic", "variant")
+
+
 def parse_arm(text: str) -> dict:
+    """An ``--arm``; a key it does not know is refused, not ignored (a misspelt
+    ``varient=icelake`` would otherwise run the default arm under that name)."""
     name, _, rest = text.partition(":")
-    opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    pairs = [kv.partition("=") for kv in rest.split(",") if kv]
+    unknown = [k for k, eq, _ in pairs if not eq or not (k in ARM_KEYS or k.isupper())]
+    if not name or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: an arm is NAME[:key=value,...] with keys {', '.join(ARM_KEYS)} or upper-case "
+            f"environment variables; not {', '.join(unknown) or 'an empty name'}")
+    opts = {k: v for k, _, v in pairs}
     return {"name": name, "path": opts.get("path"), "deterministic": opts.get("deterministic") == "1",
             "variant": opts.get("variant"), "env": {k: v for k, v in opts.items() if k.isupper()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arm", action="append", required=True)
+    ap.add_argument("--arm", action="append", required=True, type=parse_arm)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--levels", default="1,8")
     ap.add_argument("--workload", default="chat", choices=list(WORKLOADS))
@@ -79,7 +90,7 @@ def main() -> None:
         child(json.loads(args.child))
         return
     levels = [int(x) for x in args.levels.split(",")]
-    arms = [parse_arm(a) for a in args.arm]
+    arms = args.arm
     results: dict[str, list[dict]] = {a["name"]: [] for a in arms}
     for rnd in range(args.rounds):
         for arm in (arms if rnd % 2 == 0 else arms[::-1]):
