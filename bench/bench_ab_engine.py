@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_vs_llama_server import WORKLOADS, run_in_process  # noqa: E402
+from bench_vs_llama_server import WORKLOADS, arm, run_in_process  # noqa: E402
 
 
 def child(spec: dict) -> None:
@@ -59,20 +59,8 @@ def child(spec: dict) -> None:
     print(json.dumps(out))
 
 
-ARM_KEYS = ("path", "deterministic", "variant")
-
-
 def parse_arm(text: str) -> dict:
-    """An ``--arm``; a key it does not know is refused, not ignored (a misspelt
-    ``varient=icelake`` would otherwise run the default arm under that name)."""
-    name, _, rest = text.partition(":")
-    pairs = [kv.partition("=") for kv in rest.split(",") if kv]
-    unknown = [k for k, eq, _ in pairs if not eq or not (k in ARM_KEYS or k.isupper())]
-    if not name or unknown:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: an arm is NAME[:key=value,...] with keys {', '.join(ARM_KEYS)} or upper-case "
-            f"environment variables; not {', '.join(unknown) or 'an empty name'}")
-    opts = {k: v for k, _, v in pairs}
+    name, opts = arm(text, ("path", "deterministic", "variant"))
     return {"name": name, "path": opts.get("path"), "deterministic": opts.get("deterministic") == "1",
             "variant": opts.get("variant"), "env": {k: v for k, v in opts.items() if k.isupper()}}
 

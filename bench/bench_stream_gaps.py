@@ -20,8 +20,8 @@ import threading
 import time
 
 import requests
-from bench_vs_llama_server import (CHAT_PROMPT, LlamaServer, Ours, llama_cpp_version, llama_server_binary, load,
-                                   pct, prompt_for, stream_chat)
+from bench_vs_llama_server import (CHAT_PROMPT, LlamaServer, Ours, arm, llama_cpp_version, llama_server_binary,
+                                   load, pct, prompt_for, stream_chat)
 
 from model_api.engine.local import default_model_path
 
@@ -63,16 +63,14 @@ def summary(gaps: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arm", action="append", help="NAME[:ENV=VALUE,...] (default: one arm, `ours`)")
+    ap.add_argument("--arm", action="append", type=arm, help="NAME[:ENV=VALUE,...] (default: one arm, `ours`)")
     ap.add_argument("--heavy", type=int, default=4, help="users sending long prompts meanwhile")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     binary = llama_server_binary(llama_cpp_version())
     with contextlib.ExitStack() as stack:
         sides = [("llama-server", stack.enter_context(LlamaServer(binary, default_model_path(), 2)).url, None)]
-        for spec in args.arm or ["ours"]:
-            name, _, rest = spec.partition(":")
-            env = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+        for name, env in args.arm or [("ours", {})]:
             ours = stack.enter_context(Ours(f"gaps-{name}", env))
             sides.append((name, ours.url, ours.key))
         gaps: dict[str, list[float]] = {name: [] for name, _, _ in sides}

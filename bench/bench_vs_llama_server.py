@@ -86,6 +86,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def arm(text: str, keys: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
+    """A benchmark's ``--arm NAME[:key=value,...]``: its name and options. A key
+    must be one of ``keys`` or an upper-case environment variable; anything else
+    (a misspelt ``varient=icelake``) is refused, not ignored, for an ignored key
+    would run the default arm under that arm's name. For argparse's ``type=``."""
+    name, _, rest = text.partition(":")
+    pairs = [kv.partition("=") for kv in rest.split(",") if kv]
+    unknown = [k for k, eq, _ in pairs if not eq or not (k in keys or k.isupper())]
+    if not name or unknown:
+        allowed = " or ".join(filter(None, (", ".join(keys), "upper-case environment variables")))
+        raise argparse.ArgumentTypeError(f"{text!r}: an arm is NAME[:key=value,...], its keys {allowed}; "
+                                         f"not {', '.join(unknown) or 'an empty name'}")
+    return name, {k: v for k, _, v in pairs}
+
+
 def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
